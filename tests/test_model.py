@@ -1,0 +1,132 @@
+"""Dense families against transformers on tiny random configs (fp32): logits, packing, generation, round trips."""
+import json
+
+import pytest
+import torch
+
+import model as M
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+
+
+def tiny_config(family: str):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "llama":
+        return transformers.LlamaConfig(**common, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    if family == "llama_linear":
+        return transformers.LlamaConfig(**{**common, "tie_word_embeddings": True}, attention_bias=True, mlp_bias=True,
+                                        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+    if family == "llama_dynamic":
+        return transformers.LlamaConfig(**common, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
+                                                                   "factor": 2.0})
+    if family == "mistral":  # a window shorter than the test sequences, and an explicit head_dim
+        return transformers.MistralConfig(**common, head_dim=24, sliding_window=5, rope_theta=1e6)
+    if family == "granite":
+        return transformers.GraniteConfig(**{**common, "tie_word_embeddings": True}, embedding_multiplier=12.0,
+                                          attention_multiplier=0.1, residual_multiplier=0.22, logits_scaling=8.0)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    if family == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=16)
+    raise KeyError(family)
+
+
+FAMILIES = ["llama", "llama_linear", "llama_dynamic", "mistral", "granite", "qwen2", "qwen3"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tmp_path_factory):
+    """(transformers model, our model) with identical random weights, via a saved HF folder."""
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(tiny_config(request.param), dtype=torch.float32).eval()
+    with torch.no_grad():  # non-trivial norm weights and biases, so a missing one cannot hide
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(folder)
+    ours = M.load_model(str(folder), dtype=torch.float32)
+    return request.param, hf, ours, folder
+
+
+def test_logits_match_transformers(pair):
+    _, hf, ours, _ = pair
+    ids = torch.randint(3, VOCAB, (2, 37))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = ours(ids)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() < 1e-4
+
+
+def test_long_sequence_dynamic_rope(pair):
+    """Beyond max_position_embeddings dynamic NTK rescales; llama3/linear are checked at any length."""
+    name, hf, ours, _ = pair
+    if name not in ("llama_dynamic", "llama"):
+        pytest.skip("only RoPE-scaling families")
+    ids = torch.randint(3, VOCAB, (1, 300))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max() < 1e-4
+
+
+def test_packed_documents_equal_separate_runs(pair):
+    _, hf, ours, _ = pair
+    lengths = [7, 12, 9]
+    docs = [torch.randint(3, VOCAB, (1, n)) for n in lengths]
+    packed = torch.cat(docs, dim=1)
+    doc_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    # a second row: one document then padding (negative ids), which must change nothing
+    row2 = torch.cat([docs[1], torch.full((1, 16), 5)], dim=1)
+    ids2 = torch.cat([row2], dim=1)
+    doc2 = torch.cat([torch.zeros(1, 12, dtype=torch.long), torch.full((1, 16), -1)], dim=1)
+    with torch.no_grad():
+        got = ours(torch.cat([packed, ids2]), torch.cat([doc_ids, doc2]))
+        start = 0
+        for d in docs:
+            ref = hf(d).logits[0]
+            assert (got[0, start:start + d.shape[1]] - ref).abs().max() < 1e-4
+            start += d.shape[1]
+        assert (got[1, :12] - hf(docs[1]).logits[0]).abs().max() < 1e-4
+
+
+def test_greedy_generation_matches_transformers(pair):
+    _, hf, ours, _ = pair
+    torch.manual_seed(1)
+    prompts = [torch.randint(3, VOCAB, (n,)).tolist() for n in (5, 11, 8)]
+    samples = M.generate(ours, prompts, max_new_tokens=32)
+    for p, s in zip(prompts, samples):  # one prompt at a time: transformers' own reference, no padding involved
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                          pad_token_id=0, min_new_tokens=32)[0, len(p):].tolist()
+        assert s.tokens == ref
+        assert len(s.logprobs) == 32 and all(lp <= 0 for lp in s.logprobs)
+
+
+def test_decode_logits_match_full_forward(pair):
+    """Prefill + one-token steps through the cache give the logits of one full forward."""
+    _, _, ours, _ = pair
+    ids = torch.randint(3, VOCAB, (2, 20))
+    doc_ids = torch.zeros_like(ids)
+    doc_ids[1, :6] = -1  # row 1 left-padded
+    with torch.no_grad():
+        full = ours(ids, doc_ids)
+        cache = ours.allocate_cache(2, 20)
+        steps = [ours(ids[:, :12], doc_ids[:, :12], cache)]
+        for t in range(12, 20):
+            steps.append(ours(ids[:, t:t + 1], doc_ids[:, t:t + 1], cache))
+    assert (torch.cat(steps, dim=1)[:, 6:] - full[:, 6:]).abs().max() < 1e-4
+
+
+def test_save_then_transformers_load(pair, tmp_path):
+    _, hf, ours, folder = pair
+    out = M.save_model(ours, tmp_path / "saved", tokenizer_from=None)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(3, VOCAB, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, hf(ids).logits)
+    assert M.load_model(str(out), dtype=torch.float32)(ids).sub(ours(ids)).abs().max() == 0
