@@ -130,3 +130,102 @@ def test_save_then_transformers_load(pair, tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, hf(ids).logits)
     assert M.load_model(str(out), dtype=torch.float32)(ids).sub(ours(ids)).abs().max() == 0
+
+
+def test_sharded_checkpoint_loads(pair, tmp_path):
+    """save_model shards at a small size; both load_model and transformers read the shards."""
+    _, hf, ours, _ = pair
+    out = M.save_model(ours, tmp_path / "sharded", max_shard_bytes=20_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    ids = torch.randint(3, VOCAB, (1, 10))
+    with torch.no_grad():
+        assert (M.load_model(str(out), dtype=torch.float32)(ids) - hf(ids).logits).abs().max() < 1e-5
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        assert (reloaded(ids).logits - hf(ids).logits).abs().max() < 1e-5
+
+
+def test_sampling_is_seeded_and_logprobs_are_consistent(pair):
+    _, _, ours, _ = pair
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    a = M.generate(ours, prompts, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)
+    b = M.generate(ours, prompts, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)
+    assert [s.tokens for s in a] == [s.tokens for s in b]
+    # the first token's log-prob equals the temperature-scaled, top-p-renormalised distribution's
+    with torch.no_grad():
+        logits = ours(torch.tensor([prompts[0]]))[0, -1].float() / 0.8
+    lp = torch.log_softmax(logits, -1)
+    sorted_lp, order = lp.sort(descending=True)
+    keep = order[(sorted_lp.exp().cumsum(0) - sorted_lp.exp()) < 0.9]
+    assert a[0].tokens[0] in keep.tolist()
+    expected = lp[a[0].tokens[0]] - torch.logsumexp(lp[keep], 0)
+    assert abs(a[0].logprobs[0] - expected.item()) < 1e-4
+
+
+def test_stop_tokens_end_rows_independently(pair):
+    _, _, ours, _ = pair
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]
+    free = M.generate(ours, prompts, max_new_tokens=16)
+    stop = free[1].tokens[3]  # a token row 1 produces at step 4
+    stopped = M.generate(ours, prompts, max_new_tokens=16, stop_ids=[stop])
+    for f, s in zip(free, stopped):
+        cut = f.tokens.index(stop) + 1 if stop in f.tokens else len(f.tokens)
+        assert s.tokens == f.tokens[:cut]
+        assert s.logprobs == pytest.approx(f.logprobs[:cut], abs=1e-5)
+
+
+# ---- bad input: one clear error naming the file and the field
+
+def _write_config(folder, **overrides):
+    cfg = tiny_config("llama").to_dict()
+    cfg.update(overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_missing_folder_and_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        M.load_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        M.load_model(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"model_type": "gpt_neox"}, "model_type"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    ({"hidden_size": -4}, "hidden_size"),
+    ({"rms_norm_eps": "small"}, "rms_norm_eps"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type 'yarn'"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_bad_config_fields(tmp_path, overrides, match):
+    folder = _write_config(tmp_path / "m", **overrides)
+    with pytest.raises(ValueError, match=match) as err:
+        M.load_model(str(folder))
+    assert "config.json" in str(err.value)
+
+
+def test_wrong_shape_and_missing_tensors(pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+    name, _, _, folder = pair
+    if name != "llama":
+        pytest.skip("one family is enough for file errors")
+    weights = load_file(str(folder / "model.safetensors"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((folder / "config.json").read_text())
+    key = "model.layers.1.self_attn.k_proj.weight"
+    save_file({**weights, key: weights[key][:-1]}, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"model.safetensors.*{key}.*shape"):
+        M.load_model(str(bad))
+    save_file({k: v for k, v in weights.items() if "layers.2.mlp" not in k}, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"lacks 3 tensors.*layers\.2\.mlp"):
+        M.load_model(str(bad))
+    save_file({**weights, "model.extra.weight": torch.zeros(2)}, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match="unexpected tensor 'model.extra.weight'"):
+        M.load_model(str(bad))
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        M.load_model(str(bad))

@@ -1,0 +1,127 @@
+"""Time model.py against transformers on the same config and hardware, side by side in one run.
+
+    python bench_model.py                     # ~100M-parameter Llama config + the real SmolLM2-135M
+    python bench_model.py --only smollm2 --dtype bfloat16 --device cuda
+
+Forward+backward: one training step's forward and backward (no optimizer) on a (batch, seq) batch.
+Generation: greedy decoding of `new_tokens` tokens after a `prompt_len`-token prompt, tokens/s counted
+over all rows, transformers' `generate` with its default dynamic cache and `eos_token_id=None`.
+Prints a markdown table; ratio > 1 means model.py is faster.
+"""
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from datetime import date
+
+import torch
+
+import model as M
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    """Median wall time of fn() over `repeats` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def build_pair(name: str, folder: str, dtype, device):
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device)
+    ours = M.load_model(folder, dtype=dtype, device=device)
+    n = sum(p.numel() for p in ours.parameters())
+    return hf, ours, f"{name} ({n / 1e6:.0f}M)"
+
+
+def random_llama_folder(tmp: str) -> str:
+    """A ~100M-parameter Llama-architecture model with random weights, saved in HF layout."""
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                                   num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=4096,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp)
+    return tmp
+
+
+def bench(label, hf, ours, args, device, rows):
+    vocab = ours.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
+
+    def step(m, fn):
+        def run():
+            m.zero_grad(set_to_none=True)
+            fn(m, ids).float().logsumexp(-1).mean().backward()
+        return run
+
+    ours.train()
+    t_hf = timed(step(hf, lambda m, x: m(x).logits), args.repeats, device)
+    t_ours = timed(step(ours, lambda m, x: m(x)), args.repeats, device)
+    tokens = args.batch * args.seq
+    rows.append((label, f"fwd+bwd {args.batch}x{args.seq}", tokens / t_hf, tokens / t_ours))
+    ours.eval()
+
+    for batch in args.gen_batches:
+        prompts = torch.randint(0, vocab, (batch, args.prompt_len), device=device)
+        new = args.new_tokens
+
+        def hf_generate():
+            with torch.no_grad():
+                out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
+                                  min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+            assert out.shape[1] == args.prompt_len + new
+
+        def ours_generate():
+            M.generate(ours, prompts.tolist(), max_new_tokens=new, compile=args.compile)
+
+        t_hf = timed(hf_generate, max(1, args.repeats // 2), device)
+        t_ours = timed(ours_generate, max(1, args.repeats // 2), device)
+        rows.append((label, f"greedy generate b={batch}, {args.prompt_len}+{new}", batch * new / t_hf,
+                     batch * new / t_ours))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=["random100m", "smollm2"], default=None, help="run one of the two models")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--batch", type=int, default=4, help="forward+backward batch size")
+    p.add_argument("--seq", type=int, default=256, help="forward+backward sequence length")
+    p.add_argument("--prompt-len", type=int, default=32, help="generation prompt length")
+    p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per row")
+    p.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8], help="generation batch sizes")
+    p.add_argument("--repeats", type=int, default=4, help="timed repetitions (median reported)")
+    p.add_argument("--compile", action="store_true", help="torch.compile model.py's decode step")
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.only in (None, "random100m"):
+            hf, ours, label = build_pair("Llama random", random_llama_folder(tmp), dtype, args.device)
+            bench(label, hf, ours, args, args.device, rows)
+            del hf, ours
+        if args.only in (None, "smollm2"):
+            hf, ours, label = build_pair("SmolLM2", str(M.resolve_model_path(M.DEFAULT_MODEL)), dtype, args.device)
+            bench(label, hf, ours, args, args.device, rows)
+
+    hardware = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"\n{hardware}, {args.dtype}, torch {torch.__version__}, {date.today()}\n")
+    print("| model | workload | transformers tok/s | model.py tok/s | ratio |")
+    print("|---|---|---:|---:|---:|")
+    for label, work, hf_tps, ours_tps in rows:
+        print(f"| {label} | {work} | {hf_tps:,.0f} | {ours_tps:,.0f} | {ours_tps / hf_tps:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
