@@ -1,7 +1,10 @@
 """Every model family of the project, in one file: config, layers, decoder, loading, saving, generation.
 
 Dense families (Llama, Mistral, Granite, Qwen2, Qwen3) are configured straight from a Hugging Face
-`config.json`; parameter names equal transformers' so a checkpoint's keys map one to one.
+`config.json`; parameter names equal transformers' so a checkpoint's keys map one to one. Hybrid families
+(Nemotron-H, GraniteMoeHybrid / Granite 4.0, pure Mamba2) place `mamba.Mamba2Mixer` layers, attention, MLP
+and mixture-of-experts layers where the config's layer pattern says; their checkpoints' `backbone.*` names
+are renamed to ours on load and back on save (`to_checkpoint_key`).
 
     model = load_model("smollm2-135m-instruct")          # a local folder, a hub id, or the built-in default
     tok = load_tokenizer("smollm2-135m-instruct")
@@ -34,8 +37,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import mamba
+
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the built-in default: SmolLM2-135M-Instruct (see resolve_model_path)
 DENSE_MODEL_TYPES = ("llama", "mistral", "granite", "qwen2", "qwen3")
+HYBRID_MODEL_TYPES = ("nemotron_h", "granitemoehybrid", "mamba2")  # Mamba2 layers placed by the config's pattern
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,6 +72,15 @@ class ModelConfig:
     attention_scale: float | None = None  # granite attention_multiplier; None means head_dim ** -0.5
     residual_multiplier: float = 1.0  # granite: each block's output is scaled by this before the residual add
     logits_scaling: float = 1.0  # granite: logits are divided by this
+    # Hybrid families (nemotron_h, granitemoehybrid, mamba2); the defaults describe a dense model.
+    layer_types: list = field(default_factory=list)  # hybrids: per layer 'mamba' | 'attention' | 'mlp' | 'moe'
+    use_rope: bool = True  # False: attention without positions (Nemotron-H, Granite 'nope')
+    mamba: dict | None = None  # keyword arguments of mamba.Mamba2Mixer for the Mamba layers
+    moe: dict | None = None  # mixture of experts: num_experts, top_k, intermediate_size and router settings
+    mlp_act: str = "silu"  # 'silu' (SwiGLU) or 'relu2' (Nemotron-H: down(relu(up(x))^2))
+    shared_intermediate_size: int = 0  # granitemoehybrid: the shared (always-on) SwiGLU MLP's width
+    residual_in_fp32: bool = False  # mamba2: the residual stream is kept in float32
+    norm_weight_fp32: bool = False  # nemotron_h: RMSNorm multiplies by its weight in float32, then casts
     bos_token_id: int | None = None
     eos_token_ids: list = field(default_factory=list)
     hf: dict = field(default_factory=dict)  # the config.json as read: save_model writes it back
@@ -117,8 +132,11 @@ def _rope_settings(raw: dict, source: str) -> tuple[float, dict | None]:
 def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
     """Build a ModelConfig from a Hugging Face config.json dict, checking every field it uses."""
     model_type = raw.get("model_type")
+    if model_type in HYBRID_MODEL_TYPES:
+        return hybrid_config_from_hf(raw, source)
     if model_type not in DENSE_MODEL_TYPES:
-        raise ValueError(f"{source}: field 'model_type' is {model_type!r}; supported: {', '.join(DENSE_MODEL_TYPES)}")
+        raise ValueError(f"{source}: field 'model_type' is {model_type!r}; supported: "
+                         f"{', '.join(DENSE_MODEL_TYPES + HYBRID_MODEL_TYPES)}")
     hidden = _get(raw, "hidden_size", source, minimum=1)
     layers = _get(raw, "num_hidden_layers", source, minimum=1)
     heads = _get(raw, "num_attention_heads", source, minimum=1)
@@ -191,20 +209,304 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
     )
 
 
+# Hybrid layer patterns. Nemotron-H hub configs give `hybrid_override_pattern` (one character per layer);
+# transformers 5 writes `layers_block_type` instead, GraniteMoeHybrid `layer_types`, with either the old
+# names ('mamba', 'attention') or the new ones ('linear_attention', 'full_attention').
+NEMOTRON_PATTERN = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+LAYER_TYPE_NAMES = {"mamba": "mamba", "linear_attention": "mamba", "attention": "attention",
+                    "full_attention": "attention", "mlp": "mlp", "moe": "moe"}
+
+
+def _pick(raw: dict, name: str, legacy: str) -> str:
+    """The field name to read: transformers lets an old Nemotron-H name (`mamba_n_groups`) override the new one."""
+    return legacy if raw.get(legacy) is not None else name
+
+
+def _float_pair(raw: dict, name: str, source: str, default: tuple) -> tuple:
+    """A (low, high) pair such as time_step_limit. transformers writes infinity as {"__float__": "Infinity"}."""
+    value = raw.get(name)
+    if value is None:
+        return default
+
+    def number(v):
+        if isinstance(v, dict) and set(v) == {"__float__"}:
+            v = v["__float__"]
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise ValueError(f"{source}: field '{name}' should be a pair of numbers [low, high], got {value!r}")
+        try:
+            return float(v)
+        except ValueError:
+            raise ValueError(f"{source}: field '{name}' should be a pair of numbers [low, high], got {value!r}") from None
+
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"{source}: field '{name}' should be a pair [low, high], got {value!r}")
+    low, high = number(value[0]), number(value[1])
+    if not 0.0 <= low <= high:
+        raise ValueError(f"{source}: field '{name}' must satisfy 0 <= low <= high, got {value!r}")
+    return low, high
+
+
+def _layer_type_list(raw: dict, name: str, source: str, allowed: tuple) -> list:
+    value = raw[name]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{source}: field '{name}' should be a non-empty list of layer types, got {value!r}")
+    kinds = []
+    for i, t in enumerate(value):
+        kind = LAYER_TYPE_NAMES.get(t) if isinstance(t, str) else None
+        if kind not in allowed:
+            names = sorted(n for n, k in LAYER_TYPE_NAMES.items() if k in allowed)
+            raise ValueError(f"{source}: field '{name}' has unknown entry {t!r} at layer {i}; expected one of {names}")
+        kinds.append(kind)
+    return kinds
+
+
+def _hybrid_layer_types(raw: dict, source: str, model_type: str) -> list:
+    """Per layer 'mamba' | 'attention' | 'mlp' | 'moe', checked against num_hidden_layers."""
+    if model_type == "mamba2":
+        return ["mamba"] * _get(raw, "num_hidden_layers", source, minimum=1)
+    if model_type == "nemotron_h":
+        from_pattern = from_list = None
+        pattern = raw.get("hybrid_override_pattern")
+        if pattern is not None:
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"{source}: field 'hybrid_override_pattern' should be a non-empty string such as "
+                                 f"'M-M*-', got {pattern!r}")
+            unknown = sorted(set(pattern) - set(NEMOTRON_PATTERN))
+            if unknown:
+                raise ValueError(f"{source}: field 'hybrid_override_pattern' has unknown characters {unknown}; "
+                                 f"expected 'M' (Mamba2), '*' (attention), '-' (MLP) or 'E' (MoE)")
+            from_pattern = [NEMOTRON_PATTERN[c] for c in pattern]
+        if raw.get("layers_block_type") is not None:
+            from_list = _layer_type_list(raw, "layers_block_type", source, ("mamba", "attention", "mlp", "moe"))
+        if from_pattern is None and from_list is None:
+            raise ValueError(f"{source}: nemotron_h needs field 'hybrid_override_pattern' or 'layers_block_type'")
+        if from_pattern is not None and from_list is not None and from_pattern != from_list:
+            raise ValueError(f"{source}: fields 'hybrid_override_pattern' and 'layers_block_type' disagree")
+        kinds, field_name = (from_list, "layers_block_type") if from_list is not None else (
+            from_pattern, "hybrid_override_pattern")
+    else:  # granitemoehybrid; transformers' default is every layer Mamba
+        if raw.get("layer_types") is None:
+            return ["mamba"] * _get(raw, "num_hidden_layers", source, minimum=1)
+        kinds, field_name = _layer_type_list(raw, "layer_types", source, ("mamba", "attention")), "layer_types"
+    n = _get(raw, "num_hidden_layers", source, default=len(kinds), minimum=1)
+    if n != len(kinds):
+        raise ValueError(f"{source}: field '{field_name}' describes {len(kinds)} layers but 'num_hidden_layers' is {n}")
+    return kinds
+
+
+def _mamba_settings(raw: dict, source: str, model_type: str, hidden: int) -> dict:
+    """Keyword arguments of mamba.Mamba2Mixer from each family's field names, dimensions checked."""
+    if model_type == "nemotron_h":
+        heads_f, head_dim_f, groups_f = "mamba_num_heads", "mamba_head_dim", _pick(raw, "n_groups", "mamba_n_groups")
+        heads = _get(raw, heads_f, source, default=128, minimum=1)
+        head_dim = _get(raw, head_dim_f, source, default=64, minimum=1)
+        kw = dict(state_size=_get(raw, "ssm_state_size", source, default=128, minimum=1),
+                  n_groups=_get(raw, groups_f, source, default=8, minimum=1),
+                  conv_kernel=_get(raw, _pick(raw, "conv_kernel", "mamba_d_conv"), source, default=4, minimum=1),
+                  chunk_size=_get(raw, _pick(raw, "chunk_size", "mamba_chunk_size"), source, default=128, minimum=1),
+                  use_conv_bias=_get(raw, _pick(raw, "use_conv_bias", "mamba_conv_bias"), source, kind=bool, default=True),
+                  use_bias=_get(raw, "use_bias", source, kind=bool, default=False),  # transformers ignores mamba_proj_bias
+                  norm_eps=_get(raw, "layer_norm_epsilon", source, kind=float, default=1e-5, minimum=0.0),
+                  # transformers' Nemotron-H mixer clamps Δ to (time_step_min, inf), not to time_step_limit
+                  time_step_limit=(_get(raw, _pick(raw, "time_step_min", "mamba_dt_min"), source, kind=float,
+                                        default=0.001, minimum=0.0), math.inf))
+        act_field, expand = "mamba_hidden_act", None  # Nemotron-H's Mamba width is heads * head_dim, not expand * hidden
+    elif model_type == "granitemoehybrid":
+        heads_f, head_dim_f, groups_f = "mamba_n_heads", "mamba_d_head", "mamba_n_groups"
+        heads = _get(raw, heads_f, source, default=128, minimum=1)
+        expand = _get(raw, "mamba_expand", source, default=2, minimum=1)
+        if raw.get(head_dim_f) in (None, "auto"):  # transformers: expand * hidden // heads
+            if expand * hidden % heads:
+                raise ValueError(f"{source}: field '{heads_f}' ({heads}) must divide 'mamba_expand' * 'hidden_size' "
+                                 f"({expand} * {hidden}) when 'mamba_d_head' is 'auto'")
+            raw_head_dim = dict(raw, mamba_d_head=expand * hidden // heads)
+        else:
+            raw_head_dim = raw
+        head_dim = _get(raw_head_dim, head_dim_f, source, minimum=1)
+        kw = dict(state_size=_get(raw, "mamba_d_state", source, default=256, minimum=1),
+                  n_groups=_get(raw, groups_f, source, default=1, minimum=1),
+                  conv_kernel=_get(raw, "mamba_d_conv", source, default=4, minimum=1),
+                  chunk_size=_get(raw, "mamba_chunk_size", source, default=256, minimum=1),
+                  use_conv_bias=_get(raw, "mamba_conv_bias", source, kind=bool, default=True),
+                  use_bias=_get(raw, "mamba_proj_bias", source, kind=bool, default=False),
+                  norm_eps=_get(raw, "rms_norm_eps", source, kind=float, default=1e-6, minimum=0.0),
+                  time_step_limit=_float_pair(raw, "time_step_limit", source, (0.0, math.inf)))
+        act_field = "hidden_act"
+    else:  # mamba2
+        heads_f, head_dim_f, groups_f = "num_heads", "head_dim", "n_groups"
+        heads = _get(raw, heads_f, source, default=128, minimum=1)
+        head_dim = _get(raw, head_dim_f, source, default=64, minimum=1)
+        expand = _get(raw, "expand", source, default=2, minimum=1)
+        kw = dict(state_size=_get(raw, "state_size", source, default=128, minimum=1),
+                  n_groups=_get(raw, groups_f, source, default=8, minimum=1),
+                  conv_kernel=_get(raw, "conv_kernel", source, default=4, minimum=1),
+                  chunk_size=_get(raw, "chunk_size", source, default=256, minimum=1),
+                  use_conv_bias=_get(raw, "use_conv_bias", source, kind=bool, default=True),
+                  use_bias=_get(raw, "use_bias", source, kind=bool, default=False),
+                  norm_eps=_get(raw, "layer_norm_epsilon", source, kind=float, default=1e-5, minimum=0.0),
+                  time_step_limit=_float_pair(raw, "time_step_limit", source, (0.0, math.inf)))
+        act_field = "hidden_act"
+    act = raw.get(act_field, "silu")
+    if act != "silu":
+        raise ValueError(f"{source}: field '{act_field}' is {act!r}; the Mamba2 layers support only 'silu'")
+    if heads % kw["n_groups"]:
+        raise ValueError(f"{source}: field '{groups_f}' ({kw['n_groups']}) must divide '{heads_f}' ({heads})")
+    if expand is not None and heads * head_dim != expand * hidden:
+        expand_f = "mamba_expand" if model_type == "granitemoehybrid" else "expand"
+        raise ValueError(f"{source}: fields '{heads_f}' * '{head_dim_f}' ({heads} * {head_dim}) must equal "
+                         f"'{expand_f}' * 'hidden_size' ({expand} * {hidden})")
+    kw.update(hidden_size=hidden, num_heads=heads, head_dim=head_dim,
+              intermediate_size=None if expand is None else expand * hidden)
+    return kw
+
+
+def _moe_settings(raw: dict, source: str, model_type: str) -> dict:
+    """Router and expert sizes of the mixture-of-experts layers."""
+    if model_type == "granitemoehybrid":
+        experts = _get(raw, "num_local_experts", source, default=8, minimum=0)
+        if experts == 0:
+            return None
+        top_k = _get(raw, "num_experts_per_tok", source, default=2, minimum=1)
+        moe = dict(num_experts=experts, top_k=top_k,
+                   intermediate_size=_get(raw, "intermediate_size", source, default=11008, minimum=1))
+    else:  # nemotron_h: sigmoid router with a score-correction bias, grouped top-k, relu2 experts, a shared expert
+        experts_f = _pick(raw, "n_routed_experts", "num_local_experts")
+        experts = _get(raw, experts_f, source, default=8, minimum=1)
+        top_k = _get(raw, "num_experts_per_tok", source, default=2, minimum=1)
+        n_group = _get(raw, "n_group", source, default=1, minimum=1)
+        topk_group = _get(raw, "topk_group", source, default=1, minimum=1)
+        if experts % n_group or experts // n_group < 2:
+            raise ValueError(f"{source}: field 'n_group' ({n_group}) must divide '{experts_f}' ({experts}) into "
+                             f"groups of at least 2 experts")
+        if topk_group > n_group:
+            raise ValueError(f"{source}: field 'topk_group' ({topk_group}) is larger than 'n_group' ({n_group})")
+        if top_k > topk_group * (experts // n_group):
+            raise ValueError(f"{source}: field 'num_experts_per_tok' ({top_k}) is more than the {topk_group} "
+                             f"selected groups hold ({topk_group * (experts // n_group)} experts)")
+        moe = dict(num_experts=experts, top_k=top_k, n_group=n_group, topk_group=topk_group,
+                   intermediate_size=_get(raw, "moe_intermediate_size", source, default=7688, minimum=1),
+                   shared_intermediate_size=_get(raw, "moe_shared_expert_intermediate_size", source, default=7688,
+                                                 minimum=1),
+                   latent_size=_get(raw, "moe_latent_size", source, default=None, minimum=1),
+                   norm_topk_prob=_get(raw, "norm_topk_prob", source, kind=bool, default=True),
+                   routed_scaling_factor=_get(raw, "routed_scaling_factor", source, kind=float, default=1.0))
+    if top_k > experts:
+        raise ValueError(f"{source}: field 'num_experts_per_tok' ({top_k}) is more than the {experts} experts")
+    return moe
+
+
+def hybrid_config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
+    """ModelConfig of a hybrid family: Nemotron-H, GraniteMoeHybrid (Granite 4.0) or a pure Mamba2 model."""
+    model_type = raw["model_type"]
+    hidden = _get(raw, "hidden_size", source, minimum=1)
+    kinds = _hybrid_layer_types(raw, source, model_type)
+    granite = model_type == "granitemoehybrid"
+
+    # attention layers: Nemotron-H has no positions and no biases; Granite uses RoPE or none ('nope')
+    heads = kv_heads = head_dim = 0
+    theta, scaling, use_rope = 10000.0, None, False
+    if model_type != "mamba2":
+        heads = _get(raw, "num_attention_heads", source, default=32, minimum=1)
+        kv_heads = _get(raw, "num_key_value_heads", source, default=heads, minimum=1)
+        if heads % kv_heads:
+            raise ValueError(f"{source}: field 'num_attention_heads' ({heads}) must be a multiple of "
+                             f"'num_key_value_heads' ({kv_heads})")
+        if granite:  # transformers' GraniteMoeHybrid has no head_dim field
+            if hidden % heads:
+                raise ValueError(f"{source}: field 'hidden_size' ({hidden}) is not divisible by "
+                                 f"'num_attention_heads' ({heads})")
+            head_dim = hidden // heads
+            position = raw.get("position_embedding_type")
+            if position not in (None, "nope", "rope"):
+                raise ValueError(f"{source}: field 'position_embedding_type' is {position!r}; expected 'rope' or 'nope'")
+            use_rope = position == "rope"
+            if use_rope:
+                theta, scaling = _rope_settings(raw, source)
+                if head_dim % 2:
+                    raise ValueError(f"{source}: head dimension 'hidden_size' / 'num_attention_heads' ({head_dim}) "
+                                     f"must be even for RoPE")
+        else:  # nemotron_h: head_dim (transformers; default 128), or attention_head_dim (NVIDIA's configs)
+            head_dim = _get(raw, "head_dim", source, default=None, minimum=1)
+            alt = _get(raw, "attention_head_dim", source, default=None, minimum=1)
+            if head_dim is not None and alt is not None and head_dim != alt:
+                raise ValueError(f"{source}: fields 'head_dim' ({head_dim}) and 'attention_head_dim' ({alt}) disagree")
+            head_dim = head_dim or alt or 128
+
+    mlp_act, intermediate, shared = "silu", 0, 0
+    if model_type == "nemotron_h":
+        mlp_act = raw.get("mlp_hidden_act", "relu2")
+        if mlp_act != "relu2":
+            raise ValueError(f"{source}: field 'mlp_hidden_act' is {mlp_act!r}; only 'relu2' is supported for nemotron_h")
+        if "mlp" in kinds:
+            intermediate = _get(raw, "intermediate_size", source, default=21504, minimum=1)
+    elif granite:
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{source}: field 'hidden_act' is {act!r}; only 'silu' (SwiGLU) is supported for {model_type}")
+        shared = _get(raw, "shared_intermediate_size", source, default=1024, minimum=1)
+    moe = None
+    if granite or "moe" in kinds:
+        moe = _moe_settings(raw, source, model_type)
+    if granite and moe is not None:
+        intermediate = moe["intermediate_size"]
+
+    eos = raw.get("eos_token_id")
+    eps_field = "rms_norm_eps" if granite else "layer_norm_epsilon"
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=_get(raw, "vocab_size", source, minimum=1),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=len(kinds),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=_get(raw, eps_field, source, kind=float, default=1e-6 if granite else 1e-5, minimum=0.0),
+        max_position_embeddings=_get(raw, "max_position_embeddings", source, default=4096, minimum=1),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=_get(raw, "tie_word_embeddings", source, kind=bool, default=False),
+        qkv_bias=_get(raw, "attention_bias", source, kind=bool, default=False) if granite else False,
+        o_bias=_get(raw, "attention_bias", source, kind=bool, default=False) if granite else False,
+        mlp_bias=_get(raw, "mlp_bias", source, kind=bool, default=False) if model_type == "nemotron_h" else False,
+        qk_norm=False,
+        sliding_windows=[None] * len(kinds),
+        embedding_multiplier=_get(raw, "embedding_multiplier", source, kind=float, default=1.0) if granite else 1.0,
+        attention_scale=_get(raw, "attention_multiplier", source, kind=float, default=1.0) if granite else None,
+        residual_multiplier=_get(raw, "residual_multiplier", source, kind=float, default=1.0) if granite else 1.0,
+        logits_scaling=_get(raw, "logits_scaling", source, kind=float, default=1.0) if granite else 1.0,
+        layer_types=kinds,
+        use_rope=use_rope,
+        mamba=_mamba_settings(raw, source, model_type, hidden) if "mamba" in kinds else None,
+        moe=moe,
+        mlp_act=mlp_act,
+        shared_intermediate_size=shared,
+        residual_in_fp32=_get(raw, "residual_in_fp32", source, kind=bool, default=True) if model_type == "mamba2"
+        else False,
+        norm_weight_fp32=model_type == "nemotron_h",
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        hf=raw,
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Layers
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, weight_fp32: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.weight_fp32 = weight_fp32  # Nemotron-H: multiply by the weight in fp32, then cast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_fp32:
+            return (self.weight.float() * x).to(dtype)
         return self.weight * x.to(dtype)
 
 
@@ -289,6 +591,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = cfg.attention_scale if cfg.attention_scale is not None else self.head_dim ** -0.5
         self.window = cfg.sliding_windows[layer]
+        self.use_rope = cfg.use_rope
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
@@ -308,8 +611,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), ctx.cos, ctx.sin)  # (B, Hq, T, D)
-        k = apply_rope(k.transpose(1, 2), ctx.cos, ctx.sin)  # (B, Hkv, T, D)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, Hq, T, D), (B, Hkv, T, D)
+        if self.use_rope:
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if cache is None or ctx.cache_start == 0:  # training, or prefill of an empty cache
             out = attention(q, k, v, scale=self.scale, window=self.window, doc_ids=ctx.doc_ids)
             if cache is not None:
@@ -354,6 +658,232 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, ctx: "Context", cache=None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx, cache) * self.residual_multiplier
         return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_multiplier
+
+
+# ----------------------------------------------------------------------------------------------
+# Hybrid layers: Mamba2 mixers (mamba.py) where the config's layer pattern puts them, attention without
+# positions, relu² MLPs and mixtures of experts. Module names follow each family's checkpoints.
+
+
+class Relu2MLP(nn.Module):
+    """Nemotron-H's MLP: down(relu(up(x))²)."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool):
+        super().__init__()
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
+class SharedMLP(nn.Module):
+    """Granite 4.0's always-on SwiGLU MLP: input_linear gives [gate; up] in one matrix."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.input_linear = nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.output_linear = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.input_linear(x).chunk(2, dim=-1)
+        return self.output_linear(F.silu(gate) * up)
+
+
+def mixture_of_experts(x, weights, experts, num_experts: int, expert_forward) -> torch.Tensor:
+    """Σ_j weights[:, j] * expert_{experts[:, j]}(x). x (N, D); weights, experts (N, k).
+
+    Loops over the experts that received tokens (one host sync); each runs on its tokens only.
+    Accumulates in weights' dtype (Nemotron-H: fp32; Granite: the activations' dtype)."""
+    out = torch.zeros(x.shape, dtype=weights.dtype, device=x.device)  # (N, D)
+    counts = torch.bincount(experts.flatten(), minlength=num_experts)  # (E,)
+    for e in counts.nonzero()[:, 0].tolist():
+        token, slot = (experts == e).nonzero(as_tuple=True)  # the tokens routed to e, and at which of their k slots
+        y = expert_forward(e, x[token]) * weights[token, slot, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+class StackedExperts(nn.Module):
+    """One weight per expert, stacked: (E, out, in), under the checkpoint's name `weight`."""
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+        nn.init.normal_(self.weight, std=0.02)
+
+
+class TopKRouter(nn.Module):
+    """Granite's router: a linear layer (`router.layer`); softmax over the top-k logits."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.layer = nn.Linear(hidden, num_experts, bias=False)
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor):
+        """x (N, hidden) -> weights (N, k) in x's dtype, experts (N, k)."""
+        logits = self.layer(x).float()  # (N, E)
+        top, experts = logits.topk(self.top_k, dim=-1)
+        return top.softmax(dim=-1).to(x.dtype), experts
+
+
+class GraniteMoE(nn.Module):
+    """Granite 4.0's block-sparse MoE: SwiGLU experts stored stacked, input_linear (E, 2I, H) = [gate; up],
+    output_linear (E, H, I)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, I, H = cfg.moe["num_experts"], cfg.moe["intermediate_size"], cfg.hidden_size
+        self.num_experts = E
+        self.router = TopKRouter(H, E, cfg.moe["top_k"])
+        self.input_linear = StackedExperts(E, 2 * I, H)
+        self.output_linear = StackedExperts(E, H, I)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.input_linear.weight[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.output_linear.weight[e])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # (N, H)
+        weights, experts = self.router(flat)
+        return mixture_of_experts(flat, weights, experts, self.num_experts, self.expert).view(x.shape)
+
+
+class SigmoidRouter(nn.Module):
+    """Nemotron-H's router (DeepSeek-V3 style): sigmoid scores s; experts chosen by s + e_score_correction_bias
+    among the topk_group best of n_group groups (a group scores its two best); weights are the chosen s,
+    renormalised (norm_topk_prob) and times routed_scaling_factor. Checkpoints keep weight and bias in fp32."""
+
+    def __init__(self, hidden: int, moe: dict):
+        super().__init__()
+        self.num_experts, self.top_k = moe["num_experts"], moe["top_k"]
+        self.n_group, self.topk_group = moe["n_group"], moe["topk_group"]
+        self.norm_topk_prob, self.scaling = moe["norm_topk_prob"], moe["routed_scaling_factor"]
+        self.weight = nn.Parameter(torch.empty(self.num_experts, hidden))
+        nn.init.normal_(self.weight, std=0.02)
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts))
+
+    def forward(self, x: torch.Tensor):
+        """x (N, hidden) -> weights (N, k) fp32, experts (N, k)."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E)
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            per_group = self.num_experts // self.n_group
+            group_scores = choice.view(-1, self.n_group, per_group).topk(2, dim=-1).values.sum(-1)  # (N, n_group)
+            best = group_scores.topk(self.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(per_group, dim=1), -math.inf)
+        experts = choice.topk(self.top_k, dim=-1).indices  # (N, k)
+        weights = scores.gather(1, experts)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, experts
+
+
+class NemotronHMoE(nn.Module):
+    """Nemotron-H's MoE layer: routed relu² experts (optionally in a smaller latent width) plus a shared expert."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        moe, H = cfg.moe, cfg.hidden_size
+        width = moe["latent_size"] or H
+        self.num_experts = moe["num_experts"]
+        self.gate = SigmoidRouter(H, moe)
+        self.experts = nn.ModuleList(Relu2MLP(width, moe["intermediate_size"], bias=False)
+                                     for _ in range(self.num_experts))
+        self.shared_experts = Relu2MLP(H, moe["shared_intermediate_size"], bias=cfg.mlp_bias)
+        self.latent = moe["latent_size"] is not None
+        if self.latent:
+            self.fc1_latent_proj = nn.Linear(H, width, bias=cfg.mlp_bias)
+            self.fc2_latent_proj = nn.Linear(width, H, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # (N, H)
+        weights, experts = self.gate(flat)
+        h = self.fc1_latent_proj(flat) if self.latent else flat
+        y = mixture_of_experts(h, weights, experts, self.num_experts, lambda e, t: self.experts[e](t)).to(h.dtype)
+        if self.latent:
+            y = self.fc2_latent_proj(y)
+        return y.view(x.shape) + self.shared_experts(x)
+
+
+class MixerLayer(nn.Module):
+    """A Nemotron-H or Mamba2 layer: x + mixer(norm(x)); the mixer is a Mamba2, attention, MLP or MoE block."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.kind = cfg.layer_types[layer]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_fp32)
+        if self.kind == "mamba":
+            self.mixer = mamba.Mamba2Mixer(**cfg.mamba)
+        elif self.kind == "attention":
+            self.mixer = Attention(cfg, layer)
+        elif self.kind == "mlp":
+            self.mixer = Relu2MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        else:
+            self.mixer = NemotronHMoE(cfg)
+        self.residual_in_fp32 = cfg.residual_in_fp32
+
+    def allocate_cache(self, batch: int, max_len: int, device, dtype):
+        if self.kind == "mamba":
+            return self.mixer.allocate_cache(batch, device, dtype)  # O(1) in max_len
+        if self.kind == "attention":
+            return self.mixer.allocate_cache(batch, max_len, device, dtype)
+        return None  # MLP / MoE layers keep nothing between steps
+
+    def forward(self, x: torch.Tensor, ctx: "Context", cache=None) -> torch.Tensor:
+        residual = x.float() if self.residual_in_fp32 else x  # mamba2: the residual stream stays fp32
+        h = self.norm(x.to(self.norm.weight.dtype))
+        if self.kind == "mamba":
+            h = self.mixer(h, ctx.doc_ids, cache)
+        elif self.kind == "attention":
+            h = self.mixer(h, ctx, cache)
+        else:
+            h = self.mixer(h)
+        return residual + h
+
+
+class GraniteHybridLayer(nn.Module):
+    """A GraniteMoeHybrid (Granite 4.0) layer: x += m * mixer(norm1(x)) with a Mamba2 or attention mixer, then
+    x += m * (shared_mlp(h) + moe(h)) with h = norm2(x), m the residual multiplier; no MoE when it has no experts."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.kind = cfg.layer_types[layer]
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if self.kind == "mamba":
+            self.mamba = mamba.Mamba2Mixer(**cfg.mamba)
+        else:
+            self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.shared_mlp = SharedMLP(cfg.hidden_size, cfg.shared_intermediate_size)
+        self.block_sparse_moe = GraniteMoE(cfg) if cfg.moe is not None else None
+        self.residual_multiplier = cfg.residual_multiplier
+
+    def allocate_cache(self, batch: int, max_len: int, device, dtype):
+        if self.kind == "mamba":
+            return self.mamba.allocate_cache(batch, device, dtype)
+        return self.self_attn.allocate_cache(batch, max_len, device, dtype)
+
+    def forward(self, x: torch.Tensor, ctx: "Context", cache=None) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        h = self.mamba(h, ctx.doc_ids, cache) if self.kind == "mamba" else self.self_attn(h, ctx, cache)
+        x = x + h * self.residual_multiplier
+        h = self.post_attention_layernorm(x)
+        out = self.shared_mlp(h)
+        if self.block_sparse_moe is not None:
+            out = self.block_sparse_moe(h) + out
+        return x + out * self.residual_multiplier
+
+
+def make_layer(cfg: ModelConfig, layer: int) -> nn.Module:
+    """The layer the family puts at this depth."""
+    if cfg.model_type in ("nemotron_h", "mamba2"):
+        return MixerLayer(cfg, layer)
+    if cfg.model_type == "granitemoehybrid":
+        return GraniteHybridLayer(cfg, layer)
+    return DecoderLayer(cfg, layer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,8 +949,8 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(make_layer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_fp32)
 
 
 class CausalLM(nn.Module):
@@ -458,13 +988,16 @@ class CausalLM(nn.Module):
         else:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
 
-        inv_freq = self.inv_freq
-        if (self.config.rope_scaling or {}).get("rope_type") == "dynamic":
-            inv_freq = rope_inv_freq(self.config, int(positions.max()) + 1).to(inv_freq.device)
-        freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
         x = self.model.embed_tokens(input_ids) * self.config.embedding_multiplier  # (B, T, hidden)
-        ctx = Context(emb.cos().to(x.dtype), emb.sin().to(x.dtype), doc_ids, cache)
+        cos = sin = None  # models without RoPE (Nemotron-H, Granite 'nope', Mamba2) need no tables
+        if self.config.use_rope:
+            inv_freq = self.inv_freq
+            if (self.config.rope_scaling or {}).get("rope_type") == "dynamic":
+                inv_freq = rope_inv_freq(self.config, int(positions.max()) + 1).to(inv_freq.device)
+            freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        ctx = Context(cos, sin, doc_ids, cache)
         if cache is not None:
             cache.doc_ids[:, cache.length:cache.length + T] = doc_ids
         for i, layer in enumerate(self.model.layers):
@@ -475,7 +1008,8 @@ class CausalLM(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden) / self.config.logits_scaling
+        # hidden is fp32 when the residual stream is (mamba2's residual_in_fp32) while lm_head may be bf16
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype)) / self.config.logits_scaling
 
     def forward(self, input_ids, doc_ids=None, cache: DecodeCache | None = None) -> torch.Tensor:
         """(B, T) token ids [, (B, T) document ids] -> (B, T, vocab) logits."""
@@ -540,6 +1074,34 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
+# Nemotron-H and Mamba2 checkpoints name the decoder `backbone` (embeddings, norm_f); ours is `model` (embed_tokens,
+# norm) for every family, so the rest of the project never asks which kind it has. Inside a layer the names are
+# the checkpoint's own. (our prefix, checkpoint prefix); loading also accepts the aliases below.
+BACKBONE_KEYS = (("model.embed_tokens.", "backbone.embeddings."), ("model.norm.", "backbone.norm_f."),
+                 ("model.layers.", "backbone.layers."))
+BACKBONE_KEY_ALIASES = (("model.embed_tokens.", "backbone.embedding."),  # old Mamba2 checkpoints
+                        ("model.embed_tokens.", "model.embeddings."), ("model.norm.", "model.norm_f."))  # transformers' own
+NEMOTRON_FP32_KEYS = ("mixer.gate.weight", "mixer.gate.e_score_correction_bias")  # router kept in fp32 like transformers
+
+
+def to_checkpoint_key(cfg: ModelConfig, name: str) -> str:
+    """Our parameter name -> the name in the family's Hugging Face checkpoints."""
+    if cfg.model_type in ("nemotron_h", "mamba2"):
+        for ours, theirs in BACKBONE_KEYS:
+            if name.startswith(ours):
+                return theirs + name[len(ours):]
+    return name
+
+
+def from_checkpoint_key(cfg: ModelConfig, key: str) -> str:
+    """A checkpoint tensor name -> our parameter name (the inverse of to_checkpoint_key, plus aliases)."""
+    if cfg.model_type in ("nemotron_h", "mamba2"):
+        for ours, theirs in BACKBONE_KEYS + BACKBONE_KEY_ALIASES:
+            if key.startswith(theirs):
+                return ours + key[len(theirs):]
+    return key
+
+
 def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor):
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name)
@@ -568,15 +1130,21 @@ def load_model(name_or_path: str, *, device="cpu", dtype=torch.bfloat16) -> Caus
             for key in f.keys():
                 if key.endswith(IGNORED_CHECKPOINT_KEYS) or (cfg.tie_word_embeddings and key == "lm_head.weight"):
                     continue
-                if key not in expected:
+                if cfg.model_type == "nemotron_h" and key.startswith("mtp."):
+                    continue  # multi-token-prediction head (Nemotron 3): unused for generation, as in transformers
+                name = from_checkpoint_key(cfg, key)  # our parameter name (differs for backbone.* families)
+                if name not in expected:
                     raise ValueError(f"{file}: unexpected tensor '{key}' for model_type '{cfg.model_type}'")
+                if name in seen:
+                    raise ValueError(f"{file}: tensor '{key}' appears twice (under two names) in the checkpoint")
                 shape = tuple(f.get_slice(key).get_shape())
-                if shape != tuple(expected[key]):
+                if shape != tuple(expected[name]):
                     raise ValueError(f"{file}: tensor '{key}' has shape {shape}, config.json implies "
-                                     f"{tuple(expected[key])}")
-                _set_tensor(model, key, f.get_tensor(key).to(device=device, dtype=dtype))
-                seen.add(key)
-    missing = sorted(set(expected) - seen)
+                                     f"{tuple(expected[name])}")
+                keep_fp32 = cfg.model_type == "nemotron_h" and name.endswith(NEMOTRON_FP32_KEYS)
+                _set_tensor(model, name, f.get_tensor(key).to(device=device, dtype=torch.float32 if keep_fp32 else dtype))
+                seen.add(name)
+    missing = sorted(to_checkpoint_key(cfg, k) for k in set(expected) - seen)
     if missing:
         raise ValueError(f"{folder}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     if cfg.tie_word_embeddings:
@@ -596,7 +1164,7 @@ def save_model(model: CausalLM, out_dir, tokenizer_from=None, *, state_dict: dic
     tmp.mkdir(parents=True)
     cfg = model.config
     tensors = state_dict if state_dict is not None else model.state_dict()
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()
+    tensors = {to_checkpoint_key(cfg, k): v.detach().to("cpu").contiguous() for k, v in tensors.items()
                if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     dtype = next(iter(tensors.values())).dtype
 
