@@ -20,19 +20,21 @@ import torch
 import model as M
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    """Median wall time of fn() over `repeats` runs after one warm-up run."""
-    fn()
-    times = []
+def timed_pair(fn_a, fn_b, repeats: int, device: str) -> tuple:
+    """Median wall times of fn_a() and fn_b(), alternated run by run after one warm-up each,
+    so that anything else loading the machine affects both alike."""
+    fn_a(), fn_b()
+    times = ([], [])
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, out in ((fn_a, times[0]), (fn_b, times[1])):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            out.append(time.perf_counter() - t)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def build_pair(name: str, folder: str, dtype, device):
@@ -65,10 +67,10 @@ def bench(label, hf, ours, args, device, rows):
         return run
 
     ours.train()
-    t_hf = timed(step(hf, lambda m, x: m(x).logits), args.repeats, device)
-    t_ours = timed(step(ours, lambda m, x: m(x)), args.repeats, device)
+    t_hf, t_ours = timed_pair(step(hf, lambda m, x: m(x).logits), step(ours, lambda m, x: m(x)), args.repeats, device)
     tokens = args.batch * args.seq
     rows.append((label, f"fwd+bwd {args.batch}x{args.seq}", tokens / t_hf, tokens / t_ours))
+    print(rows[-1], flush=True)
     ours.eval()
 
     for batch in args.gen_batches:
@@ -84,10 +86,10 @@ def bench(label, hf, ours, args, device, rows):
         def ours_generate():
             M.generate(ours, prompts.tolist(), max_new_tokens=new, compile=args.compile)
 
-        t_hf = timed(hf_generate, max(1, args.repeats // 2), device)
-        t_ours = timed(ours_generate, max(1, args.repeats // 2), device)
+        t_hf, t_ours = timed_pair(hf_generate, ours_generate, args.repeats, device)
         rows.append((label, f"greedy generate b={batch}, {args.prompt_len}+{new}", batch * new / t_hf,
                      batch * new / t_ours))
+        print(rows[-1], flush=True)
 
 
 def main():
@@ -102,7 +104,10 @@ def main():
     p.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8], help="generation batch sizes")
     p.add_argument("--repeats", type=int, default=4, help="timed repetitions (median reported)")
     p.add_argument("--compile", action="store_true", help="torch.compile model.py's decode step")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     rows = []
