@@ -1,0 +1,86 @@
+"""Problems per second of a small GSM8K evaluation: model.generate against a plain transformers
+`generate` loop with the same prompts, batches and settings, side by side in one run.
+
+    python bench_evaluate.py                          # 16 GSM8K problems, SmolLM2, greedy, 192 new tokens
+
+Both sides get the same token ids (the project's tokenizer), left padding, the same stop tokens, and
+are graded by evaluate.check_math; times include generation and grading, not loading.
+"""
+import argparse
+import platform
+import time
+from datetime import date
+
+import torch
+
+import evaluate as E
+import model as M
+
+
+def hf_generate_batch(hf, prompts, max_new_tokens, stop_ids, device):
+    """transformers' generate on left-padded token ids; returns each row's new tokens up to a stop."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.no_grad():
+        out = hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                          do_sample=False, eos_token_id=list(stop_ids), pad_token_id=stop_ids[0])
+    rows = []
+    for row in out[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=M.DEFAULT_MODEL, help="model folder, hub id or the built-in default")
+    p.add_argument("--problems", type=int, default=16, help="GSM8K problems (the first N)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=192, help="new tokens per response at most")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    args = p.parse_args()
+    import transformers
+
+    problems, source = E.load_task("gsm8k", E.Config(offline=True))
+    problems = problems[:args.problems]
+    tok = M.load_tokenizer(args.model)
+    dtype = getattr(torch, args.dtype)
+    ours = M.load_model(args.model, device=args.device, dtype=dtype)
+    folder = M.resolve_model_path(args.model)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": E.build_prompt("gsm8k", q, "plain")}]))
+               for q in problems]
+    stop = tok.eos_ids
+
+    def run(generate_batch):
+        t = time.perf_counter()
+        correct = 0
+        for start in range(0, len(prompts), args.batch_size):
+            rows = generate_batch(prompts[start:start + args.batch_size])
+            for q, new in zip(problems[start:start + args.batch_size], rows):
+                correct += E.check_math(tok.decode([t for t in new if t not in stop]), q["gold"])
+        return time.perf_counter() - t, correct
+
+    ours_batch = lambda batch: [s.tokens for s in M.generate(ours, batch, max_new_tokens=args.max_new_tokens,
+                                                             stop_ids=stop)]
+    hf_batch = lambda batch: hf_generate_batch(hf, batch, args.max_new_tokens, stop, args.device)
+    run(lambda batch: ours_batch(batch[:1])), run(lambda batch: hf_batch(batch[:1]))  # warm-up
+    t_hf, c_hf = run(hf_batch)
+    t_ours, c_ours = run(ours_batch)
+
+    hardware = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"\nGSM8K ({source}), {len(problems)} problems, batch {args.batch_size}, greedy, <= {args.max_new_tokens} "
+          f"new tokens; {hardware}, {args.dtype}, {date.today()}\n")
+    print("| side | problems/s | correct | ratio |")
+    print("|---|---:|---:|---:|")
+    print(f"| transformers generate loop | {len(problems) / t_hf:.3f} | {c_hf}/{len(problems)} | 1.00x |")
+    print(f"| evaluate.py (model.generate) | {len(problems) / t_ours:.3f} | {c_ours}/{len(problems)} | {t_hf / t_ours:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

