@@ -1,0 +1,334 @@
+"""analyze.py: weight-change statistics on synthetic checkpoints with known answers, update cosine, linear CKA
+properties, bad input, and tiny Llama + Nemotron-H pairs through every subcommand via main([...])."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import analyze as A
+import model as M
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+VOCAB = 260  # 256 byte tokens + 2 specials fit
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def llama_config(**kw):
+    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, bos_token_id=256,
+                                    eos_token_id=257, pad_token_id=0, **kw)
+
+
+def synthetic(folder, tensors: dict, dtype=torch.float32):
+    """An HF-style folder: a llama config.json and one safetensors file holding `tensors`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(llama_config().to_dict()))
+    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+# --- weight change with known answers ----------------------------------------------------------
+
+def test_five_percent_perturbed_by_ten_percent(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    w = (1 + torch.rand(40, 50, generator=g)) * torch.sign(torch.randn(40, 50, generator=g))  # |w| in [1, 2)
+    idx = torch.randperm(w.numel(), generator=g)[: w.numel() // 20]  # exactly 5%
+    w_new = w.clone().reshape(-1)
+    w_new[idx] *= 1.10
+    w_new = w_new.reshape(w.shape)
+    a = synthetic(tmp_path / "a", {"model.layers.0.self_attn.q_proj.weight": w})
+    b = synthetic(tmp_path / "b", {"model.layers.0.self_attn.q_proj.weight": w_new})
+    r = A.weight_change(a, b, thresholds=(1e-3, 1e-2, 0.099, 0.101, 0.2))
+    assert r["total"]["unchanged"] == {1e-3: 0.95, 1e-2: 0.95, 0.099: 0.95, 0.101: 1.0, 0.2: 1.0}
+    hand = math.sqrt(float(((w_new.double() - w.double()) ** 2).sum()) / float((w.double() ** 2).sum()))
+    assert r["total"]["rel_change"] == pytest.approx(hand, rel=1e-7)
+    assert r["tensors"]["model.layers.0.self_attn.q_proj.weight"]["rel_change"] == pytest.approx(hand, rel=1e-7)
+    assert r["components"]["q"]["unchanged"][1e-2] == 0.95
+    assert r["layers"][0]["q"]["numel"] == 2000
+
+
+def test_groups_pool_sums_and_zero_rule(tmp_path):
+    q = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    q_new = torch.tensor([[1.0, 2.5], [3.0, 0.0]])  # 1 of 4 changed (25%); the zero did not move
+    v = torch.tensor([0.0, 0.0, 4.0, 5.0])
+    v_new = torch.tensor([1e-6, 0.0, 4.0, 5.0])  # w = 0 moved a tiny bit: changed at every threshold
+    emb = torch.ones(3, 2)
+    a = synthetic(tmp_path / "a", {"model.layers.0.self_attn.q_proj.weight": q,
+                                   "model.layers.1.self_attn.v_proj.weight": v, "model.embed_tokens.weight": emb})
+    b = synthetic(tmp_path / "b", {"model.layers.0.self_attn.q_proj.weight": q_new,
+                                   "model.layers.1.self_attn.v_proj.weight": v_new, "model.embed_tokens.weight": emb})
+    r = A.weight_change(a, b)
+    assert r["tensors"]["model.layers.0.self_attn.q_proj.weight"]["unchanged"] == {1e-3: 0.75, 1e-2: 0.75, 1e-1: 0.75}
+    assert r["tensors"]["model.layers.1.self_attn.v_proj.weight"]["unchanged"] == {1e-3: 0.75, 1e-2: 0.75, 1e-1: 0.75}
+    assert r["tensors"]["model.layers.1.self_attn.v_proj.weight"]["zeros"] == 2
+    assert r["total"]["unchanged"][1e-2] == pytest.approx(12 / 14)  # element-count weighted
+    total = math.sqrt((0.5 ** 2 + 1e-12) / (1 + 4 + 9 + 16 + 25 + 6))
+    assert r["total"]["rel_change"] == pytest.approx(total, rel=1e-6)
+    assert r["components"]["embed"]["rel_change"] == 0.0
+    assert set(r["components"]) == {"q", "v", "embed"}
+    # an all-zero tensor that moved: infinite relative change, never a finite made-up number
+    c = synthetic(tmp_path / "c", {"model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2)})
+    d = synthetic(tmp_path / "d", {"model.layers.0.self_attn.q_proj.weight": torch.ones(2, 2)})
+    assert A.weight_change(c, d)["total"]["rel_change"] == math.inf
+
+
+def test_streams_large_tensor_in_blocks_and_mixed_dtypes(tmp_path, monkeypatch):
+    monkeypatch.setattr(A, "BLOCK", 64)  # force row blocks
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(37, 10, generator=g)
+    w_new = w + 0.01 * torch.randn(37, 10, generator=g)
+    a = synthetic(tmp_path / "a", {"model.layers.0.mlp.down_proj.weight": w})
+    b = synthetic(tmp_path / "b", {"model.layers.0.mlp.down_proj.weight": w_new}, dtype=torch.bfloat16)
+    r = A.weight_change(a, b)
+    wb = w_new.bfloat16().double()
+    hand = math.sqrt(float(((wb - w.double()) ** 2).sum()) / float((w.double() ** 2).sum()))
+    assert r["total"]["rel_change"] == pytest.approx(hand, rel=1e-6)
+    assert r["dtype_mismatch"] == ["model.layers.0.mlp.down_proj.weight"]
+
+
+def test_update_cosine(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"]
+    base = {n: torch.randn(8, 6, generator=g) for n in names}
+    d = {n: torch.randn(8, 6, generator=g) for n in names}
+    p0 = synthetic(tmp_path / "base", base)
+    p1 = synthetic(tmp_path / "plus", {n: base[n] + d[n] for n in names})
+    p2 = synthetic(tmp_path / "minus", {n: base[n] - d[n] for n in names})
+    assert A.update_similarity(p0, p1, p1)["total"]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    r = A.update_similarity(p0, p1, p2)
+    assert r["total"]["cosine"] == pytest.approx(-1.0, abs=1e-6)
+    assert r["components"]["up"]["cosine"] == pytest.approx(-1.0, abs=1e-6)
+    assert A.update_similarity(p0, p0, p1)["total"]["cosine"] is None  # no update, no direction
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        A.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert all(c in text for c in A.COMMANDS) and "--bootstrap-size" in text and "--alpha" in text
+
+
+def test_component_names():
+    c = A.component
+    assert c("model.layers.3.self_attn.o_proj.weight") == (3, "o")
+    assert c("model.layers.3.self_attn.q_proj.bias") == (3, "q")
+    assert c("model.layers.0.post_attention_layernorm.weight") == (0, "post_norm")
+    assert c("model.layers.1.mixer.A_log") == (1, "A_log")
+    assert c("model.layers.1.mixer.dt_bias") == (1, "dt_bias")
+    assert c("model.layers.1.mixer.D") == (1, "D")
+    assert c("model.layers.1.mixer.conv1d.weight") == (1, "conv1d")
+    assert c("model.layers.1.mixer.norm.weight") == (1, "mamba_norm")
+    assert c("model.layers.1.norm.weight") == (1, "input_norm")
+    assert c("model.layers.2.mamba.in_proj.weight") == (2, "in_proj")
+    assert c("model.layers.2.shared_mlp.input_linear.weight") == (2, "gate_up")
+    assert c("model.layers.2.mixer.experts.4.up_proj.weight") == (2, "expert_up")
+    assert c("model.layers.2.mixer.gate.weight") == (2, "router")
+    assert c("model.embed_tokens.weight") == (None, "embed")
+    assert c("model.norm.weight") == (None, "final_norm")
+    assert c("lm_head.weight") == (None, "lm_head")
+
+
+def test_merge_sharded_streamed(tmp_path, monkeypatch):
+    monkeypatch.setattr(A, "BLOCK", 16)  # row blocks
+    g = torch.Generator().manual_seed(4)
+    ta = {"model.layers.0.self_attn.q_proj.weight": torch.randn(9, 5, generator=g),
+          "model.embed_tokens.weight": torch.randn(7, 4, generator=g)}
+    tb = {k: torch.randn(v.shape, generator=g) for k, v in ta.items()}
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "config.json").write_text(json.dumps(llama_config().to_dict()))
+    (a / "tokenizer_config.json").write_text("{}")
+    names = list(ta)
+    for i, k in enumerate(names):
+        save_file({k: ta[k]}, str(a / f"model-0000{i + 1}-of-00002.safetensors"))
+    (a / M.WEIGHT_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": {
+        k: f"model-0000{i + 1}-of-00002.safetensors" for i, k in enumerate(names)}}))
+    b = synthetic(tmp_path / "b", tb, dtype=torch.bfloat16)
+    out = A.merge(a, b, 0.15, tmp_path / "m")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in a.iterdir())
+    for i, k in enumerate(names):
+        got = load_file(str(out / f"model-0000{i + 1}-of-00002.safetensors"))[k]
+        assert got.dtype == torch.float32  # A's dtype
+        torch.testing.assert_close(got, 0.15 * ta[k] + 0.85 * tb[k].bfloat16().float(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(A.AnalyzeError, match="is an input checkpoint"):
+        A.merge(a, b, 0.5, a)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+def test_bad_input_is_named(tmp_path):
+    ok = {"model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4), "model.layers.0.self_attn.k_proj.weight": torch.ones(2, 4)}
+    a = synthetic(tmp_path / "a", ok)
+    b = synthetic(tmp_path / "b", {**ok, "model.layers.0.self_attn.k_proj.weight": torch.ones(3, 4)})
+    with pytest.raises(A.AnalyzeError, match=r"k_proj.weight' has shape \(3, 4\)"):
+        A.weight_change(a, b)
+    c = synthetic(tmp_path / "c", {"model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4)})
+    with pytest.raises(A.AnalyzeError, match="k_proj.weight' has no counterpart"):
+        A.weight_change(a, c)
+    nan = synthetic(tmp_path / "nan", {**ok, "model.layers.0.self_attn.q_proj.weight": torch.full((4, 4), math.nan)})
+    with pytest.raises(A.AnalyzeError, match="q_proj.weight' holds NaN"):
+        A.weight_change(a, nan)
+    shard = tmp_path / "sharded"
+    shard.mkdir()
+    shutil.copy(a / "config.json", shard)
+    save_file(ok, str(shard / "model-00001-of-00002.safetensors"))
+    (shard / M.WEIGHT_INDEX).write_text(json.dumps({"weight_map": {
+        "model.layers.0.self_attn.q_proj.weight": "model-00001-of-00002.safetensors",
+        "model.layers.0.self_attn.k_proj.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(A.AnalyzeError, match="model-00002-of-00002.safetensors: missing"):
+        A.weight_change(a, shard)
+    with pytest.raises(SystemExit):  # main() reports it without a traceback
+        A.main(["weights", str(a), str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--progress", "0"])
+
+
+# --- linear CKA ---------------------------------------------------------------------------------
+
+def direct_cka(X, Y):
+    X = X.double() - X.double().mean(0)
+    Y = Y.double() - Y.double().mean(0)
+    return float(torch.linalg.norm(Y.T @ X) ** 2 / (torch.linalg.norm(X.T @ X) * torch.linalg.norm(Y.T @ Y)))
+
+
+def test_linear_cka_properties():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(60, 20, generator=g)
+    assert A.linear_cka(X, X) == pytest.approx(1.0, abs=1e-12)
+    Q, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))
+    assert A.linear_cka(X, X.double() @ Q * 3.7 + 5.0) == pytest.approx(1.0, abs=1e-10)
+    Y = X @ torch.randn(20, 30, generator=g) + 0.5 * torch.randn(60, 30, generator=g)
+    assert A.linear_cka(X, Y) == pytest.approx(direct_cka(X, Y), abs=1e-12)
+    assert A.linear_cka(X, Y) == pytest.approx(A.linear_cka(X.double() @ Q, 2 * Y), abs=1e-10)
+    wide_x, wide_y = torch.randn(10, 40, generator=g), torch.randn(10, 50, generator=g)  # n < d: Gram path
+    assert A.linear_cka(wide_x, wide_y) == pytest.approx(direct_cka(wide_x, wide_y), abs=1e-12)
+    big_x, big_y = torch.randn(2000, 5, generator=g), torch.randn(2000, 5, generator=g)
+    assert A.linear_cka(big_x, big_y) < 0.02  # independent features
+    with pytest.raises(ValueError):
+        A.linear_cka(torch.ones(5, 3), X[:5])
+
+
+# --- tiny real models through every subcommand -------------------------------------------------
+
+def write_tokenizer(folder):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def nemotron_config():
+    return transformers.NemotronHConfig(
+        vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=48, mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=6, n_groups=2, chunk_size=8,
+        layer_norm_epsilon=1e-5, time_step_min=0.01, bos_token_id=256, eos_token_id=257, pad_token_id=0,
+        layers_block_type=["linear_attention", "full_attention", "mlp"])
+
+
+def perturbed(src, dst, scale, seed, frac=1.0):
+    """A copy of checkpoint folder src with a fraction `frac` of elements multiplied by 1 + scale * N(0, 1)."""
+    shutil.copytree(src, dst)
+    g = torch.Generator().manual_seed(seed)
+    sd = load_file(str(dst / "model.safetensors"))
+    for k, v in sd.items():
+        mask = (torch.rand(v.shape, generator=g) < frac).float()
+        sd[k] = v * (1 + mask * scale * torch.randn(v.shape, generator=g))
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module", params=["llama", "nemotron_h"])
+def family(request, tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = llama_config() if request.param == "llama" else nemotron_config()
+    root = tmp_path_factory.mktemp(request.param)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    base = root / "base"
+    hf.save_pretrained(base)
+    write_tokenizer(base)
+    mid = perturbed(base, root / "mid", 0.05, 1)
+    rl_20 = perturbed(mid, root / "step_20", 0.1, 2, frac=0.02)
+    rl_40 = perturbed(rl_20, root / "step_40", 0.1, 3, frac=0.02)
+    return request.param, root, base, mid, rl_20, rl_40
+
+
+def run_main(*argv):
+    return A.main([*map(str, argv), "--progress", "0"])
+
+
+def test_every_subcommand(family, capsys):
+    kind, root, base, mid, rl_20, rl_40 = family
+    out = root / "out"
+    r = run_main("weights", base, mid, "--out", out / "w")
+    assert 0.03 < r["total"]["rel_change"] < 0.08
+    assert r["total"]["unchanged"][1e-3] < 0.05  # (nearly) every element moved
+    assert (out / "w" / "weights_rel_change.png").stat().st_size > 1000
+    assert (out / "w" / "weights_changed.png").is_file()
+    lines = (out / "w" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["kind"] == "total"
+    expected = {"q", "k", "v", "o", "embed", "final_norm"}
+    expected |= ({"gate", "up", "down", "input_norm", "post_norm", "lm_head"} if kind == "llama" else
+                 {"A_log", "dt_bias", "D", "conv1d", "in_proj", "out_proj", "mamba_norm", "input_norm", "up", "down"})
+    assert expected <= set(r["components"]), set(r["components"])
+    assert "TOTAL" in capsys.readouterr().out
+
+    s = run_main("similarity", base, mid, mid, "--out", out / "s")
+    assert s["total"]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert (out / "s" / "similarity.png").is_file()
+
+    t = run_main("trajectory", mid, rl_40, rl_20, "--out", out / "t")
+    steps = [row["step"] for row in t["checkpoints"]]
+    changed = [1 - row["unchanged"][1e-2] for row in t["checkpoints"]]
+    assert steps == [20, 40] and 0.01 < changed[0] < changed[1] < 0.06
+    assert (out / "t" / "trajectory.png").is_file()
+
+    data = root / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"text": f"prompt number {i}: " + "abc " * i}) + "\n" for i in range(6)))
+    c = run_main("cka", mid, rl_40, "--data", data, "--bootstrap", 3, "--bootstrap-size", 4, "--out", out / "c")
+    n_layers = M.read_config(base).num_hidden_layers
+    assert len(c["layers"]) == n_layers
+    assert 0.5 < c["summary"]["min_cka"] <= 1.0 + 1e-9
+    assert (out / "c" / "features_a.pt").is_file() and (out / "c" / "cka.png").is_file()
+    stamp = (out / "c" / "features_b.pt").stat().st_mtime_ns
+    again = run_main("cka", mid, rl_40, "--data", data, "--bootstrap", 3, "--bootstrap-size", 4, "--out", out / "c")
+    assert again["layers"] == c["layers"] and (out / "c" / "features_b.pt").stat().st_mtime_ns == stamp  # cached
+    c_self = run_main("cka", mid, mid, "--data", data, "--bootstrap", 2, "--bootstrap-size", 4, "--out", out / "c2")
+    assert c_self["summary"]["min_cka"] == pytest.approx(1.0, abs=1e-9)
+
+    merged = out / "merged"
+    run_main("merge", base, mid, "--alpha", 0.25, "--out", merged)
+    m = M.load_model(str(merged), dtype=torch.float32)
+    a_model, b_model = M.load_model(str(base), dtype=torch.float32), M.load_model(str(mid), dtype=torch.float32)
+    for (name, w), wa, wb in zip(m.state_dict().items(), a_model.state_dict().values(), b_model.state_dict().values()):
+        torch.testing.assert_close(w, 0.25 * wa + 0.75 * wb, rtol=1e-6, atol=1e-6, msg=name)
+    assert (merged / "tokenizer.json").is_file()
+    assert M.load_tokenizer(str(merged)).vocab_size == 258
+
+
+def test_landscape(family):
+    pytest.importorskip("evaluate")
+    kind, root, base, mid, rl_20, rl_40 = family
+    if kind != "llama":
+        pytest.skip("one family is enough for the (slower) generation grid")
+    data = root / "problems.jsonl"
+    data.write_text(json.dumps({"problem": "What is 1 + 1?", "answer": "2"}) + "\n"
+                    + json.dumps({"problem": "What is 2 + 2?", "answer": "4"}) + "\n")
+    out = root / "out" / "land"
+    r = run_main("landscape", base, mid, rl_40, "--data", data, "--grid", 2, "--max-new-tokens", 3, "--out", out)
+    assert r["a"] == [0.0, 1.0] and len(r["pass_rate"]) == 2 and len(r["points"]) == 4
+    assert all(0.0 <= p["pass_rate"] <= 1.0 for p in r["points"])
+    assert (out / "landscape.png").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 4
