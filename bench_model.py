@@ -92,6 +92,40 @@ def bench(label, hf, ours, args, device, rows):
         print(rows[-1], flush=True)
 
 
+CHAT_QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "What is 17 * 23?",
+                  "Name three primary colors.", "Explain photosynthesis in two sentences.",
+                  "Write a Python function that reverses a string.", "Who wrote Hamlet?",
+                  "Give me a short tip for learning to cook."]
+
+
+def bench_chat(label, hf, ours, tok, args, device, rows):
+    """The evaluation/RL shape: chat prompts of different lengths, greedy, each row stops at EOS.
+    Tokens/s counts the tokens each row really produced (up to and including its stop token)."""
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in CHAT_QUESTIONS]
+    stop, new = tok.eos_ids, args.chat_new_tokens
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[stop[0]] * (width - len(p)) + p for p in prompts], device=device)
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long().to(device)
+    produced = []
+
+    def hf_generate():
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=stop,
+                              pad_token_id=stop[0])
+        rows = out[:, width:].tolist()
+        produced.append(sum(next((i + 1 for i, t in enumerate(r) if t in stop), len(r)) for r in rows))
+
+    def ours_generate():
+        produced.append(sum(len(s.tokens) for s in M.generate(ours, prompts, max_new_tokens=new, stop_ids=stop)))
+
+    t_hf, t_ours = timed_pair(hf_generate, ours_generate, args.repeats, device)
+    hf_tokens, ours_tokens = produced[0], produced[1]
+    assert hf_tokens == ours_tokens, (hf_tokens, ours_tokens)  # the same greedy answers on both sides
+    rows.append((label, f"chat b={len(prompts)}, greedy, stop at EOS, <= {new} new ({ours_tokens} produced)",
+                 hf_tokens / t_hf, ours_tokens / t_ours))
+    print(rows[-1], flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=["random100m", "smollm2"], default=None, help="run one of the two models")
@@ -103,6 +137,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per row")
     p.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8], help="generation batch sizes")
     p.add_argument("--repeats", type=int, default=4, help="timed repetitions (median reported)")
+    p.add_argument("--chat-new-tokens", type=int, default=256, help="SmolLM2 chat workload: new tokens at most")
     p.add_argument("--compile", action="store_true", help="torch.compile model.py's decode step")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
@@ -119,6 +154,7 @@ def main():
         if args.only in (None, "smollm2"):
             hf, ours, label = build_pair("SmolLM2", str(M.resolve_model_path(M.DEFAULT_MODEL)), dtype, args.device)
             bench(label, hf, ours, args, args.device, rows)
+            bench_chat(label, hf, ours, M.load_tokenizer(M.DEFAULT_MODEL), args, args.device, rows)
 
     hardware = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"\n{hardware}, {args.dtype}, torch {torch.__version__}, {date.today()}\n")

@@ -38,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import mamba
+from kernels.attention import attention as kernel_attention
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the built-in default: SmolLM2-135M-Instruct (see resolve_model_path)
 DENSE_MODEL_TYPES = ("llama", "mistral", "granite", "qwen2", "qwen3")
@@ -503,8 +504,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)  # x * rsqrt(mean(x^2) + eps), in fp32
         if self.weight_fp32:
             return (self.weight.float() * x).to(dtype)
         return self.weight * x.to(dtype)
@@ -546,34 +546,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attention(q, k, v, *, scale: float, window: int | None = None, doc_ids=None) -> torch.Tensor:
-    """Causal self-attention over one block of tokens: the single place a kernel can replace.
+    """Causal self-attention over one block of tokens; every layer's attention goes through here.
 
     q (B, Hq, T, D), k and v (B, Hkv, T, D) with Hq a multiple of Hkv; doc_ids (B, T) or None.
     Query i attends key j when j <= i, both are in the same document, and i - j < window.
-    Padding (negative ids) only attends padding with the same id, so no row is empty (no NaNs).
+    kernels/attention.py runs its Triton flash-attention kernel on CUDA and torch SDPA elsewhere
+    (PRISM_ATTENTION=sdpa forces SDPA); padding (negative ids) attends only padding of the same id.
     """
-    if doc_ids is None and window is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    T = q.shape[2]
-    idx = torch.arange(T, device=q.device)
-    allowed = idx[None, :] <= idx[:, None]  # (T, T)
-    if window is not None:
-        allowed = allowed & (idx[:, None] - idx[None, :] < window)
-    if doc_ids is not None:
-        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T)
-        allowed = allowed[:, None]  # (B, 1, T, T)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
+    return kernel_attention(q, k, v, causal=True, scale=scale, window=window, doc_ids=doc_ids)
 
 
-def cached_attention(q, k, v, allowed, *, scale: float) -> torch.Tensor:
-    """Attention of new queries against a KV cache. q (B, Hq, T, D); k, v (B, Hkv, S, D); allowed (B, T, S)."""
+def cached_attention(q, k, v, mask, *, scale: float) -> torch.Tensor:
+    """Attention of new queries against a KV cache. q (B, Hq, T, D); k, v (B, Hkv, S, D);
+    mask (B, 1, T, S) additive (Context.cached_mask)."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     if T == 1:  # decode: fold the query heads of each KV group into the query axis, no K/V repeat
         q = q.view(B, Hkv, Hq // Hkv, D)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return out.view(B, Hq, 1, D)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 @dataclass
@@ -656,8 +648,11 @@ class DecoderLayer(nn.Module):
         return self.self_attn.allocate_cache(batch, max_len, device, dtype)
 
     def forward(self, x: torch.Tensor, ctx: "Context", cache=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx, cache) * self.residual_multiplier
-        return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_multiplier
+        scale = self.residual_multiplier
+        h = self.self_attn(self.input_layernorm(x), ctx, cache)
+        x = x + (h if scale == 1.0 else h * scale)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + (h if scale == 1.0 else h * scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -915,14 +910,15 @@ class DecodeCache:
 class Context:
     """What every layer needs for one forward call: RoPE tables, document ids, cache masks."""
 
-    def __init__(self, cos, sin, doc_ids, cache: DecodeCache | None):
+    def __init__(self, cos, sin, doc_ids, cache: DecodeCache | None, dtype: torch.dtype):
         self.cos, self.sin, self.doc_ids = cos, sin, doc_ids  # (B, T, D), (B, T, D), (B, T) or None
-        self.cache = cache
+        self.cache, self.dtype = cache, dtype
         self.cache_start = 0 if cache is None else cache.length
         self._masks = {}
 
     def cached_mask(self, window: int | None) -> torch.Tensor:
-        """(B, T, S) bool: new token i (slot start + i) may see slot j of the same document, j <= its slot."""
+        """(B, 1, T, S) additive mask, 0 where new token i (slot start + i) may see slot j (same document,
+        j <= its slot, within the window) and -inf elsewhere; built once per forward, shared by the layers."""
         if window not in self._masks:
             T = self.doc_ids.shape[1]
             end = self.cache_start + T
@@ -932,7 +928,8 @@ class Context:
                 self.cache.doc_ids[:, None, :end] == self.doc_ids[:, :, None])
             if window is not None:
                 allowed = allowed & (q_slot[:, None] - k_slot[None, :] < window)
-            self._masks[window] = allowed
+            bias = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
+            self._masks[window] = bias.masked_fill_(~allowed, -math.inf)[:, None]
         return self._masks[window]
 
 
@@ -997,7 +994,7 @@ class CausalLM(nn.Module):
             freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
             emb = torch.cat((freqs, freqs), dim=-1)
             cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        ctx = Context(cos, sin, doc_ids, cache)
+        ctx = Context(cos, sin, doc_ids, cache, x.dtype)
         if cache is not None:
             cache.doc_ids[:, cache.length:cache.length + T] = doc_ids
         for i, layer in enumerate(self.model.layers):
