@@ -130,6 +130,20 @@ def _rope_settings(raw: dict, source: str) -> tuple[float, dict | None]:
     return float(theta), merged
 
 
+def _granite_multipliers(raw: dict, source: str, attention_default) -> dict:
+    """Granite's four scalars (ModelConfig fields); other families keep the dataclass defaults."""
+    return dict(
+        embedding_multiplier=_get(raw, "embedding_multiplier", source, kind=float, default=1.0),
+        attention_scale=_get(raw, "attention_multiplier", source, kind=float, default=attention_default),
+        residual_multiplier=_get(raw, "residual_multiplier", source, kind=float, default=1.0),
+        logits_scaling=_get(raw, "logits_scaling", source, kind=float, default=1.0))
+
+
+def _eos_ids(raw: dict) -> list:
+    eos = raw.get("eos_token_id")
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
 def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
     """Build a ModelConfig from a Hugging Face config.json dict, checking every field it uses."""
     model_type = raw.get("model_type")
@@ -180,7 +194,6 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
 
     attention_bias = _get(raw, "attention_bias", source, kind=bool, default=False)
     granite = model_type == "granite"
-    eos = raw.get("eos_token_id")
     return ModelConfig(
         model_type=model_type,
         vocab_size=_get(raw, "vocab_size", source, minimum=1),
@@ -200,12 +213,9 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         mlp_bias=_get(raw, "mlp_bias", source, kind=bool, default=False),
         qk_norm=model_type == "qwen3",
         sliding_windows=windows,
-        embedding_multiplier=_get(raw, "embedding_multiplier", source, kind=float, default=1.0) if granite else 1.0,
-        attention_scale=_get(raw, "attention_multiplier", source, kind=float, default=None) if granite else None,
-        residual_multiplier=_get(raw, "residual_multiplier", source, kind=float, default=1.0) if granite else 1.0,
-        logits_scaling=_get(raw, "logits_scaling", source, kind=float, default=1.0) if granite else 1.0,
+        **(_granite_multipliers(raw, source, attention_default=None) if granite else {}),
         bos_token_id=raw.get("bos_token_id"),
-        eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        eos_token_ids=_eos_ids(raw),
         hf=raw,
     )
 
@@ -451,7 +461,6 @@ def hybrid_config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig
     if granite and moe is not None:
         intermediate = moe["intermediate_size"]
 
-    eos = raw.get("eos_token_id")
     eps_field = "rms_norm_eps" if granite else "layer_norm_epsilon"
     return ModelConfig(
         model_type=model_type,
@@ -472,10 +481,7 @@ def hybrid_config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig
         mlp_bias=_get(raw, "mlp_bias", source, kind=bool, default=False) if model_type == "nemotron_h" else False,
         qk_norm=False,
         sliding_windows=[None] * len(kinds),
-        embedding_multiplier=_get(raw, "embedding_multiplier", source, kind=float, default=1.0) if granite else 1.0,
-        attention_scale=_get(raw, "attention_multiplier", source, kind=float, default=1.0) if granite else None,
-        residual_multiplier=_get(raw, "residual_multiplier", source, kind=float, default=1.0) if granite else 1.0,
-        logits_scaling=_get(raw, "logits_scaling", source, kind=float, default=1.0) if granite else 1.0,
+        **(_granite_multipliers(raw, source, attention_default=1.0) if granite else {}),
         layer_types=kinds,
         use_rope=use_rope,
         mamba=_mamba_settings(raw, source, model_type, hidden) if "mamba" in kinds else None,
@@ -486,7 +492,7 @@ def hybrid_config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig
         else False,
         norm_weight_fp32=model_type == "nemotron_h",
         bos_token_id=raw.get("bos_token_id"),
-        eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        eos_token_ids=_eos_ids(raw),
         hf=raw,
     )
 
@@ -1042,22 +1048,32 @@ def _download(repo_id: str) -> Path:
     return Path(snapshot_download(repo_id, allow_patterns=patterns))
 
 
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
 def read_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (every model folder needs a config.json)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return config_from_hf(raw, str(path))
+    return config_from_hf(_read_json(path), str(path))
 
 
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the shards named by the index, or model.safetensors."""
     index = folder / WEIGHT_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: field 'weight_map' is missing or not an object")
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
@@ -1183,11 +1199,10 @@ def save_model(model: CausalLM, out_dir, tokenizer_from=None, *, state_dict: dic
             save_file(shard, str(tmp / name), metadata={"format": "pt"})
             weight_map.update({k: name for k in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (tmp / WEIGHT_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                   indent=2))
+        _write_json(tmp / WEIGHT_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     hf = dict(cfg.hf)
     hf["dtype"] = hf["torch_dtype"] = str(dtype).removeprefix("torch.")  # transformers 5 reads dtype, older torch_dtype
-    (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+    _write_json(tmp / "config.json", hf)
     if tokenizer_from is not None:
         source = resolve_model_path(str(tokenizer_from))
         for name in TOKENIZER_FILES:
@@ -1404,12 +1419,6 @@ def _gguf_tokenizer_config(reader, path, cfg):
     if template is not None:
         out["chat_template"] = template
     return {k: v for k, v in out.items() if v is not None}
-
-
-def _write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
 
 
 def _gguf_stamp(gguf_path):
@@ -1737,14 +1746,6 @@ class Tokenizer:
         if self._bytes_to_id is None:
             self._bytes_to_id = {b: i for i, b in enumerate(self._id_bytes) if b is not None}
         return self._bytes_to_id.get(token.encode("utf-8"))
-
-
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def _json_field(d, path, field, kind, default=KeyError):

@@ -17,12 +17,7 @@ transformers.logging.set_verbosity_error()
 VOCAB = 260  # 256 byte tokens + 2 specials fit
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llama_config(**kw):
