@@ -63,7 +63,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -912,15 +912,6 @@ def run(cfg: Config, command: str, paths: list) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Command line
 
-def _field_comments() -> dict:
-    try:
-        src = Path(__file__).read_text(encoding="utf-8")
-    except OSError:
-        return {}
-    block = src.split("class Config:", 1)[1].split("\n\n", 1)[0]
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", block, re.M)}
-
-
 def parse_args(argv=None) -> tuple:
     p = argparse.ArgumentParser(
         description="Weight-change statistics, update similarity, CKA, landscape and merges of HF checkpoints.",
@@ -928,37 +919,15 @@ def parse_args(argv=None) -> tuple:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=list(COMMANDS), help="what to compute (see below)")
     p.add_argument("checkpoints", nargs="+", help="model folders or hub ids, as the command needs")
-    p.add_argument("--config", help="a TOML file of Config fields (flags override it)")
-    comments = _field_comments()
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), metavar="BOOL", default=None,
-                           help=f"{comments.get(f.name, '')} (default {f.default})")
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            p.add_argument(flag, type=kind, default=None, help=f"{comments.get(f.name, '')} (default {f.default!r})")
-    args = p.parse_args(argv)
-    values = {}
-    if args.config:
-        import tomllib
-        try:
-            with open(args.config, "rb") as fh:
-                values = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            p.error(f"--config {args.config}: {e}")
-        unknown = set(values) - {f.name for f in fields(Config)}
-        if unknown:
-            p.error(f"--config {args.config}: unknown fields {sorted(unknown)}")
-    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "command", "checkpoints")})
+    cfg, args = M.parse_config(Config, argv, parser=p)
     need = COMMANDS[args.command][0]
     n = len(args.checkpoints)
     if (need is None and n < 2) or (need is not None and n != need):
         p.error(f"{args.command} takes {COMMANDS[args.command][1].split(':')[0]} "
                 f"({'2 or more' if need is None else need} checkpoints), got {n}")
-    if args.command in ("cka", "landscape") and not values.get("data"):
+    if args.command in ("cka", "landscape") and not cfg.data:
         p.error(f"{args.command} needs --data")
-    return Config(**values), args.command, args.checkpoints
+    return cfg, args.command, args.checkpoints
 
 
 def main(argv=None):

@@ -44,7 +44,7 @@ import tempfile
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -1308,49 +1308,9 @@ def evaluate(cfg: Config, model=None, tokenizer=None) -> dict:
 
 
 def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description="Evaluate a model on the PRISM reasoning benchmarks "
-                                            "(and GSM8K, HumanEval).")
-    p.add_argument("--config", help="a TOML file of Config fields (flags override it)")
-    comments = _field_comments()
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, type=_bool_flag, metavar="BOOL",
-                           default=None, help=comments.get(f.name, ""))
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            p.add_argument(flag, type=kind, default=None, help=f"{comments.get(f.name, '')} (default {f.default!r})")
-    args = p.parse_args(argv)
-    values = {}
-    if args.config:
-        import tomllib
-        try:
-            with open(args.config, "rb") as fh:
-                values = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            p.error(f"--config {args.config}: {e}")
-        unknown = set(values) - {f.name for f in fields(Config)}
-        if unknown:
-            p.error(f"--config {args.config}: unknown fields {sorted(unknown)}")
-    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
-    return Config(**values)
-
-
-def _bool_flag(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _field_comments() -> dict:
-    try:
-        src = Path(__file__).read_text(encoding="utf-8")
-    except OSError:
-        return {}
-    block = src.split("class Config:", 1)[1].split("\n\n", 1)[0]
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", block, re.M)}
+    import model as M
+    p = argparse.ArgumentParser(description="Evaluate a model on the PRISM reasoning benchmarks (and GSM8K, HumanEval).")
+    return M.parse_config(Config, argv, parser=p)[0]
 
 
 def main(argv=None):

@@ -2286,6 +2286,57 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="generate", unit="tok", disable=not enabled)
 
 
+# ----------------------------------------------------------------------------------------------
+# Script configs: every script keeps its settings in one @dataclass whose fields become flags.
+
+
+def parse_config(cls, argv=None, *, parser=None):
+    """Flags from the dataclass `cls` (one per field, `--max-new-tokens`; help from the field's comment),
+    plus `--config file.toml` whose fields the flags override. Returns (cls(...), argparse namespace);
+    pass your own `parser` to add positional arguments first. Bools take true/false."""
+    import argparse
+    import inspect
+    import tomllib
+    from dataclasses import fields
+    p = parser or argparse.ArgumentParser(description=(cls.__doc__ or "").strip() or None)
+    p.add_argument("--config", help=f"a TOML file of {cls.__name__} fields (flags override it)")
+    try:
+        block = inspect.getsource(cls)
+    except (OSError, TypeError):
+        block = ""
+    comments = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", block, re.M)}
+    names = set()
+    for f in fields(cls):
+        names.add(f.name)
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        convert = {"bool": _bool_flag, "int": int, "float": float}.get(kind, str)
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=convert, default=None,
+                       metavar="BOOL" if kind == "bool" else None,
+                       help=f"{comments.get(f.name, '')} (default {f.default!r})")
+    args = p.parse_args(argv)
+    values = {}
+    if args.config:
+        try:
+            with open(args.config, "rb") as fh:
+                values = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            p.error(f"--config {args.config}: {e}")
+        unknown = set(values) - names
+        if unknown:
+            p.error(f"--config {args.config}: unknown fields {sorted(unknown)}; expected some of {sorted(names)}")
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    return cls(**values), args
+
+
+def _bool_flag(text: str) -> bool:
+    import argparse
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def main():
     import argparse
     import time
