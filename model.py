@@ -34,6 +34,7 @@ import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -1014,9 +1015,39 @@ class CausalLM(nn.Module):
         # hidden is fp32 when the residual stream is (mamba2's residual_in_fp32) while lm_head may be bf16
         return self.lm_head(hidden.to(self.lm_head.weight.dtype)) / self.config.logits_scaling
 
-    def forward(self, input_ids, doc_ids=None, cache: DecodeCache | None = None) -> torch.Tensor:
-        """(B, T) token ids [, (B, T) document ids] -> (B, T, vocab) logits."""
-        return self.logits(self.hidden_states(input_ids, doc_ids, cache))
+    def forward(self, input_ids, doc_ids=None, cache: DecodeCache | None = None, *, labels=None,
+                temperature: float = 1.0, return_entropy: bool = False, chunk_tokens: int = 2048):
+        """(B, T) token ids [, (B, T) document ids] -> (B, T, vocab) logits.
+
+        With `labels` (B, T) (negative = ignored) it returns instead the log-probability of each label
+        under softmax(logits / temperature), (B, T) fp32, 0 where ignored [, and the entropy (B, T)].
+        Computed over chunks of `chunk_tokens` tokens, each recomputed in backward, so no (B, T, vocab)
+        tensor is ever held (at 8k x 128k vocab it would be 4 GB). Training goes through forward, not
+        hidden_states, so that FSDP's hooks gather the parameters."""
+        hidden = self.hidden_states(input_ids, doc_ids, cache)
+        if labels is None:
+            return self.logits(hidden)
+        B, T, H = hidden.shape
+        hidden, labels = hidden.reshape(B * T, H), labels.reshape(B * T)
+        logp, ent = [], []
+        for start in range(0, B * T, chunk_tokens):
+            h, y = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens]
+            if torch.is_grad_enabled() and h.requires_grad:
+                lp, en = torch.utils.checkpoint.checkpoint(self._label_logprobs, h, y, temperature,
+                                                           return_entropy, use_reentrant=False)
+            else:
+                lp, en = self._label_logprobs(h, y, temperature, return_entropy)
+            logp.append(lp)
+            ent.append(en)
+        logp = torch.cat(logp).view(B, T)
+        return (logp, torch.cat(ent).view(B, T)) if return_entropy else logp
+
+    def _label_logprobs(self, hidden, labels, temperature, return_entropy):
+        """(N, H) hidden, (N,) labels -> (N,) log p(label) fp32 (0 where label < 0), (N,) entropy or empty."""
+        logp = torch.log_softmax(self.logits(hidden).float() / temperature, dim=-1)  # (N, V)
+        picked = logp.gather(1, labels.clamp(min=0)[:, None])[:, 0].masked_fill(labels < 0, 0.0)
+        entropy = -(logp.exp() * logp).sum(-1) if return_entropy else logp.new_empty(0)
+        return picked, entropy
 
 
 # ----------------------------------------------------------------------------------------------
