@@ -16,8 +16,9 @@ Public:
   Mamba2Mixer(hidden_size=..., ...)              parameter names match Hugging Face's Mamba2 / Nemotron-H /
                                                   GraniteMoeHybrid mixers, so state dicts load 1:1
 
-On CUDA, `kernels/ssd.py` (Triton) is meant to replace `ssd_scan` behind the same signature; the mixer
-looks the function up at call time (`mamba.ssd_scan`), so assigning it swaps the implementation.
+The mixer runs `kernels/ssd.py`'s Triton scan and decode step when `kernels.ssd.use_triton` says so (CUDA
+tensors; PRISM_SSD=auto|triton|torch forces a path) and this file's `ssd_scan` otherwise; the latter is
+looked up at call time (`mamba.ssd_scan`), so assigning it swaps the PyTorch implementation.
 """
 
 import math
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kernels import ssd as ssd_kernels  # Triton SSD; imports without triton (then the PyTorch path runs)
 
 INF = float("inf")
 
@@ -468,7 +471,8 @@ class Mamba2Mixer(nn.Module):
         x, B, C = xBC_act.split([self.d_inner, g * n, g * n], dim=-1)
         dt = self._delta(dt, real)  # (B, T, h) Δ, zero on padding
         A = -torch.exp(self.A_log.float())  # (h,)
-        out = ssd_scan(  # looked up at call time: kernels/ssd.py may replace it
+        scan = ssd_kernels.ssd_scan if ssd_kernels.use_triton(xBC) else ssd_scan  # ssd_scan: looked up now
+        out = scan(
             x.reshape(Bsz, T, h, p),
             dt,
             A,
@@ -507,10 +511,14 @@ class Mamba2Mixer(nn.Module):
         C = C.view(Bsz, g, n)
         dt = self._delta(dt, real).view(Bsz, g, r, 1, 1)  # Δ, zero on padding: the state passes unchanged
         A = -torch.exp(self.A_log.float()).view(g, r, 1, 1)
-        h_prev = cache.ssm_state.float().view(Bsz, g, r, p, n)
-        h_new = torch.exp(dt * A) * h_prev + dt * x.unsqueeze(-1) * B  # (B, g, r, p, n)
-        y = torch.einsum("bgrpn,bgn->bgrp", h_new, C) + self.D.float().view(g, r, 1) * x  # (B, g, r, p)
-        cache.ssm_state.copy_(h_new.view(Bsz, h, p, n))
+        if ssd_kernels.use_triton(xBC):  # the same update by the Triton step kernel, in place on the state
+            y = ssd_kernels.ssd_step(cache.ssm_state, x.view(Bsz, h, p), dt.view(Bsz, h), A.view(h),
+                                     B.view(Bsz, g, n), C, D=self.D)  # (B, h, p)
+        else:
+            h_prev = cache.ssm_state.float().view(Bsz, g, r, p, n)
+            h_new = torch.exp(dt * A) * h_prev + dt * x.unsqueeze(-1) * B  # (B, g, r, p, n)
+            y = torch.einsum("bgrpn,bgn->bgrp", h_new, C) + self.D.float().view(g, r, 1) * x  # (B, g, r, p)
+            cache.ssm_state.copy_(h_new.view(Bsz, h, p, n))
         new_conv = window[..., 1:]  # (B, conv_dim, K-1)
         if real is not None:
             new_conv = torch.where(real.view(Bsz, 1, 1), new_conv, cache.conv_state)

@@ -9,6 +9,16 @@ SDPA's flash and cuDNN backends in the same run. TFLOP/s counts 4*b*s^2*h*d for 
 (halved when causal) and 2.5x that for the backward; the backward time is (forward + backward) -
 forward. Before timing it runs the correctness checks of tests/test_attention.py in bf16 (the CPU
 interpreter cannot check bf16): kernel error vs fp64 <= 2 x (torch SDPA bf16 error vs fp64) + floor.
+
+SSD (kernels/ssd.py): bf16 correctness of y, the final state and every gradient (kernel error vs an fp32
+mamba.ssd_scan of the same bf16 inputs <= 2 x that of mamba.ssd_scan run on the bf16 tensors + floor,
+relative to the largest reference value; determinism of the backward), then forward and forward+backward
+times at Nemotron-H-8B's Mamba2 shapes (128 heads x head dim 64, 8 groups, state 128, chunk 128; softplus
+Δ with dt_bias, D) for 16k..64k tokens per batch at --ssd-seqlen, against mamba.ssd_scan eager and
+torch.compile'd and mamba_ssm's mamba_chunk_scan_combined when it imports. GB/s counts the unavoidable
+traffic (read x, dt, B, C, write y; the backward also reads dy and writes dx, ddt, dB, dC); TFLOP/s counts
+the chunked algorithm's matmuls once (C.B per group, the causal half of the chunk-local product, chunk
+states and state outputs: 2*T*(g*Q*n + h*Q*p/2 + 2*h*p*n)), the backward as 2x the forward.
 """
 
 import argparse
@@ -31,6 +41,9 @@ class Config:
     group: int = 8  # query heads per KV head
     skip_checks: bool = False  # skip the bf16 correctness checks
     bf16_floor: float = 5e-3  # absolute floor of the 2x rule in bf16
+    only: str = "all"  # which section: all, attention or ssd
+    ssd_tokens: str = "16384,32768,65536"  # SSD: comma-separated tokens per batch
+    ssd_seqlen: int = 8192  # SSD: sequence length (batch = tokens // seqlen)
 
 
 def parse_args():
@@ -204,8 +217,152 @@ def fmt(x):
     return "n/a" if x is None else f"{x:.0f}"
 
 
+# ----------------------------------------------------------------------------------------------
+# SSD: bf16 correctness, then timing at Nemotron-H-8B's Mamba2 shapes
+# ----------------------------------------------------------------------------------------------
+
+NEMOTRON_H_8B = dict(h=128, p=64, g=8, n=128, chunk=128)  # mamba_num_heads, mamba_head_dim, n_groups, state
+SSD_CHECKS = [  # name, b, l, h, p, g, n, chunk, D kind, document cut points or None, initial state
+    ("nemotron 8b shapes, l not /128", 1, 1000, 128, 64, 8, 128, 128, "h", None, False),
+    ("docs + h0, g=1, D (h, p)", 2, 777, 8, 64, 1, 64, 64, "hp", (100, 256, 500), True),
+    ("chunk 256, p 80, n 16, no D", 1, 600, 4, 80, 2, 16, 256, None, None, True),
+]
+
+
+def ssd_inputs(b, l, h, p, g, n, D_kind, device, seed=0):
+    """fp32 random inputs of mamba_chunk_scan_combined's conventions (dt raw, softplus'd with dt_bias)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device=device, generator=gen)  # noqa: E731
+    return dict(x=r(b, l, h, p), dt=r(b, l, h) - 2.0, A=-torch.exp(r(h)), B=r(b, l, g, n), C=r(b, l, g, n),
+                D={"h": r(h), "hp": r(h, p), None: None}[D_kind], dt_bias=r(h) * 0.5, h0=r(b, h, p, n),
+                dy=r(b, l, h, p), dfinal=r(b, h, p, n))
+
+
+def _ssd_grads(fn, v, chunk, seq_idx, use_h0):
+    names = ["x", "dt", "A", "B", "C", "D", "dt_bias"] + (["h0"] if use_h0 else [])
+    leaves = {k: v[k].detach().clone().requires_grad_() for k in names if v[k] is not None}
+    y, final = fn(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk_size=chunk,
+                  D=leaves.get("D"), dt_bias=leaves["dt_bias"], dt_softplus=True, initial_states=leaves.get("h0"),
+                  seq_idx=seq_idx, return_final_states=True)
+    loss = (y.float() * v["dy"].float()).sum() + (final.float() * v["dfinal"].float()).sum()
+    return [y.detach(), final.detach(), *torch.autograd.grad(loss, list(leaves.values()))]
+
+
+def ssd_correctness(cfg):
+    import mamba
+    from kernels import ssd as S
+
+    os.environ["PRISM_SSD"] = "triton"
+    cols = ("y", "final", "dx", "ddt", "dA", "dB", "dC", "dD", "ddt_bias", "dh0")
+    print("| check | relative error, kernel (mamba.ssd_scan on bf16) | ok |")
+    print("|---|---|---|")
+    failed = []
+    for name, b, l, h, p, g, n, chunk, D_kind, cuts, use_h0 in SSD_CHECKS:
+        v = ssd_inputs(b, l, h, p, g, n, D_kind, DEVICE)
+        seq_idx = None
+        if cuts is not None:
+            pos = torch.arange(l, device=DEVICE)
+            seq_idx = sum((pos >= c).long() for c in cuts)[None].repeat(b, 1)
+        bf = {k: (t.bfloat16() if t is not None and k not in ("A", "dt_bias") else t) for k, t in v.items()}
+        exact = _ssd_grads(mamba.ssd_scan, {k: (t.float() if t is not None else None) for k, t in bf.items()},
+                           chunk, seq_idx, use_h0)
+        torch_bf16 = _ssd_grads(mamba.ssd_scan, bf, chunk, seq_idx, use_h0)
+        kernel = _ssd_grads(S.ssd_scan, bf, chunk, seq_idx, use_h0)
+        again = _ssd_grads(S.ssd_scan, bf, chunk, seq_idx, use_h0)
+        cells, ok = [], all(torch.equal(a, b_) for a, b_ in zip(kernel, again))  # deterministic backward
+        used = [c for c in cols if not (c == "dD" and D_kind is None) and not (c == "dh0" and not use_h0)]
+        for col, ker, ref, ex in zip(used, kernel, torch_bf16, exact):
+            scale = ex.double().abs().max().item() + 1e-12
+            err = (ker.double() - ex.double()).abs().max().item() / scale
+            err_t = (ref.double() - ex.double()).abs().max().item() / scale
+            ok &= bool(torch.isfinite(ker).all()) and err <= 2 * err_t + cfg.bf16_floor
+            cells.append(f"{col} {err:.1e} ({err_t:.1e})")
+        print(f"| {name} | " + ", ".join(cells) + f" | {'yes' if ok else 'NO'} |")
+        if not ok:
+            failed.append(name)
+        del exact, torch_bf16, kernel, again
+        torch.cuda.empty_cache()
+    os.environ.pop("PRISM_SSD")
+    return failed
+
+
+def _ssd_impls():
+    import mamba
+    from kernels import ssd as S
+
+    impls = {"ours (Triton)": S.ssd_scan, "mamba.ssd_scan eager": mamba.ssd_scan,
+             "mamba.ssd_scan compiled": torch.compile(mamba.ssd_scan, dynamic=False)}
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        impls["mamba_ssm combined"] = mamba_chunk_scan_combined
+    except ImportError as e:
+        print(f"  (mamba_ssm not importable: {e})", file=sys.stderr)
+    return impls
+
+
+def ssd_timing(cfg):
+    """Rows (tokens, batch, impl, fwd ms, fwd+bwd ms, GB/s fwd, GB/s fwd+bwd, TFLOP/s fwd, TFLOP/s fwd+bwd)."""
+    s = NEMOTRON_H_8B
+    h, p, g, n, Q = s["h"], s["p"], s["g"], s["n"], s["chunk"]
+    os.environ["PRISM_SSD"] = "triton"
+    rows = []
+    for tokens in [int(t) for t in cfg.ssd_tokens.split(",")]:
+        L = min(cfg.ssd_seqlen, tokens)
+        b = max(1, tokens // L)
+        T = b * L
+        v = ssd_inputs(b, L, h, p, g, n, "h", DEVICE)
+        bf = {k: (t.bfloat16() if k not in ("A", "dt_bias") else t) for k, t in v.items()}
+        leaves = [bf[k].requires_grad_() for k in ("x", "dt", "B", "C")] + [v["A"].requires_grad_()]
+        flops = 2 * T * (g * Q * n + h * Q * p / 2 + 2 * h * p * n)
+        io_fwd = 2 * (2 * T * h * p + T * h + 2 * T * g * n)  # bf16: x, y, dt, B, C
+        io_both = io_fwd + 2 * (2 * T * h * p + T * h + 2 * T * g * n)  # + dy, dx, ddt, dB, dC
+        for name, fn in _ssd_impls().items():
+            def fwd():
+                return fn(bf["x"], bf["dt"], v["A"], bf["B"], bf["C"], chunk_size=Q, D=v["D"], dt_bias=v["dt_bias"],
+                          dt_softplus=True)
+
+            def fwd_bwd():
+                torch.autograd.grad(fwd(), leaves, bf["dy"])
+            try:
+                with torch.no_grad():
+                    fwd()
+                    t_f = _time(fwd)
+                t_b = _time(fwd_bwd)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                print(f"  ({name} refused {tokens} tokens: {str(e).splitlines()[0][:100]})", file=sys.stderr)
+                rows.append((tokens, b, name) + (None,) * 6)
+                torch.cuda.empty_cache()
+                continue
+            rows.append((tokens, b, name, t_f, t_b, io_fwd / t_f / 1e6, io_both / t_b / 1e6,
+                         flops / t_f / 1e9, 3 * flops / t_b / 1e9))
+            print(f"tokens {tokens} {name}: fwd {t_f:.2f} ms, fwd+bwd {t_b:.2f} ms", file=sys.stderr)
+            torch.cuda.empty_cache()
+    os.environ.pop("PRISM_SSD")
+    return rows
+
+
+def ssd_section(cfg):
+    s = NEMOTRON_H_8B
+    print(f"## SSD scan (kernels/ssd.py) — Nemotron-H-8B shapes: {s['h']} heads x {s['p']}, {s['g']} groups, "
+          f"state {s['n']}, chunk {s['chunk']}\n")
+    if not cfg.skip_checks:
+        print("### bf16 correctness (relative max error vs fp32 reference; torch on bf16 in parentheses)\n")
+        failed = ssd_correctness(cfg)
+        print()
+        if failed:
+            print(f"**FAILED: {', '.join(failed)}**\n")
+    print(f"### bf16, seqlen {cfg.ssd_seqlen}, softplus Δ + dt_bias + D\n")
+    print("| tokens | batch | impl | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | fwd TFLOP/s | fwd+bwd TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    f = lambda x, d=2: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
+    for tokens, b, name, t_f, t_b, gf, gb, tf, tb in ssd_timing(cfg):
+        print(f"| {tokens} | {b} | {name} | {f(t_f)} | {f(t_b)} | {f(gf, 0)} | {f(gb, 0)} | {f(tf, 1)} | {f(tb, 1)} |")
+
+
 def main():
     cfg = parse_args()
+    if cfg.only not in ("all", "attention", "ssd"):
+        sys.exit(f"kernels/bench.py: --only must be all, attention or ssd; got {cfg.only!r}")
     if not torch.cuda.is_available():
         sys.exit("kernels/bench.py: needs a CUDA GPU (torch.cuda.is_available() is False); the CPU "
                  "checks are `python -m pytest tests/test_attention.py`")
@@ -216,7 +373,12 @@ def main():
     card = torch.cuda.get_device_name()
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
-    print(f"## Flash attention — {card}, {now}, torch {torch.__version__}, triton {triton.__version__}\n")
+    print(f"# {card}, {now}, torch {torch.__version__}, triton {triton.__version__}\n")
+    if cfg.only in ("all", "ssd"):
+        ssd_section(cfg)
+    if cfg.only == "ssd":
+        return
+    print("## Flash attention\n")
     if not cfg.skip_checks:
         print("### bf16 correctness (max abs error vs fp64; torch SDPA bf16 in parentheses)\n")
         failed = correctness(cfg)
