@@ -1039,8 +1039,8 @@ class CausalLM(nn.Module):
                 lp, en = self._label_logprobs(h, y, temperature, return_entropy)
             logp.append(lp)
             ent.append(en)
-        logp = torch.cat(logp).view(B, T)
-        return (logp, torch.cat(ent).view(B, T)) if return_entropy else logp
+        logp = torch.cat(logp).view(B, T).clone()  # not a view: FSDP hooks its output for backward
+        return (logp, torch.cat(ent).view(B, T).clone()) if return_entropy else logp
 
     def _label_logprobs(self, hidden, labels, temperature, return_entropy):
         """(N, H) hidden, (N,) labels -> (N,) log p(label) fp32 (0 where label < 0), (N,) entropy or empty."""
