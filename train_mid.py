@@ -634,6 +634,8 @@ class Checkpointer:
     def __init__(self, out_dir, d: Dist, *, keep: int = 2, async_save: bool = False):
         self.dir, self.dist, self.keep, self.async_save = Path(out_dir) / "checkpoints", d, keep, async_save
         self._pending = None  # (future, tmp, final, extra) of an async save in flight
+        # background writes run their collectives on a group of their own, never interleaved with training's
+        self._async_group = dist.new_group(backend="gloo") if async_save else None
 
     def latest(self):
         done = sorted(p for p in self.dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
@@ -654,7 +656,7 @@ class Checkpointer:
         state = {"model": msd, "optim": osd}
         torch.save(_rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
         if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(tmp))
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
             self._pending = (future, tmp, final, extra)
         else:
             dcp.save(state, checkpoint_id=str(tmp))
