@@ -191,6 +191,20 @@ def test_prepare_chat_text_files_and_all_bad(tmp_path):
         T.prepare_source(T.Source("none", str(tmp_path / "missing*.jsonl"), 1.0), str(tok_dir), tmp_path / "c")
 
 
+def test_prepare_parquet_and_text_field(tmp_path):
+    tok_dir = _smollm2_or_skip()
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    tok = M.load_tokenizer(str(tok_dir))
+    pq.write_table(pa.table({"body": ["first doc", "second doc", None]}), tmp_path / "d.parquet")
+    src = T.Source("pq", str(tmp_path / "*.parquet"), 1.0, text_field="body")
+    folder = T.prepare_source(src, str(tok_dir), tmp_path / "c", heldout_frac=0, workers=1, progress=False)
+    index = json.loads((folder / "index.json").read_text())
+    assert index["skipped"]["missing_field"] == 1
+    assert np.fromfile(folder / "train_00000.bin", dtype=np.uint32).tolist() == \
+        tok.encode("first doc") + [tok.eos_id] + tok.encode("second doc") + [tok.eos_id]
+
+
 # ----------------------------------------------------------------------------------------------
 # loader
 
