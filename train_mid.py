@@ -48,6 +48,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import sys
 import time
@@ -562,26 +563,39 @@ def shard_model(model: nn.Module, mesh, *, param_dtype=torch.bfloat16, reduce_dt
         if compile:
             block.compile()
         if mesh is not None:
-            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1)
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=_reshard_after_forward(model, i))
         layers[i] = block
     if mesh is not None:
         fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
+def _reshard_after_forward(model: nn.Module, i: int) -> bool:
+    """shard_model's policy: blocks drop their gathered parameters after forward (backward gathers them again),
+    except the last block, whose backward comes right away. The root keeps its own (FSDP's rule)."""
+    return i < len(model.model.layers) - 1
+
+
 @contextlib.contextmanager
 def full_params(model: nn.Module):
-    """All FSDP parameters gathered (e.g. for generation, which calls blocks outside the root forward);
-    resharded on exit. A no-op for an unsharded model."""
+    """Every FSDP parameter gathered and kept gathered across forwards (generation runs each block once per new
+    token; resharding after each would all-gather the model per token); shard_model's policy restored and the
+    parameters resharded on exit. A no-op for an unsharded model."""
     from torch.distributed.fsdp import FSDPModule
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in modules:
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    blocks = [b for b in model.model.layers if isinstance(b, FSDPModule)]
+    for m in [model, *blocks]:
+        m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
     try:
         yield model
     finally:
-        for m in modules:
-            m.reshard()
+        for i, b in enumerate(blocks):
+            b.set_reshard_after_forward(_reshard_after_forward(model, i), recurse=False)
+            b.reshard()
+        model.reshard()
 
 
 def build_optimizer(model: nn.Module, *, lr: float, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.1):
@@ -1077,7 +1091,9 @@ def _train(cfg: Config, d: Dist) -> dict:
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": step * tokens_per_step,
                   "tokens_per_s": tps, "step_s": dt, "skipped_steps": skipped,
                   "mfu": tps * flops_per_token / (peak * d.world) if peak else None,
-                  "memory_gb": torch.cuda.max_memory_allocated(d.device) / 1e9 if d.device.type == "cuda" else None}
+                  "memory_gb": (torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda"  # peak; CPU: RSS
+                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9,
+                  **{f"mix/{s.name}": float(x) for s, x in zip(sources, realised / realised.sum())}}
         losses.append(loss)
         if step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0):
             after = run_eval(step)
@@ -1087,7 +1103,7 @@ def _train(cfg: Config, d: Dist) -> dict:
         if d.main and (step % cfg.log_every == 0 or step == total_steps):
             share = realised / realised.sum()
             mfu = f" mfu {record['mfu'] * 100:.1f}%" if record["mfu"] is not None else ""
-            mem = f" mem {record['memory_gb']:.1f}GB" if record["memory_gb"] is not None else ""
+            mem = f" mem {record['memory_gb']:.1f}GB"
             log(f"[train_mid] step {step}/{total_steps} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} "
                 f"{tps:,.0f} tok/s{mfu}{mem} mix " + " ".join(f"{s.name}={x:.2f}" for s, x in zip(sources, share)))
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
