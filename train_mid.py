@@ -186,9 +186,8 @@ def _source_files(source: Source) -> list:
     if source.path.startswith("hf://datasets/"):
         from huggingface_hub import HfApi, hf_hub_download
         import fnmatch
-        repo, _, pattern = source.path.removeprefix("hf://datasets/").partition("/")
-        owner, _, pattern = pattern.partition("/")
-        repo = f"{repo}/{owner}"
+        owner, name, pattern = (source.path.removeprefix("hf://datasets/").split("/", 2) + ["", ""])[:3]
+        repo = f"{owner}/{name}"
         names = [f for f in HfApi().list_repo_files(repo, repo_type="dataset") if fnmatch.fnmatch(f, pattern or "*")]
         if not names:
             raise DataError(f"sources.{source.name}.path: no file of dataset {repo} matches {pattern!r}")
@@ -1043,7 +1042,6 @@ def _train(cfg: Config, d: Dist) -> dict:
     if start_step == 0:
         run_eval(0)
     bad_in_row, skipped = 0, 0
-    realised = np.zeros(len(sources))
     losses = []
     step = start_step
     for step in range(start_step + 1, total_steps + 1):
@@ -1053,8 +1051,6 @@ def _train(cfg: Config, d: Dist) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         picks = loader.next_global(global_rows)
-        for s, _ in picks:
-            realised[s] += cfg.seq_len
         mine = picks[d.rank * rows_per_rank:(d.rank + 1) * rows_per_rank]
         micro = [loader.batch(mine[i * cfg.batch_size:(i + 1) * cfg.batch_size]) for i in range(cfg.grad_accum)]
         # normalise by the whole step's target tokens, so accumulation and sharding give the exact mean
@@ -1093,7 +1089,7 @@ def _train(cfg: Config, d: Dist) -> dict:
                   "mfu": tps * flops_per_token / (peak * d.world) if peak else None,
                   "memory_gb": (torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda"  # peak; CPU: RSS
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9,
-                  **{f"mix/{s.name}": float(x) for s, x in zip(sources, realised / realised.sum())}}
+                  **{f"mix/{s.name}": n / sum(loader.taken) for s, n in zip(sources, loader.taken)}}  # realised
         losses.append(loss)
         if step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0):
             after = run_eval(step)
@@ -1101,11 +1097,10 @@ def _train(cfg: Config, d: Dist) -> dict:
                 record.update({f"heldout/{k}": v for k, v in after.items()})
         metrics.write(record)
         if d.main and (step % cfg.log_every == 0 or step == total_steps):
-            share = realised / realised.sum()
             mfu = f" mfu {record['mfu'] * 100:.1f}%" if record["mfu"] is not None else ""
             mem = f" mem {record['memory_gb']:.1f}GB"
             log(f"[train_mid] step {step}/{total_steps} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} "
-                f"{tps:,.0f} tok/s{mfu}{mem} mix " + " ".join(f"{s.name}={x:.2f}" for s, x in zip(sources, share)))
+                f"{tps:,.0f} tok/s{mfu}{mem} mix " + " ".join(f"{s.name}={record['mix/' + s.name]:.2f}" for s in sources))
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             ckpt.save(step, model, optimizer, _extra(cfg, d, step, loader, mcfg, global_rows))
         if cfg.export_every and step % cfg.export_every == 0 and step < total_steps:
