@@ -69,7 +69,7 @@ class Config:
     model: str = "smollm2-135m-instruct"  # base model: folder, hub id, or the built-in default (model.DEFAULT_MODEL)
     data: str = ""  # mixture file (TOML or JSON); "" = the built-in demo mixture from installed packages
     out: str = "out/mid"  # run folder: metrics.jsonl, eval.jsonl, checkpoints/, hf/, loss.png
-    steps: int = 40  # optimizer steps (ignored when tokens > 0)
+    steps: int = 30  # optimizer steps (ignored when tokens > 0)
     tokens: float = 0.0  # token budget; sets steps = tokens / (global batch x seq_len). Paper: 27e9
     seq_len: int = 256  # tokens per sequence. Paper: 8192
     batch_size: int = 2  # sequences per rank per micro-step
@@ -85,13 +85,13 @@ class Config:
     weight_decay: float = 0.1  # AdamW weight decay (not on norms, biases or other 1-D tensors)
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     seed: int = 0  # data order and initialisation of anything random
-    save_every: int = 20  # steps between DCP checkpoints; 0 = only at the end
+    save_every: int = 15  # steps between DCP checkpoints; 0 = only at the end
     keep_checkpoints: int = 2  # complete checkpoints kept (older ones removed)
     async_save: bool = False  # write checkpoints in the background (torch.distributed.checkpoint.async_save)
     export_every: int = 0  # steps between extra HF exports to OUT/hf-stepN; 0 = only the final OUT/hf
     export_dtype: str = "auto"  # HF export dtype: auto (the base checkpoint's), bfloat16, float32
     resume: bool = False  # continue from the latest complete checkpoint in OUT/checkpoints
-    eval_every: int = 20  # steps between held-out evaluations (also before the first and after the last step)
+    eval_every: int = 15  # steps between held-out evaluations (also before the first and after the last step)
     eval_tokens: int = 2048  # held-out tokens per source per evaluation
     mesh: str = ""  # "" = shard over all ranks (FSDP); "RxS" = HSDP, R replicas x S-way shard (paper: 16x8)
     activation_checkpointing: str = "off"  # off | block (recompute every block) | selective (keep matmul outputs)
@@ -768,26 +768,45 @@ class MetricsLog:
                 fh.write(json.dumps(record) + "\n")
 
 
-def plot_metrics(metrics_path, png_path, keys: list, title: str):
-    """One panel per key, against step, from a metrics.jsonl; keys missing from the file are left out."""
+def _read_records(path) -> list:
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
+
+
+def plot_metrics(metrics_path, png_path, keys: list, title: str, *, overlay_path=None, overlay_title: str = ""):
+    """One panel per key against step from a metrics.jsonl (keys missing from it are left out), four panels per
+    row; with `overlay_path` (e.g. eval.jsonl) one more panel draws every series of that file together."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    records = []
-    for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            records.append(json.loads(line))
-    series = {}
+    records = _read_records(metrics_path)
+    panels = []
     for k in keys:
         pts = [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float)) and "step" in r]
         if pts:
-            series[k] = pts
-    if not series:
+            panels.append((k, {k: pts}))
+    if overlay_path is not None and Path(overlay_path).is_file():
+        extra = _read_records(overlay_path)
+        names = sorted({k for r in extra for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
+        if names:
+            panels.append((overlay_title, {k: [(r["step"], r[k]) for r in extra if isinstance(r.get(k), (int, float))]
+                                           for k in names}))
+    if not panels:
         return None
-    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.5), squeeze=False)
-    for ax, (k, pts) in zip(axes[0], series.items()):
-        ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
-        ax.set_title(k)
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (name, series) in zip(axes.flat, panels):
+        for label, pts in series.items():
+            ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None, label=label if len(series) > 1 else None)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+        ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
@@ -1112,14 +1131,15 @@ def _train(cfg: Config, d: Dist) -> dict:
     export_hf(model, out / "hf", d, base, _export_dtype(cfg, mcfg))
     summary = {"steps": total_steps, "losses": losses, "export": str(out / "hf"), "skipped_steps": skipped}
     if d.main:
-        records = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()] if heldout else []
+        records = _read_records(out / "eval.jsonl") if heldout else []
         if records:
             summary["heldout_before"], summary["heldout_after"] = records[0], records[-1]
             log("[train_mid] held-out loss, first -> last evaluation: " + ", ".join(
                 f"{k.removeprefix('heldout/')} {records[0][k]:.4f} -> {records[-1][k]:.4f}"
                 for k in records[0] if k.startswith("heldout/") and records[0][k] is not None))
-        png = plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "lr", "grad_norm", "tokens_per_s"]
-                           + [f"heldout/{k}" for k in heldout], f"mid-training {base.name}")
+        png = plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "lr", "grad_norm", "tokens_per_s"],
+                           f"mid-training {base.name} ({d.world} x {d.device.type}, {time.strftime('%Y-%m-%d')})",
+                           overlay_path=out / "eval.jsonl", overlay_title="held-out loss per source")
         log(f"[train_mid] wrote {out / 'hf'} (Hugging Face folder), {out / 'metrics.jsonl'}"
             + (f", {png}" if png else ""))
     return summary
