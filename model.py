@@ -1020,27 +1020,32 @@ class CausalLM(nn.Module):
         """(B, T) token ids [, (B, T) document ids] -> (B, T, vocab) logits.
 
         With `labels` (B, T) (negative = ignored) it returns instead the log-probability of each label
-        under softmax(logits / temperature), (B, T) fp32, 0 where ignored [, and the entropy (B, T)].
-        Computed over chunks of `chunk_tokens` tokens, each recomputed in backward, so no (B, T, vocab)
-        tensor is ever held (at 8k x 128k vocab it would be 4 GB). Training goes through forward, not
-        hidden_states, so that FSDP's hooks gather the parameters."""
+        under softmax(logits / temperature), (B, T) fp32 [, and the entropy (B, T)], both 0 where ignored.
+        Only labelled positions are projected, over chunks of `chunk_tokens` tokens recomputed in backward
+        (all but the last), so no (B, T, vocab) tensor is ever held (at 8k x 128k vocab it would be 4 GB).
+        Training goes through forward, not hidden_states, so that FSDP's hooks gather the parameters."""
         hidden = self.hidden_states(input_ids, doc_ids, cache)
         if labels is None:
             return self.logits(hidden)
-        B, T, H = hidden.shape
-        hidden, labels = hidden.reshape(B * T, H), labels.reshape(B * T)
+        rows, cols = (labels >= 0).nonzero(as_tuple=True)  # only labelled positions need the vocabulary (RL: not
+        h_all, y_all = hidden[rows, cols], labels[rows, cols]  # the prompt); (N, H), (N,)
+        N = len(y_all)
         logp, ent = [], []
-        for start in range(0, B * T, chunk_tokens):
-            h, y = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens]
-            if torch.is_grad_enabled() and h.requires_grad:
+        for start in range(0, N, chunk_tokens):
+            h, y = h_all[start:start + chunk_tokens], y_all[start:start + chunk_tokens]
+            # the last chunk's logits go straight to its backward: recomputing them would save no memory
+            if torch.is_grad_enabled() and h.requires_grad and start + chunk_tokens < N:
                 lp, en = torch.utils.checkpoint.checkpoint(self._label_logprobs, h, y, temperature,
                                                            return_entropy, use_reentrant=False)
             else:
                 lp, en = self._label_logprobs(h, y, temperature, return_entropy)
             logp.append(lp)
             ent.append(en)
-        logp = torch.cat(logp).view(B, T).clone()  # not a view: FSDP hooks its output for backward
-        return (logp, torch.cat(ent).view(B, T).clone()) if return_entropy else logp
+        zeros = hidden.new_zeros(labels.shape, dtype=torch.float32)  # (B, T); a new tensor, not a view (FSDP)
+        logp = zeros.index_put((rows, cols), torch.cat(logp)) if N else zeros + 0 * hidden.sum()
+        if not return_entropy:
+            return logp
+        return logp, (zeros.index_put((rows, cols), torch.cat(ent)) if N else zeros.clone())
 
     def _label_logprobs(self, hidden, labels, temperature, return_entropy):
         """(N, H) hidden, (N,) labels -> (N,) log p(label) fp32 (0 where label < 0), (N,) entropy or empty."""

@@ -32,8 +32,8 @@ The pipeline, top to bottom:
      --resume takes the latest complete one; the HF export goes to OUT/hf.
   6. metrics.jsonl (one record per step), eval.jsonl (held-out loss per source), loss.png.
 
-Public (train_rl.py builds on these): Dist, setup_distributed, build_mesh, shard_model, full_params,
-build_optimizer, lr_at, clip_grad_norm, Checkpointer, export_hf, MetricsLog, plot_metrics,
+Public (train_rl.py builds on these): Dist, setup_distributed, build_mesh, shard_model, full_params, reshard,
+resolve_param_dtype, build_optimizer, lr_at, clip_grad_norm, Checkpointer, export_hf, MetricsLog, plot_metrics,
 model_flops_per_token, peak_flops. Per-token log-probabilities for a loss: `model(ids, doc_ids, labels=...)`
 (model.py; chunked over the vocabulary, and through forward so FSDP gathers the parameters).
 """
@@ -597,6 +597,25 @@ def full_params(model: nn.Module):
         model.reshard()
 
 
+def reshard(model: nn.Module):
+    """Drop gathered parameters. FSDP2 leaves the root's (embeddings, final norm, lm_head) and the last block's
+    gathered after a forward without backward (evaluation); do this before anything that reads parameters
+    directly: the optimizer, a checkpoint, a soft update."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def resolve_param_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--param-dtype: auto = bf16 on GPU, fp32 on CPU (bf16 matmuls are slow there); or bfloat16 / float32."""
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
+             "float32": torch.float32}.get(name)
+    if dtype is None:
+        raise DataError(f"--param-dtype {name!r}: expected auto, bfloat16 or float32")
+    return dtype
+
+
 def build_optimizer(model: nn.Module, *, lr: float, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.1):
     """AdamW; no weight decay on 1-D tensors (norm weights, biases, Mamba A_log/D/dt_bias)."""
     decay, no_decay = [], []
@@ -960,6 +979,7 @@ def evaluate_heldout(model, windows: dict, d: Dist, batch_size: int) -> dict:
                 total[1] += (labels[:real] >= 0).sum()
         dist.all_reduce(total)
         out[name] = float(total[0] / total[1]) if total[1] > 0 else None
+    reshard(model)
     model.train()
     return out
 
@@ -998,10 +1018,7 @@ def _train(cfg: Config, d: Dist) -> dict:
 
     model = M.load_model(str(base), device="cpu", dtype=torch.float32)  # fp32 master weights, sharded below
     mcfg = model.config
-    param_dtype = {"auto": torch.bfloat16 if d.device.type == "cuda" else torch.float32,
-                   "bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.param_dtype)
-    if param_dtype is None:
-        raise DataError(f"--param-dtype {cfg.param_dtype!r}: expected auto, bfloat16 or float32")
+    param_dtype = resolve_param_dtype(cfg.param_dtype, d.device)
     mesh = build_mesh(d, cfg.mesh)
     shard_model(model, mesh, param_dtype=param_dtype, activation_checkpointing=cfg.activation_checkpointing,
                 compile=cfg.compile)

@@ -1,0 +1,959 @@
+"""GRPO from scratch: rollouts on the current weights, verifiable rewards, group advantages, a clipped
+policy-gradient loss with a KL penalty to a soft-updated reference, FSDP2 -- the paper's RL stage (sec. 9.1).
+
+    python train_rl.py                                    # the demo: SmolLM2-135M-Instruct on generated sums
+    torchrun --standalone --nproc_per_node=8 train_rl.py --config configs/rl_paper.toml \\
+        --model out/mid/hf --prompts rl_filtered.jsonl --out runs/rl
+    python train_rl.py filter --model out/mid/hf --prompts hub:deepscaler --filter-out rl_filtered.jsonl
+    python train_rl.py --out runs/rl --resume             # continue from the latest complete checkpoint
+
+One step, top to bottom:
+  1. Prompts: `prompts_per_step` problems {prompt, answer | choices | tests, domain} (math, science, code),
+     rendered as the tokenizer's chat template + a "<think>\\n" prefill (evaluate.py's `think` format).
+  2. Rollouts: G = `group_size` responses per prompt from model.generate on the current weights (gathered
+     from the FSDP shards), temperature / top-p, at most `max_new_tokens`; the sampler's log-probs are kept.
+  3. Rewards (evaluate.py's graders): correct answer + format bonus, 0 unless the response has the
+     `<think> ... </think> answer` form; minus penalties for a missing stop token and repeated n-grams.
+  4. Advantages: A_i = (r_i - mean(r)) / (std(r) + eta) within each group (Dr.GRPO: r_i - mean(r));
+     groups whose rewards are all equal carry no signal and are dropped (counted).
+  5. Loss (per response token t of response o_i, ratio rho = pi_theta / pi_old):
+        w    = min(pi_old / pi_gen, C)                                  truncated importance weight
+        L_pg = -w * min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)   decoupled clip
+        L_kl = beta * (pi_ref / pi_theta - log(pi_ref / pi_theta) - 1)  k3 estimator of KL(pi_theta || pi_ref)
+        L    = sum_g 1 / sum_{j in g} |o_j| * sum_{i in g, t} (L_pg + L_kl) / #groups   (token-level, per group)
+     in `minibatches` optimizer steps, `ppo_epochs` times over the rollout batch; pi_old is recomputed by the
+     trainer at the start of the step; log-probs are chunked through the lm_head (model.forward(labels=...)).
+  6. The reference policy is soft-updated every `ref_update_every` steps: ref <- alpha * theta + (1 - alpha) * ref.
+Checkpoints (DCP), HF export, metrics and plots come from train_mid.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import evaluate as E
+import model as M
+import train_mid as T
+
+
+@dataclass
+class Config:
+    model: str = ""  # policy to start from: folder or hub id; "" = out/mid/hf when it exists, else model.DEFAULT_MODEL
+    prompts: str = ""  # RL prompts: comma list of files (.jsonl/.json/.parquet) or hub:deepscaler, hub:skywork-or1-math, hub:skywork-or1-code; "" = generated sums (the demo)
+    eval_prompts: str = ""  # held-out prompts scored before and after training; "" = the demo's held-out sums (none for other --prompts)
+    out: str = "out/rl"  # run folder: metrics.jsonl, checkpoints/, hf/, rl.png
+    steps: int = 6  # RL steps (rollout batch + updates). Paper: 1000
+    group_size: int = 8  # G: responses per prompt. Paper: 16
+    prompts_per_step: int = 4  # prompts per step, over all ranks. Paper: 64
+    max_new_tokens: int = 24  # response length limit. Paper: up to 16k (packing length 16,384)
+    temperature: float = 1.0  # rollout sampling temperature. Paper: 1.0
+    top_p: float = 1.0  # rollout nucleus mass. Paper: 1.0
+    lr: float = 2e-5  # peak learning rate. Paper: 5e-7 (the demo's few steps need more)
+    warmup: int = 0  # linear warmup steps
+    min_lr_ratio: float = 0.0  # lr decays linearly to this fraction of the peak at the last step
+    weight_decay: float = 0.0  # AdamW weight decay (not on 1-D tensors)
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    minibatches: int = 1  # optimizer steps per rollout batch (whole groups per minibatch)
+    ppo_epochs: int = 1  # passes over the rollout batch
+    eps_low: float = 0.2  # clip: rho >= 1 - eps_low for negative advantages
+    eps_high: float = 0.28  # clip: rho <= 1 + eps_high for positive advantages (clip-higher)
+    beta: float = 0.05  # KL penalty coefficient; 0 = no reference model
+    ref_alpha: float = 0.6  # Polyak weight of the policy in a reference update: ref <- alpha*theta + (1-alpha)*ref
+    ref_update_every: int = 0  # steps between reference updates; 0 = the reference stays the initial policy
+    is_cap: float = 2.0  # C: truncated importance weight min(pi_old / pi_gen, C); 0 = no correction
+    eta: float = 1e-6  # eta in A = (r - mean) / (std + eta)
+    dr_grpo: bool = False  # Dr.GRPO: A = r - mean (no std) and a constant normaliser (G x max_new_tokens) per group
+    drop_zero_variance: bool = True  # drop groups whose rewards are all equal (DAPO dynamic sampling); counted
+    format_bonus: float = 0.2  # reward for the <think> ... </think> answer form itself (paper: 0, format is only a gate)
+    stop_penalty: float = 0.1  # subtracted when a response ends without a stop token
+    repetition_penalty: float = 0.5  # subtracted x the fraction of repeated n-grams in a response
+    repetition_ngram: int = 4  # n of the repetition measure (token n-grams)
+    overlong: str = "penalty"  # responses cut at max_new_tokens: penalty (stop_penalty) | mask (no loss, DAPO)
+    math_fallback: bool = True  # math: accept the last number of the answer's last line when nothing is boxed
+    system_prompt: str = "Think inside <think> </think>, then write the answer."  # system message; "" = the template's own
+    example_user: str = "What is 2 + 3?"  # a worked example shown as a first chat turn (the demo); "" = none
+    example_answer: str = "<think> 2 + 3 = 5 </think> 5"  # the assistant's reply in that example turn
+    think_instruction: bool = False  # append evaluate.py's THINK_INSTRUCTION to each user message (paper setup)
+    demo_max: int = 10  # demo: operands of the generated sums are 1..demo_max
+    demo_eval: int = 32  # demo: held-out sums (never trained on)
+    eval_samples: int = 2  # responses per held-out prompt
+    eval_temperature: float = -1.0  # held-out sampling temperature; < 0 = --temperature
+    gen_batch: int = 64  # sequences per generate() call
+    pack_tokens: int = 0  # training rows: sequences packed into rows of up to this many tokens; 0 = one per row (CPU: attention with a dense document mask costs more than padding)
+    micro_rows: int = 32  # rows per forward/backward pass (gradient accumulation over the rest)
+    logprob_chunk: int = 1024  # tokens per chunk through the lm_head (no (tokens x vocab) fp32 tensor at once)
+    filter_k: int = 16  # filter: samples per prompt for the pass rate
+    filter_math: str = "1-1"  # filter: kept numbers of correct samples (lo-hi) for math. Paper: exactly 1 of 16
+    filter_other: str = "1-16"  # filter: kept numbers of correct samples (lo-hi) for code and science. Paper: >= 1
+    filter_out: str = ""  # filter: output JSONL; "" = OUT/prompts.filtered.jsonl
+    code_timeout_s: float = 6.0  # code rewards: wall-clock limit per program run
+    code_workers: int = 4  # code rewards: programs graded in parallel
+    seed: int = 0  # prompt order and sampling
+    save_every: int = 0  # steps between DCP checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # complete checkpoints kept
+    resume: bool = False  # continue from the latest complete checkpoint in OUT/checkpoints
+    mesh: str = ""  # "" = FSDP over all ranks; "RxS" = HSDP
+    activation_checkpointing: str = "off"  # off | block | selective
+    compile: bool = False  # torch.compile each decoder block
+    device: str = "auto"  # cpu, cuda, or auto
+    param_dtype: str = "auto"  # compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32
+    progress: bool = False  # tqdm bars for generation
+
+
+class DataError(ValueError):
+    """A prompts file in the wrong schema, or a bad setting."""
+
+
+DOMAINS = ("math", "science", "code")
+THINK_PREFILL = "<think>\n"  # the response starts inside the think block, as evaluate.py's think format
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts: {prompt, answer | choices | tests, domain}
+
+
+def to_problem(rec: dict, where: str) -> dict:
+    """One record in our schema, DeepScaleR's {problem, answer} or Skywork-OR1's verl schema {prompt: [messages],
+    reward_model: {ground_truth}, ability} -> {id, prompt, domain, answer, choices, tests}. Raises DataError
+    naming `where` (file and line) and the field."""
+    if "reward_model" in rec:  # Skywork-OR1 (verl): ground_truth is a JSON string
+        msgs = rec.get("prompt")
+        if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict):
+            raise DataError(f"{where}: field 'prompt' should be a list of chat messages (Skywork-OR1 schema)")
+        prompt = msgs[-1].get("content", "")
+        domain = "code" if str(rec.get("ability", rec.get("data_source", ""))).lower().startswith("code") else "math"
+        gt = (rec["reward_model"] or {}).get("ground_truth")
+        try:
+            gt = json.loads(gt) if isinstance(gt, str) else gt
+        except json.JSONDecodeError:
+            pass  # a bare answer string
+        rec = {"prompt": prompt, "domain": domain}
+        if domain == "code":
+            if not isinstance(gt, dict) or not isinstance(gt.get("inputs"), list) or not isinstance(gt.get("outputs"), list):
+                raise DataError(f"{where}: reward_model.ground_truth should hold {{inputs: [...], outputs: [...]}}")
+            fn = gt.get("fn_name")
+            tests = []
+            for x, y in zip(gt["inputs"], gt["outputs"]):
+                if fn:  # call-based: one JSON argument per line, as evaluate.py's functional harness reads them
+                    x = "\n".join(json.dumps(a) for a in (x if isinstance(x, list) else [x]))
+                    y = json.dumps(y[0] if isinstance(y, list) and len(y) == 1 else y)
+                tests.append({"input": x if isinstance(x, str) else json.dumps(x), "output": y if isinstance(y, str) else json.dumps(y),
+                              **({"fn_name": fn} if fn else {})})
+            rec["tests"] = tests
+        else:
+            rec["answer"] = gt[0] if isinstance(gt, list) and gt else gt
+    elif "problem" in rec and "prompt" not in rec:  # DeepScaleR-Preview: {problem, answer, solution}
+        rec = {"prompt": rec["problem"], "answer": rec.get("answer"), "domain": "math"}
+    prompt = rec.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(f"{where}: field 'prompt' must be a non-empty string")
+    answer, choices, tests = rec.get("answer"), rec.get("choices"), rec.get("tests")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+        answer = None
+    domain = rec.get("domain") or ("code" if tests else "science" if choices else "math")
+    if domain not in DOMAINS:
+        raise DataError(f"{where}: field 'domain' is {domain!r}, expected one of {', '.join(DOMAINS)}")
+    if domain == "code":
+        if not tests:
+            raise DataError(f"{where}: a code prompt needs 'tests' (a string of asserts or a list of {{input, output}})")
+    elif choices is not None:
+        if not isinstance(choices, dict) or not answer or not re.fullmatch(r"[A-Z]", answer.strip()):
+            raise DataError(f"{where}: a multiple-choice prompt needs 'choices' {{letter: text}} and 'answer' a letter")
+    elif answer is None:
+        raise DataError(f"{where}: no 'answer' (or 'choices' / 'tests') to grade against")
+    return {"id": rec.get("id", where), "prompt": prompt, "domain": domain, "answer": answer,
+            "choices": choices, "tests": tests}
+
+
+HUB_SETS = {  # name -> (dataset repo, file patterns)
+    "deepscaler": ("agentica-org/DeepScaleR-Preview-Dataset", ["*.json", "*.jsonl", "*.parquet"]),
+    "skywork-or1-math": ("Skywork/Skywork-OR1-RL-Data", ["*math*.parquet"]),
+    "skywork-or1-code": ("Skywork/Skywork-OR1-RL-Data", ["*code*.parquet"]),
+}
+
+
+def _hub_files(name: str) -> list:
+    if name not in HUB_SETS:
+        raise DataError(f"--prompts hub:{name}: unknown set; expected one of {', '.join('hub:' + k for k in HUB_SETS)}")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not E.hub_reachable():
+        raise DataError(f"--prompts hub:{name}: the hub is not reachable; download {HUB_SETS[name][0]} and pass its "
+                        "files with --prompts PATH")
+    from huggingface_hub import snapshot_download
+    repo, patterns = HUB_SETS[name]
+    folder = Path(snapshot_download(repo, repo_type="dataset", allow_patterns=patterns))
+    files = sorted(p for pat in patterns for p in folder.rglob(pat))
+    if not files:
+        raise DataError(f"hub:{name}: {repo} has no files matching {patterns}")
+    return files
+
+
+def load_prompts(spec: str, *, log=print) -> list:
+    """Problems from a comma list of files / hub sets. Bad records are skipped and counted (with the first
+    reasons); no valid record at all is an error."""
+    problems, skipped, reasons = [], 0, []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        files = _hub_files(item[4:]) if item.startswith("hub:") else [Path(item)]
+        for f in files:
+            if not f.exists():
+                raise DataError(f"--prompts: {f} does not exist")
+            try:
+                records = E.read_records(f)
+            except E.DataError as e:
+                raise DataError(str(e)) from None
+            for path, row, rec in records:
+                try:
+                    problems.append(to_problem(rec, f"{path}: record {row}"))
+                except DataError as e:
+                    skipped += 1
+                    if len(reasons) < 3:
+                        reasons.append(str(e))
+    if skipped:
+        log(f"[train_rl] skipped {skipped} prompt records without a usable answer, e.g. " + "; ".join(reasons))
+    if not problems:
+        raise DataError(f"--prompts {spec}: no usable prompt records" + (f" ({reasons[0]})" if reasons else ""))
+    return problems
+
+
+def arithmetic_problems(max_operand: int, n_eval: int, seed: int) -> tuple:
+    """The demo task: "What is a + b?" for 1 <= a, b <= max_operand; (train, held-out), disjoint."""
+    pairs = [(a, b) for a in range(1, max_operand + 1) for b in range(1, max_operand + 1)]
+    random.Random(seed).shuffle(pairs)
+    probs = [{"id": f"sum/{a}+{b}", "prompt": f"What is {a} + {b}?", "domain": "math", "answer": str(a + b),
+              "choices": None, "tests": None} for a, b in pairs]
+    if len(probs) <= n_eval:
+        raise DataError(f"--demo-max {max_operand}: {len(probs)} sums, need more than --demo-eval {n_eval}")
+    return probs[n_eval:], probs[:n_eval]
+
+
+def prompt_text(problem: dict, tok, cfg: Config) -> str:
+    """Chat template (system message, an optional worked example turn, the user turn) + the "<think>\\n" prefill."""
+    user = problem["prompt"]
+    if problem["domain"] == "science" and problem.get("choices"):
+        user += "\n\n" + "\n".join(f"{k}) {v}" for k, v in problem["choices"].items())
+    if cfg.think_instruction:
+        user += "\n\n" + E.THINK_INSTRUCTION
+    msgs = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    if cfg.example_user:  # one-shot: a small model copies a worked turn far more readily than an instruction
+        msgs += [{"role": "user", "content": cfg.example_user}, {"role": "assistant", "content": cfg.example_answer}]
+    return tok.apply_chat_template(msgs + [{"role": "user", "content": user}]) + THINK_PREFILL
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewards
+
+
+def repetition_fraction(tokens: list, n: int) -> float:
+    """Share of a response's token n-grams that repeat an earlier one (0 = none, -> 1 = a loop)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def score_responses(problems: list, texts: list, stopped: list, tokens: list, cfg: Config) -> list:
+    """Per response: {reward, correct, format, stop, repetition, grader_error, empty}. The reward parts sum to
+    the reward: correct (1 if the grader accepts the answer) and format (the bonus) only count when the response
+    has the `<think> ... </think> answer` form; stop and repetition are penalties (<= 0)."""
+    out, code_jobs = [], []
+    for i, (p, text, st, toks) in enumerate(zip(problems, texts, stopped, tokens)):
+        answer = E.strip_think(text)
+        fmt = answer is not None and answer.strip() != ""
+        r = {"correct": 0.0, "format": cfg.format_bonus if fmt else 0.0,
+             "stop": 0.0 if st else -cfg.stop_penalty,
+             "repetition": -cfg.repetition_penalty * repetition_fraction(toks, cfg.repetition_ngram),
+             "is_correct": False, "is_format": fmt, "grader_error": False, "empty": not text.strip()}
+        if fmt:
+            try:
+                if p["domain"] == "code":
+                    program = E.extract_code(answer)
+                    if program and program.strip():
+                        code_jobs.append((i, program))
+                elif p.get("choices"):
+                    r["is_correct"] = E.grade_choice(answer, p["answer"], choices=p["choices"])[0]
+                else:
+                    r["is_correct"] = E.grade_math(answer, p["answer"], fallback=cfg.math_fallback)[0]
+            except Exception:  # noqa: BLE001 - a grader bug or a bad gold must not stop training: no credit, counted
+                r["grader_error"] = True
+        out.append(r)
+    if code_jobs:
+        verdicts = E.run_many([(prog, problems[i]["tests"]) for i, prog in code_jobs], workers=cfg.code_workers,
+                              timeout_s=cfg.code_timeout_s)
+        for (i, _), (ok, reason) in zip(code_jobs, verdicts):
+            out[i]["is_correct"] = bool(ok)
+            out[i]["grader_error"] = reason.startswith("sandbox error")
+    for r in out:
+        r["correct"] = float(r["is_correct"])
+        r["reward"] = r["correct"] + r["format"] + r["stop"] + r["repetition"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts
+
+
+def rollouts(model, tok, problems: list, cfg: Config, *, n: int, temperature: float, seed: int) -> list:
+    """n responses per problem from model.generate on the current weights (FSDP shards gathered).
+    Returns one dict per response, problem-major: {problem, prompt, tokens, logprobs, text, stopped}."""
+    prompts = [tok.encode(prompt_text(p, tok, cfg)) for p in problems]
+    jobs = [(p, ids) for p, ids in zip(problems, prompts) for _ in range(n)]
+    out = []
+    with T.full_params(model):  # gathered once, kept across the per-token forwards
+        for start in range(0, len(jobs), cfg.gen_batch):
+            batch = jobs[start:start + cfg.gen_batch]
+            samples = M.generate(model, [ids for _, ids in batch], max_new_tokens=cfg.max_new_tokens,
+                                 temperature=temperature, top_p=cfg.top_p, stop_ids=tok.eos_ids,
+                                 seed=seed * 7919 + start, progress=cfg.progress)
+            for (p, ids), s in zip(batch, samples):
+                stopped = bool(s.tokens) and s.tokens[-1] in tok.eos_ids
+                body = s.tokens[:-1] if stopped else s.tokens
+                out.append({"problem": p, "prompt": ids, "tokens": s.tokens, "logprobs": s.logprobs,
+                            "text": tok.decode(body), "stopped": stopped})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# GRPO maths
+
+
+def group_advantages(rewards: torch.Tensor, *, eta: float, scale: bool = True) -> tuple:
+    """rewards (P, G) -> advantages (P, G) and a (P,) mask of groups with reward variance.
+
+    A_i = (r_i - mean(r)) / (std(r) + eta) per group (std unbiased, as TRL); Dr.GRPO (scale=False): r_i - mean(r).
+    A group whose rewards are all equal has A = 0 for every response: no policy gradient, only the KL term."""
+    mean = rewards.mean(dim=1, keepdim=True)  # (P, 1)
+    std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(mean)
+    adv = rewards - mean
+    if scale:
+        adv = adv / (std + eta)
+    varied = (rewards.max(dim=1).values - rewards.min(dim=1).values) > 0  # (P,)
+    return adv, varied
+
+
+def sequence_weights(lengths: list, groups: list, *, n_groups: int, dr_grpo: bool, max_len: int) -> list:
+    """The loss weight of each token of each response: 1 / (n_groups * sum_{j in g} |o_j|) (token-level over the
+    group, then the mean over groups); Dr.GRPO: 1 / (n_groups * G * max_len), a constant normaliser.
+    lengths: |o_i| of each kept response (0 = masked); groups: its group index."""
+    total = {}
+    count = {}
+    for L, g in zip(lengths, groups):
+        total[g] = total.get(g, 0) + L
+        count[g] = count.get(g, 0) + 1
+    if dr_grpo:
+        return [1.0 / (n_groups * count[g] * max_len) if L else 0.0 for L, g in zip(lengths, groups)]
+    return [1.0 / (n_groups * total[g]) if L and total[g] else 0.0 for L, g in zip(lengths, groups)]
+
+
+def grpo_token_loss(logp, logp_old, logp_gen, logp_ref, adv, *, eps_low: float, eps_high: float, beta: float,
+                    is_cap: float) -> tuple:
+    """Per-token GRPO loss; every argument (N,) (or any equal shape). Returns (loss per token, diagnostics).
+
+    rho    = pi_theta / pi_old                             (exp of a log-prob difference)
+    w      = min(pi_old / pi_gen, C)                       truncated importance weight (sampler/trainer gap), no grad
+    L_pg   = -w * min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)
+    L_kl   = beta * (exp(q) - q - 1),  q = log pi_ref - log pi_theta   (k3, unbiased, >= 0)"""
+    rho = torch.exp(logp - logp_old)
+    w = torch.exp(logp_old - logp_gen).clamp(max=is_cap) if is_cap > 0 else torch.ones_like(rho)
+    pg = -w * torch.minimum(rho * adv, rho.clamp(1 - eps_low, 1 + eps_high) * adv)
+    if beta > 0:
+        q = logp_ref - logp
+        kl = torch.exp(q) - q - 1
+    else:
+        kl = torch.zeros_like(logp)
+    loss = pg + beta * kl
+    diag = {"kl": kl.detach(), "is_weight": w.detach(),
+            "clip_low": ((rho < 1 - eps_low) & (adv < 0)).detach(),
+            "clip_high": ((rho > 1 + eps_high) & (adv > 0)).detach()}
+    return loss, diag
+
+
+def grpo_loss(logp, logp_old, logp_gen, logp_ref, adv, weight, **kw) -> tuple:
+    """sum over tokens of weight * per-token loss (weights from sequence_weights; 0 = not trained)."""
+    per_token, diag = grpo_token_loss(logp, logp_old, logp_gen, logp_ref, adv, **kw)
+    return torch.where(weight > 0, per_token * weight, 0.0).sum(), diag
+
+
+@torch.no_grad()
+def polyak_update(ref, policy, alpha: float):
+    """ref <- alpha * theta + (1 - alpha) * ref (TR-DPO / open-instruct soft update); shards update locally."""
+    for r, p in zip(ref.parameters(), policy.parameters()):
+        r.mul_(1 - alpha).add_(p.detach().to(r.dtype), alpha=alpha)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training batches: responses packed into rows, per-token fields at the label positions
+
+
+@dataclass
+class Sequence:
+    prompt: list  # prompt token ids
+    response: list  # response token ids (with the stop token if one came)
+    gen_logprobs: list  # log pi_gen of each response token, from the sampler
+    advantage: float  # A of its group
+    weight: float  # loss weight of each of its tokens (0 = not trained)
+    group: int  # group index in the step
+
+
+def pack_rows(seqs: list, row_tokens: int) -> dict:
+    """Sequences -> rows (R, L) of up to row_tokens tokens each (at least one sequence per row): input_ids,
+    doc_ids (-1 = padding), labels (-100 except where the next token is a response token), and per-token adv,
+    gen (log pi_gen), weight, seq (sequence index; -1 elsewhere)."""
+    rows, cur, used = [], [], 0
+    for i, s in enumerate(seqs):
+        n = len(s.prompt) + len(s.response)
+        if cur and used + n > row_tokens:
+            rows.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        rows.append(cur)
+    L = max(sum(len(seqs[i].prompt) + len(seqs[i].response) for i in r) for r in rows) if rows else 1
+    R = max(1, len(rows))
+    t = {"input_ids": torch.zeros(R, L, dtype=torch.long), "doc_ids": torch.full((R, L), -1, dtype=torch.long),
+         "labels": torch.full((R, L), -100, dtype=torch.long), "adv": torch.zeros(R, L),
+         "gen": torch.zeros(R, L), "weight": torch.zeros(R, L), "seq": torch.full((R, L), -1, dtype=torch.long)}
+    for r, members in enumerate(rows):
+        off = 0
+        for d, i in enumerate(members):
+            s = seqs[i]
+            ids = s.prompt + s.response
+            n, P, O = len(ids), len(s.prompt), len(s.response)
+            t["input_ids"][r, off:off + n] = torch.tensor(ids)
+            t["doc_ids"][r, off:off + n] = d
+            lab = slice(off + P - 1, off + P - 1 + O)  # position t predicts token t + 1
+            t["labels"][r, lab] = torch.tensor(s.response)
+            t["adv"][r, lab] = s.advantage
+            t["gen"][r, lab] = torch.tensor(s.gen_logprobs, dtype=torch.float32)
+            t["weight"][r, lab] = s.weight
+            t["seq"][r, lab] = i
+            off += n
+    return t
+
+
+def dummy_rows() -> dict:
+    """One padding row: a rank with nothing to train still joins FSDP's collectives."""
+    return pack_rows([], 1)
+
+
+def micro_batches(rows: dict | None, micro_rows: int, n: int) -> list:
+    """Split packed rows into exactly n micro-batches (the ranks agree on n); missing ones are padding rows."""
+    R = 0 if rows is None else rows["input_ids"].shape[0]
+    out = [{k: v[i:i + micro_rows] for k, v in rows.items()} for i in range(0, R, micro_rows)]
+    return out + [dummy_rows() for _ in range(n - len(out))]
+
+
+def token_logprobs(model, mb: dict, device, *, temperature: float, chunk: int, entropy: bool = False):
+    """(R, L) log pi(label) at temperature (0 where no label) [, entropy], chunked through the lm_head by
+    model.forward(labels=...): no (R x L x vocab) fp32 tensor is ever held."""
+    return model(mb["input_ids"].to(device), mb["doc_ids"].to(device), labels=mb["labels"].to(device),
+                 temperature=temperature, return_entropy=entropy, chunk_tokens=chunk)
+
+
+@torch.no_grad()
+def _old_and_ref(model, ref, mb: dict, d, cfg: Config, *, old: bool) -> int:
+    """Fill mb["old"] (pi_old: the trainer's log-probs before any update of this step, unless the single
+    forward of the update provides them) and mb["ref"]; responses with a non-finite value are taken out of the
+    loss. Returns how many were."""
+    lp = lambda m: token_logprobs(m, mb, d.device, temperature=cfg.temperature, chunk=cfg.logprob_chunk).float().cpu()
+    if old:
+        mb["old"] = lp(model)
+    mb["ref"] = lp(ref) if ref is not None else torch.zeros_like(mb["gen"])
+    finite = torch.isfinite(mb["ref"]) & torch.isfinite(mb.get("old", mb["ref"])) & torch.isfinite(mb["gen"])
+    bad = mb["seq"][~finite & (mb["seq"] >= 0)].unique()
+    if bad.numel():
+        drop = torch.isin(mb["seq"], bad)
+        mb["weight"][drop] = 0.0
+        for key in ("old", "ref", "gen"):
+            if key in mb:
+                mb[key] = torch.where(drop, 0.0, mb[key])
+    return int(bad.numel())
+
+
+class TokenStats:
+    """Sums over the trained tokens of a step (weight > 0): KL, entropy, clip fractions, importance weights."""
+
+    def __init__(self):
+        self.sums = torch.zeros(7, dtype=torch.float64)  # tokens, kl, entropy, clip_low, clip_high, is_w, is_truncated
+        self.lo, self.hi = math.inf, -math.inf
+
+    def add(self, on, diag, entropy, raw_is, cap):
+        if not on.any():
+            return
+        w = diag["is_weight"][on]
+        self.sums += torch.tensor([float(on.sum()), float(diag["kl"][on].sum()), float(entropy[on].sum()),
+                                   float(diag["clip_low"][on].sum()), float(diag["clip_high"][on].sum()),
+                                   float(w.sum()), float((raw_is[on] > cap).sum()) if cap > 0 else 0.0],
+                                  dtype=torch.float64)
+        self.lo, self.hi = min(self.lo, float(w.min())), max(self.hi, float(w.max()))
+
+    def reduce(self, d, *, has_ref: bool) -> dict:
+        s = _allreduce(self.sums.tolist(), d)
+        lo = _allreduce([self.lo], d, dist.ReduceOp.MIN)[0]
+        hi = _allreduce([self.hi], d, dist.ReduceOp.MAX)[0]
+        n = max(s[0], 1.0)
+        return {"tokens": s[0], "kl": s[1] / n if has_ref else None, "entropy": s[2] / n, "clip_frac": (s[3] + s[4]) / n,
+                "clip_low_frac": s[3] / n, "clip_high_frac": s[4] / n, "is_weight_mean": s[5] / n,
+                "is_truncated_frac": s[6] / n, "is_weight_min": lo if s[0] else None, "is_weight_max": hi if s[0] else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out evaluation and the pass-rate filter
+
+
+def evaluate_policy(model, tok, problems: list, cfg: Config, *, seed: int) -> dict:
+    """Mean reward, accuracy and format rate on held-out problems (fixed seed, so runs compare)."""
+    temperature = cfg.temperature if cfg.eval_temperature < 0 else cfg.eval_temperature
+    if dist.is_initialized():  # each rank scores its share; the sums are reduced below
+        problems = problems[dist.get_rank()::dist.get_world_size()]
+    outs = rollouts(model, tok, problems, cfg, n=cfg.eval_samples, temperature=temperature, seed=seed)
+    scores = score_responses([o["problem"] for o in outs], [o["text"] for o in outs], [o["stopped"] for o in outs],
+                             [o["tokens"] for o in outs], cfg)
+    local = torch.tensor([[s["reward"], s["correct"], float(s["is_format"]), float(len(o["tokens"])), 1.0]
+                          for s, o in zip(scores, outs)] or [[0.0] * 5], dtype=torch.float64).sum(0)
+    if dist.is_initialized():
+        dist.all_reduce(local)
+    n = float(local[4])
+    n = max(n, 1.0)
+    return {"reward": float(local[0]) / n, "accuracy": float(local[1]) / n, "format": float(local[2]) / n,
+            "response_len": float(local[3]) / n, "n": int(local[4]), "examples": [o["text"] for o in outs[:2]] or [""]}
+
+
+def _band(text: str, k: int, flag: str) -> tuple:
+    try:
+        lo, hi = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise DataError(f"--{flag} {text!r}: expected LO-HI correct samples out of --filter-k, e.g. 1-1") from None
+    if not 0 <= lo <= min(hi, k):
+        raise DataError(f"--{flag} {text!r}: need 0 <= LO <= HI and LO <= --filter-k {k}")
+    return lo, min(hi, k)
+
+
+def pass_rate_filter(cfg: Config) -> Path:
+    """Sample filter_k answers per prompt with the model and keep the prompts whose number of correct samples is in
+    the domain's band (paper: math exactly 1/16, code and science >= 1/16); writes them with their pass rate."""
+    d = T.setup_distributed(cfg.device)
+    try:
+        return _filter(cfg, d)
+    finally:
+        dist.destroy_process_group()
+
+
+def _filter(cfg: Config, d) -> Path:
+    log = print if d.main else (lambda *a, **k: None)
+    bands = {"math": _band(cfg.filter_math, cfg.filter_k, "filter-math"),
+             "other": _band(cfg.filter_other, cfg.filter_k, "filter-other")}
+    base = resolve_policy(cfg.model)
+    model = M.load_model(str(base), device=d.device, dtype=T.resolve_param_dtype(cfg.param_dtype, d.device))
+    tok = M.load_tokenizer(str(base))
+    problems = load_prompts(cfg.prompts, log=log) if cfg.prompts else arithmetic_problems(cfg.demo_max, cfg.demo_eval, cfg.seed)[0]
+    mine = problems[d.rank::d.world]
+    kept = []
+    for start in range(0, len(mine), max(1, cfg.gen_batch // cfg.filter_k)):
+        chunk = mine[start:start + max(1, cfg.gen_batch // cfg.filter_k)]
+        outs = rollouts(model, tok, chunk, cfg, n=cfg.filter_k, temperature=cfg.temperature, seed=cfg.seed + start)
+        scores = score_responses([o["problem"] for o in outs], [o["text"] for o in outs],
+                                 [o["stopped"] for o in outs], [o["tokens"] for o in outs], cfg)
+        for j, p in enumerate(chunk):
+            c = sum(s["is_correct"] for s in scores[j * cfg.filter_k:(j + 1) * cfg.filter_k])
+            lo, hi = bands["math" if p["domain"] == "math" else "other"]
+            if lo <= c <= hi:
+                kept.append({k: v for k, v in p.items() if v is not None} | {"pass_rate": c / cfg.filter_k})
+        log(f"[train_rl] filter: {min(start + len(chunk), len(mine))}/{len(mine)} prompts scored, {len(kept)} kept")
+    gathered = [None] * d.world
+    dist.all_gather_object(gathered, kept)
+    out = Path(cfg.filter_out or Path(cfg.out) / "prompts.filtered.jsonl")
+    if d.main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rows = [r for part in gathered for r in part]
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, out)
+        log(f"[train_rl] filter: kept {len(rows)} of {len(problems)} prompts -> {out}")
+    dist.barrier()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def resolve_policy(name: str) -> Path:
+    """--model, or the mid-training demo's output when it exists, or the built-in default."""
+    if not name:
+        name = "out/mid/hf" if (Path("out/mid/hf") / "config.json").is_file() else M.DEFAULT_MODEL
+    return M.resolve_model_path(name)
+
+
+@torch.no_grad()
+def _root_forward(model, d):
+    """One tiny forward through the root module: FSDP2 initialises itself lazily from the root's first forward,
+    and generation (under full_params) calls the blocks directly, which would otherwise initialise them alone."""
+    model(torch.zeros(1, 1, dtype=torch.long, device=d.device))
+    T.reshard(model)
+
+
+def _check(cfg: Config, world: int):
+    if cfg.prompts_per_step % world:
+        raise DataError(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the {world} ranks")
+    if cfg.group_size < 2:
+        raise DataError(f"--group-size {cfg.group_size}: GRPO needs at least 2 responses per prompt")
+    if cfg.overlong not in ("penalty", "mask"):
+        raise DataError(f"--overlong {cfg.overlong!r}: expected penalty or mask")
+    if cfg.minibatches < 1 or cfg.ppo_epochs < 1 or cfg.steps < 1:
+        raise DataError("--minibatches, --ppo-epochs and --steps must be >= 1")
+    if not 0 < cfg.ref_alpha <= 1:
+        raise DataError(f"--ref-alpha {cfg.ref_alpha}: expected 0 < alpha <= 1")
+
+
+def _prompt_order(n: int, seed: int, epoch: int) -> list:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def step_problems(problems: list, step: int, per_step: int, seed: int) -> list:
+    """The prompts of RL step `step` (1-based), from per-epoch shuffles: a function of the step alone, so a
+    resumed run (at any world size) sees exactly the prompts an uninterrupted one would have."""
+    out = []
+    for k in range((step - 1) * per_step, step * per_step):
+        epoch, pos = divmod(k, len(problems))
+        out.append(problems[_prompt_order(len(problems), seed, epoch)[pos]])
+    return out
+
+
+def _allreduce(values: list, d, op=dist.ReduceOp.SUM) -> list:
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def train(cfg: Config) -> dict:
+    """Run GRPO as configured; returns a summary (rewards per step, held-out before/after, export path)."""
+    d = T.setup_distributed(cfg.device)
+    try:
+        return _train(cfg, d)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(cfg: Config, d) -> dict:
+    _check(cfg, d.world)
+    out = Path(cfg.out)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    log = print if d.main else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed + d.rank)
+    random.seed(cfg.seed + d.rank)
+
+    if cfg.prompts:
+        problems = load_prompts(cfg.prompts, log=log)
+        heldout = load_prompts(cfg.eval_prompts, log=log) if cfg.eval_prompts else []
+        task = cfg.prompts
+    else:
+        problems, heldout = arithmetic_problems(cfg.demo_max, cfg.demo_eval, cfg.seed)
+        heldout = load_prompts(cfg.eval_prompts, log=log) if cfg.eval_prompts else heldout
+        task = f"demo sums 1..{cfg.demo_max}"
+    base = resolve_policy(cfg.model)
+    tok = M.load_tokenizer(str(base))
+    if not tok.eos_ids:
+        raise DataError(f"{base}: the tokenizer has no EOS / stop token; responses could never stop")
+    param_dtype = T.resolve_param_dtype(cfg.param_dtype, d.device)
+    mesh = T.build_mesh(d, cfg.mesh)
+    model = M.load_model(str(base), device="cpu", dtype=torch.float32)  # fp32 master weights, sharded below
+    T.shard_model(model, mesh, param_dtype=param_dtype, activation_checkpointing=cfg.activation_checkpointing,
+                  compile=cfg.compile)
+    model.init_buffers()
+    _root_forward(model, d)
+    ref = None
+    if cfg.beta > 0:  # the reference policy: a frozen (or soft-updated) copy, sharded alike
+        ref = M.load_model(str(base), device="cpu", dtype=torch.float32).requires_grad_(False)
+        T.shard_model(ref, mesh, param_dtype=param_dtype)
+        ref.init_buffers()
+        _root_forward(ref, d)
+    optimizer = T.build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    ckpt = T.Checkpointer(out, d, keep=cfg.keep_checkpoints)
+    ref_dir = out / "reference"  # the soft-updated reference's checkpoints, step by step with the policy's
+    start_step = 0
+    latest = ckpt.latest() if cfg.resume else None
+    if cfg.resume and latest is None:
+        log(f"[train_rl] --resume: no complete checkpoint in {ckpt.dir}; starting from {base}")
+    if latest is not None:
+        extra = ckpt.load(latest, model, optimizer)
+        start_step = int(extra["step"])
+        if ref is not None and cfg.ref_update_every and start_step >= cfg.ref_update_every:
+            load_reference(ref, ref_dir / latest.name)
+        log(f"[train_rl] resumed from {latest} at step {start_step}")
+    metrics = T.MetricsLog(out / "metrics.jsonl", d, resume_step=start_step if latest is not None else None)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[train_rl] {base.name}: {n_params / 1e6:.1f}M parameters, {d.world} rank(s) on {d.device.type}; task "
+        f"{task}: {len(problems)} prompts, {len(heldout)} held out; {cfg.steps} steps x {cfg.prompts_per_step} "
+        f"prompts x {cfg.group_size} responses, <= {cfg.max_new_tokens} new tokens, lr {cfg.lr:g}, beta {cfg.beta:g}")
+
+    summary = {"rewards": [], "export": str(out / "hf")}
+    if heldout and start_step == 0:
+        before = evaluate_policy(model, tok, heldout, cfg, seed=cfg.seed + 99991)
+        summary["heldout_before"] = before
+        log(f"[train_rl] held-out before: reward {before['reward']:.3f} accuracy {before['accuracy']:.3f} format "
+            f"{before['format']:.3f} length {before['response_len']:.1f} ({before['n']} responses); e.g. "
+            f"{before['examples'][0]!r}")
+        if d.main:
+            M._write_json(out / "heldout_before.json", before)
+
+    per_rank = cfg.prompts_per_step // d.world
+    step = start_step
+    for step in range(start_step + 1, cfg.steps + 1):
+        t_step = time.perf_counter()
+        lr = T.lr_at(step - 1, peak=cfg.lr, warmup=cfg.warmup, total=cfg.steps, schedule="linear",
+                     min_ratio=cfg.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        mine = step_problems(problems, step, cfg.prompts_per_step, cfg.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
+
+        # -- 1-2. rollouts on the current weights
+        model.eval()
+        t0 = time.perf_counter()
+        outs = rollouts(model, tok, mine, cfg, n=cfg.group_size, temperature=cfg.temperature,
+                        seed=cfg.seed * 1_000_003 + step * 1009 + d.rank)
+        gen_s = time.perf_counter() - t0
+        gen_tokens = sum(len(o["tokens"]) for o in outs)
+
+        # -- 3. rewards
+        scores = score_responses([o["problem"] for o in outs], [o["text"] for o in outs],
+                                 [o["stopped"] for o in outs], [o["tokens"] for o in outs], cfg)
+        rewards = torch.tensor([s["reward"] for s in scores]).view(per_rank, cfg.group_size)  # (P, G)
+
+        # -- 4. advantages; zero-variance groups dropped
+        adv, varied = group_advantages(rewards, eta=cfg.eta, scale=not cfg.dr_grpo)
+        keep_group = varied if cfg.drop_zero_variance else torch.ones_like(varied)
+        seqs, n_overlong_masked, n_nan = [], 0, 0
+        for i, (o, s) in enumerate(zip(outs, scores)):
+            g = i // cfg.group_size
+            if not keep_group[g] or not o["tokens"]:
+                continue
+            if not all(math.isfinite(x) for x in o["logprobs"]):
+                n_nan += 1
+                continue
+            if cfg.overlong == "mask" and not o["stopped"]:
+                n_overlong_masked += 1
+                continue
+            seqs.append(Sequence(o["prompt"], o["tokens"], o["logprobs"], float(adv[g, i % cfg.group_size]), 0.0, g))
+        mb_groups = [sorted({s.group for s in seqs})[k::cfg.minibatches] for k in range(cfg.minibatches)]
+        mb_seqs = [[s for s in seqs if s.group in set(gs)] for gs in mb_groups]
+        n_groups_global = _allreduce([float(len(gs)) for gs in mb_groups], d)  # per minibatch, over ranks
+        for k, ss in enumerate(mb_seqs):
+            ws = sequence_weights([len(s.response) for s in ss], [s.group for s in ss],
+                                  n_groups=max(1.0, n_groups_global[k]), dr_grpo=cfg.dr_grpo,
+                                  max_len=cfg.max_new_tokens)
+            for s, w in zip(ss, ws):
+                s.weight = w
+        rows = [pack_rows(ss, cfg.pack_tokens) if ss else None for ss in mb_seqs]
+        n_micro = [math.ceil(r["input_ids"].shape[0] / cfg.micro_rows) if r is not None else 0 for r in rows]
+        n_micro = [int(x) for x in _allreduce(n_micro, d, dist.ReduceOp.MAX)]  # every rank runs as many passes
+        micro = [micro_batches(r, cfg.micro_rows, n) for r, n in zip(rows, n_micro)]
+        train_tokens = sum(int((mb["doc_ids"] >= 0).sum()) for mbs in micro for mb in mbs)
+        trained = sum(n_micro) > 0  # some rank has a group with signal
+
+        # -- 5. pi_old (trainer's recompute), pi_ref; then minibatch updates
+        t1 = time.perf_counter()
+        acc = TokenStats()
+        losses, grad_norms, skipped = [], [], 0
+        if trained:
+            model.train()
+            same_forward = cfg.minibatches == 1 and cfg.ppo_epochs == 1  # pi_old = pi_theta: no extra pass
+            with torch.no_grad():
+                for mbs in micro:
+                    for mb in mbs:
+                        n_nan += _old_and_ref(model, ref, mb, d, cfg, old=not same_forward)
+            for _ in range(cfg.ppo_epochs):
+                for mbs in micro:
+                    mb_loss = 0.0
+                    for i, mb in enumerate(mbs):
+                        if hasattr(model, "set_requires_gradient_sync"):  # reduce-scatter once, after the last
+                            model.set_requires_gradient_sync(i == len(mbs) - 1)
+                        logp, ent = token_logprobs(model, mb, d.device, temperature=cfg.temperature,
+                                                   chunk=cfg.logprob_chunk, entropy=True)
+                        logp, ent = logp.float(), ent.float()
+                        dev = logp.device
+                        old = logp.detach() if same_forward else mb["old"].to(dev)
+                        loss, diag = grpo_loss(logp, old, mb["gen"].to(dev), mb["ref"].to(dev), mb["adv"].to(dev),
+                                               mb["weight"].to(dev), eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                                               beta=cfg.beta, is_cap=cfg.is_cap)
+                        (loss * d.world).backward()  # FSDP averages over ranks; the weights are global already
+                        mb_loss += float(loss.detach())
+                        acc.add(mb["weight"].to(dev) > 0, diag, ent.detach(), torch.exp(old - mb["gen"].to(dev)),
+                                cfg.is_cap)
+                    gn = T.clip_grad_norm(model, cfg.grad_clip)
+                    mb_loss = _allreduce([mb_loss], d)[0]
+                    if math.isfinite(gn) and math.isfinite(mb_loss):
+                        optimizer.step()
+                    else:  # a non-finite loss or gradient: no update, counted (never a silent zero step)
+                        skipped += 1
+                        log(f"[train_rl] step {step}: non-finite loss {mb_loss} / grad norm {gn}; update skipped")
+                    optimizer.zero_grad(set_to_none=True)
+                    grad_norms.append(gn)
+                    losses.append(mb_loss)
+            if ref is not None and cfg.ref_update_every and step % cfg.ref_update_every == 0:
+                T.reshard(ref)
+                T.reshard(model)
+                polyak_update(ref, model, cfg.ref_alpha)  # -- 6. soft reference update
+        else:
+            log(f"[train_rl] step {step}: no group with reward variance on any rank; no update (counted)")
+        train_s = time.perf_counter() - t1
+
+        # -- 7. metrics: gathered over ranks
+        per_seq = [(o["problem"]["domain"], s, len(o["tokens"]), o["stopped"]) for o, s in zip(outs, scores)]
+        gathered = [None] * d.world
+        dist.all_gather_object(gathered, (per_seq, int(varied.sum()), len(varied), n_nan, n_overlong_masked,
+                                          gen_tokens, gen_s, train_tokens, train_s))
+        ts = acc.reduce(d, has_ref=ref is not None)
+        all_seq = [x for g in gathered for x in g[0]]
+        record = {"step": step, "lr": lr, "trained": trained,
+                  "reward": _mean(s["reward"] for _, s, _, _ in all_seq),
+                  "accuracy": _mean(s["correct"] for _, s, _, _ in all_seq),
+                  "format_rate": _mean(float(s["is_format"]) for _, s, _, _ in all_seq)}
+        for part in ("correct", "format", "stop", "repetition"):
+            record[f"reward/{part}"] = _mean(s[part] for _, s, _, _ in all_seq)
+        for dom in DOMAINS:
+            mine_dom = [s for dm, s, _, _ in all_seq if dm == dom]
+            if mine_dom:
+                record[f"reward/{dom}"] = _mean(s["reward"] for s in mine_dom)
+                record[f"accuracy/{dom}"] = _mean(s["correct"] for s in mine_dom)
+        lengths = [n for _, _, n, _ in all_seq]
+        record.update({
+            "response_len": _mean(lengths), "response_len_max": max(lengths),
+            "clipped_frac": _mean(float(not st_) for _, _, _, st_ in all_seq),
+            "groups": sum(g[2] for g in gathered), "groups_zero_variance": sum(g[2] - g[1] for g in gathered),
+            "groups_dropped": sum(g[2] - g[1] for g in gathered) if cfg.drop_zero_variance else 0,
+            "responses_nan": sum(g[3] for g in gathered), "responses_overlong_masked": sum(g[4] for g in gathered),
+            "grader_errors": sum(s["grader_error"] for _, s, _, _ in all_seq),
+            "empty_responses": sum(s["empty"] for _, s, _, _ in all_seq),
+            "trained_tokens": int(ts["tokens"]), "loss": _mean(losses) if losses else None,
+            **{k: (v if trained else None) for k, v in ts.items() if k != "tokens"},
+            "grad_norm": max(grad_norms) if grad_norms else None, "skipped_updates": skipped,
+            "gen_s": max(g[6] for g in gathered), "gen_tokens": sum(g[5] for g in gathered),
+            "train_s": max(g[8] for g in gathered), "train_tokens": sum(g[7] for g in gathered),
+        })
+        record["gen_tok_s"] = record["gen_tokens"] / max(record["gen_s"], 1e-9)
+        record["train_tok_s"] = record["train_tokens"] / max(record["train_s"], 1e-9)
+        record["step_s"] = time.perf_counter() - t_step
+        metrics.write(record)
+        summary["rewards"].append(record["reward"])
+        kl = f"{record['kl']:.4f}" if record["kl"] is not None else "-"
+        log(f"[train_rl] step {step}/{cfg.steps} reward {record['reward']:.3f} (correct {record['reward/correct']:.2f} "
+            f"format {record['reward/format']:.2f} stop {record['reward/stop']:.2f} rep {record['reward/repetition']:.2f}) "
+            f"acc {record['accuracy']:.2f} len {record['response_len']:.1f} kl {kl} groups "
+            f"{record['groups'] - record['groups_dropped']}/{record['groups']} | gen {record['gen_s']:.1f}s "
+            f"{record['gen_tok_s']:.0f} tok/s | train {record['train_s']:.1f}s {record['train_tok_s']:.0f} tok/s")
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            _save(ckpt, ref_dir, step, model, ref, optimizer, cfg, d)
+
+    if step > start_step:
+        _save(ckpt, ref_dir, step, model, ref, optimizer, cfg, d)
+    if heldout:
+        model.eval()
+        after = evaluate_policy(model, tok, heldout, cfg, seed=cfg.seed + 99991)
+        summary["heldout_after"] = after
+        before = summary.get("heldout_before") or (M._read_json(out / "heldout_before.json")
+                                                    if (out / "heldout_before.json").is_file() else None)
+        log(f"[train_rl] held-out after: reward {after['reward']:.3f} accuracy {after['accuracy']:.3f} format "
+            f"{after['format']:.3f} length {after['response_len']:.1f}; e.g. {after['examples'][0]!r}")
+        if before:
+            summary["heldout_before"] = before
+            log(f"[train_rl] held-out reward {before['reward']:.3f} -> {after['reward']:.3f}, accuracy "
+                f"{before['accuracy']:.3f} -> {after['accuracy']:.3f}, format {before['format']:.3f} -> {after['format']:.3f}")
+        if d.main:
+            M._write_json(out / "heldout_after.json", after)
+    T.export_hf(model, out / "hf", d, base)
+    if d.main:
+        png = T.plot_metrics(out / "metrics.jsonl", out / "rl.png",
+                             ["reward", "accuracy", "response_len", "kl", "entropy", "clip_frac", "grad_norm"],
+                             f"GRPO {base.name}")
+        log(f"[train_rl] wrote {out / 'hf'}, {out / 'metrics.jsonl'}" + (f", {png}" if png else ""))
+    return summary
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _save(ckpt, ref_dir, step, model, ref, optimizer, cfg, d):
+    """The soft-updated reference first, then the policy (whose complete checkpoint marks the step done)."""
+    extra = {"step": step, "world": d.world, "config": {k: v for k, v in vars(cfg).items()}}
+    T.reshard(model)
+    if ref is not None and cfg.ref_update_every and step >= cfg.ref_update_every:
+        save_reference(ref, ref_dir / f"step_{step:08d}", d, keep=cfg.keep_checkpoints)
+    ckpt.save(step, model, optimizer, extra)
+
+
+def save_reference(ref, path: Path, d, *, keep: int):
+    """DCP shards of the reference's weights (no optimizer), written to PATH.tmp and renamed when complete."""
+    import shutil
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    T.reshard(ref)
+    tmp = path.with_name(path.name + ".tmp")
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save({"model": get_model_state_dict(ref)}, checkpoint_id=str(tmp))
+    dist.barrier()
+    if d.main:
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        done = sorted(p for p in path.parent.glob("step_*") if not p.name.endswith(".tmp"))
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_reference(ref, path: Path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    if not path.is_dir():
+        raise DataError(f"{path}: the soft-updated reference of this checkpoint is missing")
+    state = {"model": get_model_state_dict(ref)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(ref, state["model"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    import argparse
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(argv):  # a bare --resume means --resume true
+        if a == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv.insert(i + 1, "true")
+            break
+    parser = argparse.ArgumentParser(description="GRPO on verifiable rewards (see the module docstring for "
+                                                 "torchrun commands and the paper's settings).")
+    parser.add_argument("command", nargs="?", default="train", choices=["train", "filter"],
+                        help="train (default) or filter: keep the prompts in a pass-rate band (--filter-*)")
+    cfg, args = M.parse_config(Config, argv, parser=parser)
+    try:
+        if args.command == "filter":
+            return pass_rate_filter(cfg)
+        return train(cfg)
+    except (DataError, E.DataError, T.DataError) as e:
+        print(f"train_rl.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
