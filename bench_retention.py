@@ -5,7 +5,7 @@ per choice, no sharing), same model, same items, side by side in one run.
     python bench_retention.py                                   # SmolLM2, 16 items each of 3 BIG-bench tasks
     python bench_retention.py --tasks bigbench:logical_deduction --items 64 --device cuda --dtype bfloat16
 
-Items come from the BIG-bench archive (pip download --no-deps bigbench -d ~/.cache/prism/bigbench) or any
+Items come from the BIG-bench archive (evaluate.download_bigbench()) or any
 task evaluate.py loads (--data task=path). The two sides alternate run by run; the table reports the median
 of --repeats runs and the largest difference of a choice's log-prob between the two (a correctness check).
 """

@@ -22,7 +22,7 @@ Retention (does mid-training / RL keep general ability?), in the same runner and
               multiple choice as lm-evaluation-harness scores it (acc, acc_norm, standard errors); choices that
               share a context are scored from one prefill whose cache is copied to each choice
     bbl       BIG-bench Lite's 18 multiple-choice tasks (bigbench:<task> for any BIG-bench JSON task), read from
-              the bigbench source archive (pip download --no-deps bigbench -d ~/.cache/prism/bigbench)
+              the bigbench source archive (evaluate.download_bigbench(), into ~/.cache/prism/bigbench)
     ppl:NAME=GLOB / --ppl NAME=GLOB   held-out loss and bits per byte of .bin token shards or text files,
               strided windows at the model's context
     ruler     generated long-context tasks (needles, multi-key/value, variable tracking, common words) at
@@ -1383,7 +1383,7 @@ _BIGBENCH_TASKS = {}  # archive path -> {task name: [(member name, task dict)]},
 
 
 def bigbench_archive(cfg: Config | None = None) -> Path:
-    """The bigbench sdist (`pip download --no-deps bigbench -d ~/.cache/prism/bigbench`)."""
+    """The bigbench sdist (download_bigbench() puts it in ~/.cache/prism/bigbench)."""
     given = cfg.bigbench_archive if cfg else ""
     if given:
         if not Path(given).is_file():
@@ -1392,8 +1392,36 @@ def bigbench_archive(cfg: Config | None = None) -> Path:
     found = sorted(BIGBENCH_CACHE.glob("bigbench-*.tar.gz")) + sorted(BIGBENCH_CACHE.glob("bigbench-*.zip"))
     if not found:
         raise DataError(f"BIG-bench: no archive in {BIGBENCH_CACHE}; fetch it once (about 350 MB) with "
-                        f"pip download --no-deps bigbench -d {BIGBENCH_CACHE}")
+                        f"python -c 'import evaluate; evaluate.download_bigbench()'")
     return found[-1]
+
+
+def download_bigbench(version: str = "1.0.0") -> Path:
+    """Fetch the bigbench source archive from PyPI into BIGBENCH_CACHE (sha256 checked, written atomically).
+    Not `pip download`: recent pips refuse to prepare this sdist (it declares a direct-URL dependency)."""
+    import hashlib
+    import urllib.request
+    index = urllib.request.Request("https://pypi.org/simple/bigbench/",  # PEP 691: the index as JSON
+                                   headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(index, timeout=60) as r:
+        files = [f for f in json.load(r)["files"] if f["filename"] == f"bigbench-{version}.tar.gz"]
+    if not files:
+        raise DataError(f"PyPI lists no source archive bigbench-{version}.tar.gz")
+    target = BIGBENCH_CACHE / files[0]["filename"]
+    if target.is_file():
+        return target
+    BIGBENCH_CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".part")
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(files[0]["url"], timeout=60) as r, open(tmp, "wb") as out:
+        while chunk := r.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != files[0]["hashes"]["sha256"]:
+        tmp.unlink()
+        raise DataError(f"{files[0]['url']}: sha256 mismatch; try again")
+    os.replace(tmp, target)
+    return target
 
 
 def read_bigbench(names, archive) -> dict:
