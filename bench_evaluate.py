@@ -17,8 +17,9 @@ import evaluate as E
 import model as M
 
 
-def hf_generate_batch(hf, prompts, max_new_tokens, stop_ids, device):
-    """transformers' generate on left-padded token ids; returns each row's new tokens up to a stop."""
+def hf_generate_batch(hf, prompts, max_new_tokens, stop_ids, device, **sampling):
+    """transformers' generate on left-padded token ids (greedy unless `sampling` says otherwise, e.g.
+    do_sample=True, temperature=1.0); returns each row's new tokens up to and including a stop."""
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -27,7 +28,7 @@ def hf_generate_batch(hf, prompts, max_new_tokens, stop_ids, device):
         mask[i, width - len(p):] = 1
     with torch.no_grad():
         out = hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                          do_sample=False, eos_token_id=list(stop_ids), pad_token_id=stop_ids[0])
+                          eos_token_id=list(stop_ids), pad_token_id=stop_ids[0], **{"do_sample": False, **sampling})
     rows = []
     for row in out[:, width:].tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))

@@ -22,25 +22,14 @@ import torch
 
 import model as M
 import train_rl as R
+from bench_evaluate import hf_generate_batch
 
 
 def hf_rollout(hf, prompts, *, max_new_tokens, stop_ids, seed):
     """transformers generate, sampled at temperature 1; each row's new tokens up to and including a stop."""
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
     torch.manual_seed(seed)
-    with torch.no_grad():
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0,
-                          top_p=1.0, top_k=0, eos_token_id=list(stop_ids), pad_token_id=stop_ids[0])
-    rows = []
-    for row in out[:, width:].tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
-        rows.append(row[:cut])
-    return rows
+    return hf_generate_batch(hf, prompts, max_new_tokens, stop_ids, hf.device, do_sample=True, temperature=1.0,
+                             top_p=1.0, top_k=0)
 
 
 def hf_grpo_step(hf, ref, seqs, cfg):
