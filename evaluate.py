@@ -1647,7 +1647,7 @@ def score_shared(model, groups: list, *, batch_tokens: int = 8192) -> list:
 
 def score_unshared(model, requests: list, *, batch_tokens: int = 8192) -> list:
     """Summed log-probs of (context ids, continuation ids) requests, each its own row: the per-choice
-    scoring of lm-evaluation-harness without context sharing (the baseline of bench_retention.py)."""
+    scoring of lm-evaluation-harness without context sharing (the baseline of bench/bench_retention.py)."""
     import torch
     device = model.lm_head.weight.device
     out = [None] * len(requests)

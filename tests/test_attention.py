@@ -1,5 +1,5 @@
 """kernels/attention.py on CPU: the Triton kernels under TRITON_INTERPRET=1 (fp32 and fp16; bf16 is
-wrong in the interpreter and is checked on the GPU by kernels/bench.py) against a naive fp64 softmax
+wrong in the interpreter and is checked on the GPU by bench/bench_kernels.py) against a naive fp64 softmax
 attention and against torch SDPA in the same dtype.
 
 Acceptance: max|kernel - fp64| <= 2 * max|torch same dtype - fp64| + floor, for O, dQ, dK, dV.

@@ -3,7 +3,7 @@ against mamba.ssd_scan (chunked PyTorch) and mamba.ssd_scan_naive (the per-step 
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) with PRISM_SSD=triton; every kernel
 output is poisoned with NaN first, so an element a kernel forgets to write fails. Shapes are tiny: each
-interpreter launch is slow. bf16 is checked on the GPU by kernels/bench.py (the interpreter's bf16 is wrong).
+interpreter launch is slow. bf16 is checked on the GPU by bench/bench_kernels.py (the interpreter's bf16 is wrong).
 """
 import pytest
 import torch

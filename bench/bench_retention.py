@@ -2,8 +2,8 @@
 copied to every choice) against lm-evaluation-harness-style per-choice scoring (context + choice as one row
 per choice, no sharing), same model, same items, side by side in one run.
 
-    python bench_retention.py                                   # SmolLM2, 16 items each of 3 BIG-bench tasks
-    python bench_retention.py --tasks bigbench:logical_deduction --items 64 --device cuda --dtype bfloat16
+    python -m bench retention                                   # SmolLM2, 16 items each of 3 BIG-bench tasks
+    python -m bench retention --tasks bigbench:logical_deduction --items 64 --device cuda --dtype bfloat16
 
 Items come from the BIG-bench archive (evaluate.download_bigbench()) or any
 task evaluate.py loads (--data task=path). The two sides alternate run by run; the table reports the median

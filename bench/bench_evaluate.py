@@ -1,7 +1,7 @@
 """Problems per second of a small GSM8K evaluation: model.generate against a plain transformers
 `generate` loop with the same prompts, batches and settings, side by side in one run.
 
-    python bench_evaluate.py                          # 16 GSM8K problems, SmolLM2, greedy, 192 new tokens
+    python -m bench evaluate                          # 16 GSM8K problems, SmolLM2, greedy, 192 new tokens
 
 Both sides get the same token ids (the project's tokenizer), left padding, the same stop tokens, and
 are graded by evaluate.check_math; times include generation and grading, not loading.

@@ -1,7 +1,7 @@
 """Time model.py's hybrid (Mamba2 + attention) decoder against transformers on the same config and hardware.
 
-    python bench_hybrid.py                    # a ~22M-parameter Nemotron-H-style model, CPU, float32
-    python bench_hybrid.py --device cuda --dtype bfloat16 --contexts 256 1024 4096 16384
+    python -m bench hybrid                    # a ~22M-parameter Nemotron-H-style model, CPU, float32
+    python -m bench hybrid --device cuda --dtype bfloat16 --contexts 256 1024 4096 16384
 
 Prefill: one forward over a `prompt_len`-token prompt that fills the decode cache (the last position's
 logits only, as in generation). Decode: greedy one-token steps after that prompt, `new_tokens` of them,

@@ -1,7 +1,7 @@
 """Time the Triton kernels against their baselines on one CUDA GPU; print a markdown table.
 
-    python kernels/bench.py                      # bf16 correctness checks, then the timing table
-    python kernels/bench.py --seqlens 1024,4096 --head-dims 128 --skip-checks
+    python -m bench kernels                      # bf16 correctness checks, then the timing table
+    python -m bench kernels --seqlens 1024,4096 --head-dims 128 --skip-checks
 
 Attention: causal, GQA (8 query heads per KV head), head dims 128 and 64, sequence 1k..16k at a
 constant number of tokens per batch (batch = tokens // seqlen), forward and backward, against torch
@@ -26,8 +26,6 @@ import datetime
 import os
 import sys
 from dataclasses import dataclass
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Time model.py against transformers on the same config and hardware, side by side in one run.
 
-    python bench_model.py                     # ~100M-parameter Llama config + the real SmolLM2-135M
-    python bench_model.py --only smollm2 --dtype bfloat16 --device cuda
+    python -m bench model                     # ~100M-parameter Llama config + the real SmolLM2-135M
+    python -m bench model --only smollm2 --dtype bfloat16 --device cuda
 
 Forward+backward: one training step's forward and backward (no optimizer) on a (batch, seq) batch.
 Generation: greedy decoding of `new_tokens` tokens after a `prompt_len`-token prompt, tokens/s counted

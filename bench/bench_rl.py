@@ -1,7 +1,7 @@
 """One GRPO step's two halves, train_rl.py against a TRL-like plain transformers loop on the same model and
 batch, side by side in one run:
 
-    python bench_rl.py                      # SmolLM2-135M, 4 prompts x 8 responses, <= 24 new tokens, CPU fp32
+    python -m bench rl                      # SmolLM2-135M, 4 prompts x 8 responses, <= 24 new tokens, CPU fp32
 
 rollout   train_rl.rollouts (model.generate: cache allocated once, finished rows leave the batch) against
           transformers' generate(do_sample=True) on the same left-padded prompts (finished rows stay in the batch,
@@ -22,7 +22,7 @@ import torch
 
 import model as M
 import train_rl as R
-from bench_evaluate import hf_generate_batch
+from bench.bench_evaluate import hf_generate_batch
 
 
 def hf_rollout(hf, prompts, *, max_new_tokens, stop_ids, seed):

@@ -1,8 +1,8 @@
 """Time train_mid.py's training step against a plain transformers model wrapped the same way, side by side.
 
-    python bench_train_mid.py                                   # CPU: SmolLM2-135M, fp32
-    python bench_train_mid.py --device cuda --model llama-1b    # GPU: a ~1B Llama config, bf16 FSDP params
-    torchrun --nproc_per_node=8 bench_train_mid.py --device cuda --model FOLDER --seq-len 8192
+    python -m bench train_mid                                   # CPU: SmolLM2-135M, fp32
+    python -m bench train_mid --device cuda --model llama-1b    # GPU: a ~1B Llama config, bf16 FSDP params
+    torchrun --nproc_per_node=8 -m bench train_mid --device cuda --model FOLDER --seq-len 8192
 
 Both models get the same treatment from train_mid.py: fully_shard per block and root (one-process group when
 not under torchrun), the same mixed-precision policy, the same AdamW and gradient clipping, the same batch.
