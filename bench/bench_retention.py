@@ -1,12 +1,12 @@
-"""Multiple-choice items per second: evaluate.py's shared-context scoring (one prefill per context, its cache
+"""Multiple-choice items per second: retention.py's shared-context scoring (one prefill per context, its cache
 copied to every choice) against lm-evaluation-harness-style per-choice scoring (context + choice as one row
 per choice, no sharing), same model, same items, side by side in one run.
 
     python -m bench retention                                   # SmolLM2, 16 items each of 3 BIG-bench tasks
     python -m bench retention --tasks bigbench:logical_deduction --items 64 --device cuda --dtype bfloat16
 
-Items come from the BIG-bench archive (evaluate.download_bigbench()) or any
-task evaluate.py loads (--data task=path). The two sides alternate run by run; the table reports the median
+Items come from the BIG-bench archive (retention.download_bigbench()) or any
+task retention.py loads (--data task=path). The two sides alternate run by run; the table reports the median
 of --repeats runs and the largest difference of a choice's log-prob between the two (a correctness check).
 """
 import argparse
@@ -18,8 +18,8 @@ from datetime import date
 
 import torch
 
-import evaluate as E
 import model as M
+import retention as R
 
 
 def cpu_name() -> str:
@@ -36,7 +36,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=M.DEFAULT_MODEL, help="model folder, hub id or the built-in default")
     p.add_argument("--tasks", default="bigbench:emoji_movie,bigbench:logical_deduction,bigbench:hindu_knowledge",
-                   help="comma list of multiple-choice tasks (evaluate.py names)")
+                   help="comma list of multiple-choice tasks (retention.py names)")
     p.add_argument("--data", default="", help="local files: task=path[,task=path]")
     p.add_argument("--items", type=int, default=16, help="items per task (the first N)")
     p.add_argument("--num-fewshot", type=int, default=-1, help="shots; < 0 = the task's default")
@@ -51,7 +51,7 @@ def main():
     model = M.load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     tok = M.load_tokenizer(args.model)
     local = dict(x.split("=", 1) for x in args.data.split(",") if x)
-    cfg = E.Config(num_fewshot=args.num_fewshot)
+    cfg = R.Config(num_fewshot=args.num_fewshot)
 
     def sync():
         if args.device.startswith("cuda"):
@@ -59,23 +59,23 @@ def main():
 
     rows = []
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-        items = E.load_mc_task(task, cfg, local.get(task))[0][:args.items]
-        reqs = [E.mc_requests(tok, it) for it in items]
+        items = R.load_mc_task(task, cfg, local.get(task))[0][:args.items]
+        reqs = [R.mc_requests(tok, it) for it in items]
         n_choices = sum(len(r) for r in reqs) / len(reqs)
         ctx_tokens = sum(len(r[0][0]) for r in reqs) / len(reqs)
         cont_tokens = sum(len(c) for r in reqs for _, c in r) / sum(len(r) for r in reqs)
         times = {True: [], False: []}
         scores = {}
-        E.score_mc_items(model, tok, items[:2], batch_tokens=args.batch_tokens)  # warm-up
+        R.score_mc_items(model, tok, items[:2], batch_tokens=args.batch_tokens)  # warm-up
         for _ in range(args.repeats):
             for shared in (False, True):
                 sync()
                 t0 = time.perf_counter()
-                scores[shared] = E.score_mc_items(model, tok, items, batch_tokens=args.batch_tokens, shared=shared)
+                scores[shared] = R.score_mc_items(model, tok, items, batch_tokens=args.batch_tokens, shared=shared)
                 sync()
                 times[shared].append(time.perf_counter() - t0)
         diff = max(abs(a - b) for x, y in zip(scores[True], scores[False]) for a, b in zip(x, y))
-        acc = sum(E.mc_outcome(it, s)["correct"] for it, s in zip(items, scores[True])) / len(items)
+        acc = sum(R.mc_outcome(it, s)["correct"] for it, s in zip(items, scores[True])) / len(items)
         per, sh = (len(items) / statistics.median(times[s]) for s in (False, True))
         rows.append((task, len(items), n_choices, ctx_tokens, cont_tokens, per, sh, diff, acc))
         print(f"{task}: per-choice {per:.2f} items/s, shared {sh:.2f} items/s ({sh / per:.2f}x), max |dlogprob| {diff:.1e}")

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-import model as conv_mod
-from model import convert_gguf, smollm2_path
+import gguf_convert as conv_mod
+from gguf_convert import convert_gguf, smollm2_path
 
 
 def _smollm2_gguf_file():

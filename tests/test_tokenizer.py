@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from model import load_tokenizer, tokenizer_json_from_gguf
+from gguf_convert import tokenizer_json_from_gguf
+from tokenizer import load_tokenizer
 
 TEXTS = [
     "Hello, world! It's a test: we'll see, they've gone, I'm here, you'd know, she's done. IT'S LOUD.",
