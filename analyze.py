@@ -110,8 +110,7 @@ class Config:
     progress: bool = True  # tqdm bars
 
 
-class AnalyzeError(ValueError):
-    """A user mistake (bad checkpoint, bad data, bad flag): reported without a traceback by main()."""
+AnalyzeError = M.DataError  # a user mistake (bad checkpoint, data or flag): one line from main(), exit code 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,8 +319,7 @@ def _ratio(d2, w2):
 
 
 def _progress(items, desc, enabled):
-    from tqdm import tqdm
-    return tqdm(items, desc=desc, unit="tensor", disable=not enabled, leave=False)
+    return M.progress(items, desc=desc, unit="tensor", enabled=enabled, leave=False)
 
 
 def weight_change(dir_a, dir_b, thresholds=(1e-3, 1e-2, 1e-1), *, progress=False) -> dict:
@@ -544,8 +542,7 @@ def cka_features(path, token_lists, cfg: Config, cache_file: Path, meta: dict) -
     model = M.load_model(str(path), device=device, dtype=dtype)
     vocab = model.config.vocab_size
     feats = []
-    from tqdm import tqdm
-    for ids in tqdm(token_lists, desc=f"cka {Path(str(path)).name}", disable=not cfg.progress, leave=False):
+    for ids in M.progress(token_lists, desc=f"cka {Path(str(path)).name}", enabled=cfg.progress, leave=False):
         if max(ids) >= vocab:
             raise AnalyzeError(f"{path}: token id {max(ids)} >= the model's vocab_size {vocab}")
         x = torch.tensor([ids], device=device)

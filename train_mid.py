@@ -106,8 +106,7 @@ class Config:
     progress: bool = True  # progress bars for data preparation
 
 
-class DataError(ValueError):
-    """A mixture file or data file that cannot be used; the message names the file and the field."""
+DataError = M.DataError  # bad data, a bad flag value: one line and exit code 2
 
 
 class TrainingStopped(RuntimeError):
@@ -334,8 +333,7 @@ def prepare_source(source: Source, tokenizer_path, cache_dir, *, heldout_frac=0.
 
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
-    from tqdm import tqdm
-    bar = tqdm(desc=f"prepare {source.name}", unit="doc", disable=not progress)
+    bar = M.progress(desc=f"prepare {source.name}", unit="doc", enabled=progress)
     with ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("fork"),
                              initializer=_init_tokenizer_worker, initargs=(str(tokenizer_dir),)) as pool:
         index = 0
@@ -370,7 +368,7 @@ def prepare_source(source: Source, tokenizer_path, cache_dir, *, heldout_frac=0.
         print(f"[prepare] {source.name}: skipped {problems.get('invalid_json', 0)} invalid JSON lines and "
               f"{problems.get('missing_field', 0)} records without '{_needed_field(source)}' "
               f"(first: {problems['first']})")
-    M._write_json(tmp / "index.json", {
+    M.write_json(tmp / "index.json", {
         "source": asdict(source), "files": files, "tokenizer": str(tokenizer_dir), "eos_id": eos,
         "dtype": "uint32", "shards": shards, "heldout": {"file": "heldout.bin", "tokens": heldout_tokens}
         if heldout_tokens else None, "documents": docs, "skipped": {k: v for k, v in problems.items()}})
@@ -390,7 +388,7 @@ class TokenSource:
 
     def __init__(self, name: str, folder: Path, seq_len: int):
         self.name, self.folder, self.seq_len = name, Path(folder), seq_len
-        index = M._read_json(self.folder / "index.json")
+        index = M.read_json(self.folder / "index.json")
         self.eos_id = int(index["eos_id"])
         self.shards, counts = [], []
         for s in index["shards"]:
@@ -487,36 +485,7 @@ def heldout_windows(source: TokenSource, n_tokens: int) -> list:
 # Distributed setup and FSDP2
 
 
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str = "auto") -> Dist:
-    """Join torchrun's process group (nccl on CUDA, gloo on CPU), or make a one-process group so that a plain
-    `python train_mid.py` runs the same FSDP/DCP code path."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:  # not under torchrun: a group of one on a free local port
-            import socket
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                              LOCAL_RANK="0")
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+Dist, setup_distributed = M.Dist, M.setup_distributed  # model.py's; public here for train_rl.py
 
 
 def build_mesh(d: Dist, mesh: str = ""):
@@ -705,7 +674,7 @@ class Checkpointer:
     def _finish(self, tmp: Path, final: Path, extra: dict):
         dist.barrier()  # every rank has written its shards
         if self.dist.main:
-            M._write_json(tmp / "extra.json", extra)  # its presence marks a complete checkpoint
+            M.write_json(tmp / "extra.json", extra)  # its presence marks a complete checkpoint
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             done = sorted(p for p in self.dir.glob("step_*") if not p.name.endswith(".tmp"))
@@ -729,7 +698,7 @@ class Checkpointer:
         rng = path / f"rng_rank{self.dist.rank}.pt"
         if rng.is_file():  # a rank the saving run did not have keeps its seeded RNG
             _set_rng_state(torch.load(rng, weights_only=False))
-        return M._read_json(path / "extra.json")
+        return M.read_json(path / "extra.json")
 
 
 def _rng_state() -> dict:
@@ -889,12 +858,6 @@ def peak_flops(device: torch.device) -> float | None:
 # The built-in demo mixture: real text that installed packages ship
 
 
-def _package_dir(name: str):
-    import importlib.util
-    spec = importlib.util.find_spec(name)
-    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
-
-
 def demo_mixture(folder) -> Path:
     """Write the demo's sources and mixture into `folder`: math = champ-dataset's 270 problems with worked
     solutions (question "\\n" solution), code = reasoning-gym's CodeI/O records (task + reference program) and
@@ -903,12 +866,12 @@ def demo_mixture(folder) -> Path:
     mixture = folder / "mixture.toml"
     if mixture.is_file():
         return mixture
-    champ, gym = _package_dir("champ_dataset"), _package_dir("reasoning_gym")
+    champ, gym = M.package_dir("champ_dataset"), M.package_dir("reasoning_gym")
     if champ is None or gym is None:
         raise DataError("the demo mixture reads the champ-dataset and reasoning-gym packages: "
                         "pip install --no-deps champ-dataset reasoning-gym (or pass --data your_mixture.toml)")
     folder.mkdir(parents=True, exist_ok=True)
-    problems = M._read_json(champ / "dataset_files" / "v0.json")["problems"]
+    problems = M.read_json(champ / "dataset_files" / "v0.json")["problems"]
     with open(folder / "math.jsonl", "w", encoding="utf-8") as fh:
         for p in problems.values():
             steps = " ".join(s["_text"] for s in p["solution"]["steps"])
@@ -1040,7 +1003,7 @@ def _train(cfg: Config, d: Dist) -> dict:
     if cfg.resume and latest is None:
         log(f"[train_mid] --resume: no complete checkpoint in {ckpt.dir}; starting from the base model")
     if latest is not None:
-        extra = M._read_json(latest / "extra.json")
+        extra = M.read_json(latest / "extra.json")
         stamp = _config_stamp(cfg, mcfg)
         if extra["model"] != stamp:
             diff = {k: (extra["model"].get(k), v) for k, v in stamp.items() if extra["model"].get(k) != v}
@@ -1186,7 +1149,7 @@ def main(argv=None):
         if args.command == "prepare":
             sources, folders = prepare(cfg)
             for s, f in zip(sources, folders):
-                index = M._read_json(f / "index.json")
+                index = M.read_json(f / "index.json")
                 print(f"{s.name}: {f} ({sum(x['tokens'] for x in index['shards']) / 1e6:.2f}M train tokens, "
                       f"{index['documents']['train']} + {index['documents']['heldout']} held-out documents)")
             return None
