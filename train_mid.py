@@ -961,11 +961,63 @@ def train(cfg: Config) -> dict:
         dist.destroy_process_group()
 
 
+@dataclass
+class Run:
+    """What the training loop carries from phase to phase."""
+    cfg: Config
+    d: Dist
+    out: Path
+    base: Path  # the base model's folder
+    sources: list  # the mixture's sources (name, weight)
+    loader: "MixtureLoader"
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ckpt: "Checkpointer"
+    metrics: "MetricsLog"
+    evals: "MetricsLog"
+    heldout: dict  # source name -> (held-out windows, eos id)
+    rows_per_rank: int
+    global_rows: int
+    tokens_per_step: int
+    total_steps: int
+    flops_per_token: float  # model FLOPs of one training token (MFU)
+    peak_flops: float | None  # the card's peak, None where unknown
+    start_step: int = 0
+    bad_in_row: int = 0
+    skipped: int = 0
+
+    def log(self, *a):
+        if self.d.main:
+            print(*a)
+
+
 def _train(cfg: Config, d: Dist) -> dict:
+    """The loop: batch -> forward/backward -> optimizer step -> log -> checkpoint, over named phases."""
+    run = _start(cfg, d)
+    if run.start_step == 0:
+        _evaluate(run, 0)
+    losses, step = [], run.start_step
+    for step in range(run.start_step + 1, run.total_steps + 1):
+        t0 = time.perf_counter()
+        lr = _set_lr(run, step)
+        loss, grad_norm = _train_step(run, step)
+        if run.d.device.type == "cuda":
+            torch.cuda.synchronize(run.d.device)
+        record = _step_record(run, step, loss, lr, grad_norm, time.perf_counter() - t0)
+        losses.append(loss)
+        if step == run.total_steps or (cfg.eval_every and step % cfg.eval_every == 0):
+            record.update({f"heldout/{k}": v for k, v in (_evaluate(run, step) or {}).items()})
+        run.metrics.write(record)
+        _log_step(run, record)
+        _save(run, step)
+    return _finish(run, step, losses)
+
+
+def _start(cfg: Config, d: Dist) -> Run:
+    """Seeds, data, the sharded model and optimizer, and the latest checkpoint when resuming."""
     out = Path(cfg.out)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-    log = print if d.main else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed + d.rank)
     np.random.seed(cfg.seed + d.rank)
     random.seed(cfg.seed + d.rank)
@@ -980,7 +1032,6 @@ def _train(cfg: Config, d: Dist) -> dict:
     loader = MixtureLoader(token_sources, [s.weight for s in sources], cfg.seed)
 
     model = M.load_model(str(base), device="cpu", dtype=torch.float32)  # fp32 master weights, sharded below
-    mcfg = model.config
     param_dtype = resolve_param_dtype(cfg.param_dtype, d.device)
     mesh = build_mesh(d, cfg.mesh)
     shard_model(model, mesh, param_dtype=param_dtype, activation_checkpointing=cfg.activation_checkpointing,
@@ -996,132 +1047,153 @@ def _train(cfg: Config, d: Dist) -> dict:
     total_steps = int(math.ceil(cfg.tokens / tokens_per_step)) if cfg.tokens > 0 else cfg.steps
     if total_steps <= 0:
         raise DataError("--steps (or --tokens) must give at least one step")
-
-    ckpt = Checkpointer(out, d, keep=cfg.keep_checkpoints, async_save=cfg.async_save)
-    start_step, resumed_from = 0, None
-    latest = ckpt.latest() if cfg.resume else None
-    if cfg.resume and latest is None:
-        log(f"[train_mid] --resume: no complete checkpoint in {ckpt.dir}; starting from the base model")
-    if latest is not None:
-        extra = M.read_json(latest / "extra.json")
-        stamp = _config_stamp(cfg, mcfg)
-        if extra["model"] != stamp:
-            diff = {k: (extra["model"].get(k), v) for k, v in stamp.items() if extra["model"].get(k) != v}
-            raise DataError(f"{latest}: checkpoint of a different model (checkpoint vs --model: {diff})")
-        extra = ckpt.load(latest, model, optimizer)
-        loader.load_state_dict(extra["loader"])
-        start_step, resumed_from = int(extra["step"]), latest
-        if extra["world"] != d.world:
-            log(f"[train_mid] resharding: checkpoint written by {extra['world']} ranks, resuming on {d.world}")
-        if extra["global_rows"] != global_rows:
-            log(f"[train_mid] note: the checkpoint used {extra['global_rows']} sequences per step, this run "
-                f"{global_rows}; the data order continues from the same position")
-        log(f"[train_mid] resumed from {latest} at step {start_step}")
-
-    metrics = MetricsLog(out / "metrics.jsonl", d, resume_step=start_step if resumed_from else None)
-    evals = MetricsLog(out / "eval.jsonl", d, resume_step=start_step if resumed_from else None)
     heldout = {s.name: (heldout_windows(s, cfg.eval_tokens), s.eos_id) for s in token_sources}
-    heldout = {k: v for k, v in heldout.items() if v[0]}
-    flops_per_token = model_flops_per_token(model, cfg.seq_len)
-    peak = peak_flops(d.device)
-    log(f"[train_mid] {base.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"{d.world} rank(s) on {d.device.type}, mesh {cfg.mesh or d.world}, {total_steps} steps x "
-        f"{global_rows} sequences x {cfg.seq_len} tokens = {total_steps * tokens_per_step / 1e6:.2f}M tokens; "
-        f"sources " + ", ".join(f"{s.name} {s.weight:g} ({t.tokens / 1e6:.2f}M tokens)"
-                                for s, t in zip(sources, token_sources)))
+    run = Run(cfg, d, out, base, sources, loader, model, optimizer,
+              Checkpointer(out, d, keep=cfg.keep_checkpoints, async_save=cfg.async_save), None, None,
+              {k: v for k, v in heldout.items() if v[0]}, rows_per_rank, global_rows, tokens_per_step, total_steps,
+              model_flops_per_token(model, cfg.seq_len), peak_flops(d.device))
+    resumed = _resume(run)
+    run.metrics = MetricsLog(out / "metrics.jsonl", d, resume_step=run.start_step if resumed else None)
+    run.evals = MetricsLog(out / "eval.jsonl", d, resume_step=run.start_step if resumed else None)
+    run.log(f"[train_mid] {base.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+            f"{d.world} rank(s) on {d.device.type}, mesh {cfg.mesh or d.world}, {total_steps} steps x "
+            f"{global_rows} sequences x {cfg.seq_len} tokens = {total_steps * tokens_per_step / 1e6:.2f}M tokens; "
+            f"sources " + ", ".join(f"{s.name} {s.weight:g} ({t.tokens / 1e6:.2f}M tokens)"
+                                    for s, t in zip(sources, token_sources)))
+    return run
 
-    def run_eval(step):
-        if not heldout:
-            return None
-        losses = evaluate_heldout(model, heldout, d, cfg.batch_size)
-        evals.write({"step": step, **{f"heldout/{k}": v for k, v in losses.items()}})
-        log(f"[train_mid] step {step} held-out loss: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-        return losses
 
-    if start_step == 0:
-        run_eval(0)
-    bad_in_row, skipped = 0, 0
-    losses = []
-    step = start_step
-    for step in range(start_step + 1, total_steps + 1):
-        t0 = time.perf_counter()
-        lr = lr_at(step - 1, peak=cfg.lr, warmup=cfg.warmup, total=total_steps, schedule=cfg.schedule,
-                   min_ratio=cfg.min_lr_ratio, decay_frac=cfg.decay_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        picks = loader.next_global(global_rows)
-        mine = picks[d.rank * rows_per_rank:(d.rank + 1) * rows_per_rank]
-        micro = [loader.batch(mine[i * cfg.batch_size:(i + 1) * cfg.batch_size]) for i in range(cfg.grad_accum)]
-        # normalise by the whole step's target tokens, so accumulation and sharding give the exact mean
-        count = torch.tensor([float(sum((b["labels"] >= 0).sum() for b in micro))], device=d.device)
-        dist.all_reduce(count)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
-        for i, b in enumerate(micro):
-            if hasattr(model, "set_requires_gradient_sync"):  # reduce-scatter once, on the last micro-step
-                model.set_requires_gradient_sync(i == len(micro) - 1)
-            logp = model(b["input_ids"].to(d.device), b["doc_ids"].to(d.device), labels=b["labels"].to(d.device))
-            nll = -logp.sum()
-            (nll * d.world / count).backward()  # FSDP averages gradients over ranks; * world undoes that
-            loss_sum += nll.detach().double()
-        dist.all_reduce(loss_sum)
-        loss = float(loss_sum / count.double())
-        grad_norm = clip_grad_norm(model, cfg.grad_clip)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            optimizer.zero_grad(set_to_none=True)
-            bad_in_row += 1
-            skipped += 1
-            log(f"[train_mid] step {step}: non-finite loss {loss} / grad norm {grad_norm}; step skipped "
-                f"({bad_in_row} in a row)")
-            if bad_in_row >= cfg.max_bad_steps:
-                raise TrainingStopped(f"{bad_in_row} non-finite steps in a row (last at step {step}); lower --lr, "
-                                   f"check the data, or resume from {ckpt.latest()}")
-        else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            bad_in_row = 0
-        if d.device.type == "cuda":
-            torch.cuda.synchronize(d.device)
-        dt = time.perf_counter() - t0
-        tps = tokens_per_step / dt
-        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": step * tokens_per_step,
-                  "tokens_per_s": tps, "step_s": dt, "skipped_steps": skipped,
-                  "mfu": tps * flops_per_token / (peak * d.world) if peak else None,
-                  "memory_gb": (torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda"  # peak; CPU: RSS
-                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9,
-                  **{f"mix/{s.name}": n / sum(loader.taken) for s, n in zip(sources, loader.taken)}}  # realised
-        losses.append(loss)
-        if step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0):
-            after = run_eval(step)
-            if after:
-                record.update({f"heldout/{k}": v for k, v in after.items()})
-        metrics.write(record)
-        if d.main and (step % cfg.log_every == 0 or step == total_steps):
-            mfu = f" mfu {record['mfu'] * 100:.1f}%" if record["mfu"] is not None else ""
-            mem = f" mem {record['memory_gb']:.1f}GB"
-            log(f"[train_mid] step {step}/{total_steps} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} "
-                f"{tps:,.0f} tok/s{mfu}{mem} mix " + " ".join(f"{s.name}={record['mix/' + s.name]:.2f}" for s in sources))
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            ckpt.save(step, model, optimizer, _extra(cfg, d, step, loader, mcfg, global_rows))
-        if cfg.export_every and step % cfg.export_every == 0 and step < total_steps:
-            export_hf(model, out / f"hf-step{step}", d, base, _export_dtype(cfg, mcfg))
+def _resume(run: Run) -> bool:
+    """Load the latest complete checkpoint (--resume): model, optimizer, loader position, RNG."""
+    cfg, d = run.cfg, run.d
+    latest = run.ckpt.latest() if cfg.resume else None
+    if cfg.resume and latest is None:
+        run.log(f"[train_mid] --resume: no complete checkpoint in {run.ckpt.dir}; starting from the base model")
+    if latest is None:
+        return False
+    extra = M.read_json(latest / "extra.json")
+    stamp = _config_stamp(cfg, run.model.config)
+    if extra["model"] != stamp:
+        diff = {k: (extra["model"].get(k), v) for k, v in stamp.items() if extra["model"].get(k) != v}
+        raise DataError(f"{latest}: checkpoint of a different model (checkpoint vs --model: {diff})")
+    extra = run.ckpt.load(latest, run.model, run.optimizer)
+    run.loader.load_state_dict(extra["loader"])
+    run.start_step = int(extra["step"])
+    if extra["world"] != d.world:
+        run.log(f"[train_mid] resharding: checkpoint written by {extra['world']} ranks, resuming on {d.world}")
+    if extra["global_rows"] != run.global_rows:
+        run.log(f"[train_mid] note: the checkpoint used {extra['global_rows']} sequences per step, this run "
+                f"{run.global_rows}; the data order continues from the same position")
+    run.log(f"[train_mid] resumed from {latest} at step {run.start_step}")
+    return True
 
-    if step > start_step:  # a final checkpoint, so --resume of a finished run is a no-op
-        ckpt.save(step, model, optimizer, _extra(cfg, d, step, loader, mcfg, global_rows))
-    ckpt.wait()
-    export_hf(model, out / "hf", d, base, _export_dtype(cfg, mcfg))
-    summary = {"steps": total_steps, "losses": losses, "export": str(out / "hf"), "skipped_steps": skipped}
+
+def _evaluate(run: Run, step: int) -> dict | None:
+    """Held-out loss per source, logged to eval.jsonl."""
+    if not run.heldout:
+        return None
+    losses = evaluate_heldout(run.model, run.heldout, run.d, run.cfg.batch_size)
+    run.evals.write({"step": step, **{f"heldout/{k}": v for k, v in losses.items()}})
+    run.log(f"[train_mid] step {step} held-out loss: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    return losses
+
+
+def _set_lr(run: Run, step: int) -> float:
+    cfg = run.cfg
+    lr = lr_at(step - 1, peak=cfg.lr, warmup=cfg.warmup, total=run.total_steps, schedule=cfg.schedule,
+               min_ratio=cfg.min_lr_ratio, decay_frac=cfg.decay_frac)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _train_step(run: Run, step: int) -> tuple:
+    """One optimizer step over this rank's share of the global batch, in --grad-accum micro-batches;
+    returns (mean loss over the global step's target tokens, gradient norm before clipping)."""
+    cfg, d, model, loader = run.cfg, run.d, run.model, run.loader
+    picks = loader.next_global(run.global_rows)
+    mine = picks[d.rank * run.rows_per_rank:(d.rank + 1) * run.rows_per_rank]
+    micro = [loader.batch(mine[i * cfg.batch_size:(i + 1) * cfg.batch_size]) for i in range(cfg.grad_accum)]
+    # normalise by the whole step's target tokens, so accumulation and sharding give the exact mean
+    count = torch.tensor([float(sum((b["labels"] >= 0).sum() for b in micro))], device=d.device)
+    dist.all_reduce(count)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+    for i, b in enumerate(micro):
+        if hasattr(model, "set_requires_gradient_sync"):  # reduce-scatter once, on the last micro-step
+            model.set_requires_gradient_sync(i == len(micro) - 1)
+        logp = model(b["input_ids"].to(d.device), b["doc_ids"].to(d.device), labels=b["labels"].to(d.device))
+        nll = -logp.sum()
+        (nll * d.world / count).backward()  # FSDP averages gradients over ranks; * world undoes that
+        loss_sum += nll.detach().double()
+    dist.all_reduce(loss_sum)
+    loss = float(loss_sum / count.double())
+    grad_norm = clip_grad_norm(model, cfg.grad_clip)
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.bad_in_row = 0
+        return loss, grad_norm
+    run.optimizer.zero_grad(set_to_none=True)  # a non-finite step changes nothing
+    run.bad_in_row += 1
+    run.skipped += 1
+    run.log(f"[train_mid] step {step}: non-finite loss {loss} / grad norm {grad_norm}; step skipped "
+            f"({run.bad_in_row} in a row)")
+    if run.bad_in_row >= cfg.max_bad_steps:
+        raise TrainingStopped(f"{run.bad_in_row} non-finite steps in a row (last at step {step}); lower --lr, "
+                              f"check the data, or resume from {run.ckpt.latest()}")
+    return loss, grad_norm
+
+
+def _step_record(run: Run, step: int, loss: float, lr: float, grad_norm: float, dt: float) -> dict:
+    d, loader, peak = run.d, run.loader, run.peak_flops
+    tps = run.tokens_per_step / dt
+    return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": step * run.tokens_per_step,
+            "tokens_per_s": tps, "step_s": dt, "skipped_steps": run.skipped,
+            "mfu": tps * run.flops_per_token / (peak * d.world) if peak else None,
+            "memory_gb": (torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda"  # peak; CPU: RSS
+                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9,
+            **{f"mix/{s.name}": n / sum(loader.taken) for s, n in zip(run.sources, loader.taken)}}  # realised
+
+
+def _log_step(run: Run, r: dict):
+    step = r["step"]
+    if step % run.cfg.log_every and step != run.total_steps:
+        return
+    mfu = f" mfu {r['mfu'] * 100:.1f}%" if r["mfu"] is not None else ""
+    run.log(f"[train_mid] step {step}/{run.total_steps} loss {r['loss']:.4f} lr {r['lr']:.2e} grad_norm "
+            f"{r['grad_norm']:.3f} {r['tokens_per_s']:,.0f} tok/s{mfu} mem {r['memory_gb']:.1f}GB mix "
+            + " ".join(f"{s.name}={r['mix/' + s.name]:.2f}" for s in run.sources))
+
+
+def _save(run: Run, step: int):
+    """A DCP checkpoint every --save-every steps, an HF export every --export-every (the last step: _finish)."""
+    cfg, mcfg = run.cfg, run.model.config
+    if cfg.save_every and step % cfg.save_every == 0 and step < run.total_steps:
+        run.ckpt.save(step, run.model, run.optimizer, _extra(cfg, run.d, step, run.loader, mcfg, run.global_rows))
+    if cfg.export_every and step % cfg.export_every == 0 and step < run.total_steps:
+        export_hf(run.model, run.out / f"hf-step{step}", run.d, run.base, _export_dtype(cfg, mcfg))
+
+
+def _finish(run: Run, step: int, losses: list) -> dict:
+    """The final checkpoint and HF export, the held-out summary and the plot."""
+    cfg, d, out, mcfg = run.cfg, run.d, run.out, run.model.config
+    if step > run.start_step:  # a final checkpoint, so --resume of a finished run is a no-op
+        run.ckpt.save(step, run.model, run.optimizer, _extra(cfg, d, step, run.loader, mcfg, run.global_rows))
+    run.ckpt.wait()
+    export_hf(run.model, out / "hf", d, run.base, _export_dtype(cfg, mcfg))
+    summary = {"steps": run.total_steps, "losses": losses, "export": str(out / "hf"), "skipped_steps": run.skipped}
     if d.main:
-        records = _read_records(out / "eval.jsonl") if heldout else []
+        records = _read_records(out / "eval.jsonl") if run.heldout else []
         if records:
             summary["heldout_before"], summary["heldout_after"] = records[0], records[-1]
-            log("[train_mid] held-out loss, first -> last evaluation: " + ", ".join(
+            run.log("[train_mid] held-out loss, first -> last evaluation: " + ", ".join(
                 f"{k.removeprefix('heldout/')} {records[0][k]:.4f} -> {records[-1][k]:.4f}"
                 for k in records[0] if k.startswith("heldout/") and records[0][k] is not None))
         png = plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "lr", "grad_norm", "tokens_per_s"],
-                           f"mid-training {base.name} ({d.world} x {d.device.type}, {time.strftime('%Y-%m-%d')})",
+                           f"mid-training {run.base.name} ({d.world} x {d.device.type}, {time.strftime('%Y-%m-%d')})",
                            overlay_path=out / "eval.jsonl", overlay_title="held-out loss per source")
-        log(f"[train_mid] wrote {out / 'hf'} (Hugging Face folder), {out / 'metrics.jsonl'}"
-            + (f", {png}" if png else ""))
+        run.log(f"[train_mid] wrote {out / 'hf'} (Hugging Face folder), {out / 'metrics.jsonl'}"
+                + (f", {png}" if png else ""))
     return summary
 
 
