@@ -1456,11 +1456,14 @@ def parse_config(cls, argv=None, *, parser=None):
     from dataclasses import fields
     p = parser or argparse.ArgumentParser(description=(cls.__doc__ or "").strip() or None)
     p.add_argument("--config", help=f"a TOML file of {cls.__name__} fields (flags override it)")
-    try:
-        block = inspect.getsource(cls)
-    except (OSError, TypeError):
-        block = ""
-    comments = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", block, re.M)}
+    comments = {}
+    for klass in reversed(cls.__mro__[:-1]):  # a subclass's comment wins over its base's
+        try:
+            block = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        comments.update({m.group(1): m.group(2).strip()
+                         for m in re.finditer(r"^\s+(\w+):[^#\n]*#(.*)$", block, re.M)})
     names = set()
     for f in fields(cls):
         names.add(f.name)
