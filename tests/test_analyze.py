@@ -314,11 +314,10 @@ def test_every_subcommand(family, capsys):
     assert M.load_tokenizer(str(merged)).vocab_size == 258
 
 
+@pytest.mark.parametrize("family", ["llama"], indirect=True)  # one family is enough for the (slower) generation
 def test_landscape(family):
     pytest.importorskip("evaluate")
     kind, root, base, mid, rl_20, rl_40 = family
-    if kind != "llama":
-        pytest.skip("one family is enough for the (slower) generation grid")
     data = root / "problems.jsonl"
     data.write_text(json.dumps({"problem": "What is 1 + 1?", "answer": "2"}) + "\n"
                     + json.dumps({"problem": "What is 2 + 2?", "answer": "4"}) + "\n")
