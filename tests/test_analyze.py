@@ -326,3 +326,47 @@ def test_landscape(family):
     assert r["a"] == [0.0, 1.0] and len(r["pass_rate"]) == 2 and len(r["points"]) == 4
     assert all(0.0 <= p["pass_rate"] <= 1.0 for p in r["points"])
     assert (out / "landscape.png").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("family", ["llama"], indirect=True)
+def test_landscape_weights_and_loss_follow_the_definition(family, monkeypatch):
+    """At every grid point the model holds W(a, b) = W_base + a (W_mid - W_base) + b (W_rl - W_mid) (PAPER.md;
+    dW_mid = MID - BASE, dW_RL = RL - MID): weights and logits/loss against transformers given W(a, b) built here
+    from the safetensors files. generate() is replaced by a probe that records them and answers '\\boxed{2}'."""
+    pytest.importorskip("evaluate")
+    from types import SimpleNamespace
+    kind, root, base, mid, rl_20, rl_40 = family
+    data = root / "problems_probe.jsonl"
+    data.write_text(json.dumps({"problem": "What is 1 + 1?", "answer": "2"}) + "\n"
+                    + json.dumps({"problem": "What is 2 + 2?", "answer": "4"}) + "\n")
+    tok = M.load_tokenizer(str(base))
+    ids = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 64]])
+    seen = []
+
+    def probe(model, prompts, **kw):  # record the weights in the model and its logits on `ids`
+        with torch.no_grad():
+            seen.append(({n: p.detach().clone() for n, p in model.named_parameters()}, model(ids).float()))
+        return [SimpleNamespace(tokens=tok.encode("so \\boxed{2}"), logprobs=[]) for _ in prompts]
+
+    monkeypatch.setattr(M, "generate", probe)
+    r = run_main("landscape", base, mid, rl_40, "--data", data, "--grid", 3, "--a-min", -0.5, "--a-max", 1.0,
+                 "--b-min", 0.0, "--b-max", 1.0, "--batch-size", 2, "--out", root / "out" / "land_probe")
+    a_axis, b_axis = [-0.5, 0.25, 1.0], [0.0, 0.5, 1.0]
+    assert r["a"] == pytest.approx(a_axis) and r["b"] == pytest.approx(b_axis)
+    assert [(p["a"], p["b"]) for p in r["points"]] == [(a, b) for a in a_axis for b in b_axis]
+    assert r["pass_rate"] == [[0.5] * 3] * 3  # '\\boxed{2}' answers the first problem, not the second
+    w_base, w_mid, w_rl = (load_file(str(p / "model.safetensors")) for p in (base, mid, rl_40))
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(base),
+                                                        dtype=torch.float32).eval()
+    labels = ids[0, 1:]
+    assert len(seen) == 9
+    for (a, b), (weights, logits) in zip([(a, b) for a in a_axis for b in b_axis], seen):
+        w = {k: w_base[k] + a * (w_mid[k] - w_base[k]) + b * (w_rl[k] - w_mid[k]) for k in w_base}
+        for k, v in w.items():  # llama: the checkpoint's names are the model's
+            torch.testing.assert_close(weights[k], v, rtol=1e-6, atol=1e-6, msg=f"{k} at a={a}, b={b}")
+        hf.load_state_dict(w)
+        with torch.no_grad():
+            ref = hf(ids).logits.float()
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4, msg=f"logits at a={a}, b={b}")
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels)
+        assert float(loss) == pytest.approx(float(torch.nn.functional.cross_entropy(ref[0, :-1], labels)), abs=1e-5)
