@@ -802,7 +802,7 @@ def heatmap(path: Path, layers: dict, key, title: str, cbar_label: str, cmap="vi
     idx = sorted(layers)
     grid = [[(key(layers[i][c]) if c in layers[i] else None) for c in comps] for i in idx]
     data = torch.tensor([[math.nan if v is None or not math.isfinite(v) else v for v in row] for row in grid])
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(comps), 1.5 + 0.25 * len(idx)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.6 * len(comps)), 2.0 + 0.25 * len(idx)))  # room for the title
     im = ax.imshow(data.numpy(), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_xticks(range(len(comps)), comps, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(idx)), [str(i) for i in idx], fontsize=7)
