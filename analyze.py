@@ -41,8 +41,9 @@ written: add ~one shard, <= 5 GB, for real checkpoints). `similarity` reads thre
 - cka: each layer's output (the residual stream after the layer; the last one before the final norm),
   mean-pooled over the prompt's tokens, one prompt at a time (batch 1, as in the paper), A's tokenizer for
   both models. The pooling leaves out special tokens (BOS, EOS and every special/added token of the
-  tokenizer): the model sees BOS, but BOS's hidden state is the same for every prompt, a constant
-  component that would only inflate CKA; --cka-keep-special true keeps them (cka.json says which).
+  tokenizer): the model sees BOS, but BOS's hidden state is the same for every prompt, a component with
+  a 1/T weight that says nothing about the prompt and moves CKA (up or down);
+  --cka-keep-special true keeps them (cka.json, the log and cka.png say which).
   Features go to --out/features_{a,b}.pt (reused while model files, tokens, pooling, dtype and device
   match), so only one model is in memory. Bootstrap: --bootstrap resamples of --bootstrap-size prompts with
   replacement; the minimum over layers is reported for the full set and for the bootstrap mean.
