@@ -40,11 +40,18 @@ written: add ~one shard, <= 5 GB, for real checkpoints). `similarity` reads thre
   tensor names and other files (config, tokenizer); the paper's repair is `merge BASE MID --alpha 0.15`.
 - cka: each layer's output (the residual stream after the layer; the last one before the final norm),
   mean-pooled over the prompt's tokens, one prompt at a time (batch 1, as in the paper), A's tokenizer for
-  both models. Features go to --out/features_{a,b}.pt (reused while model files, tokens, dtype and device
+  both models. The pooling leaves out special tokens (BOS, EOS and every special/added token of the
+  tokenizer): the model sees BOS, but BOS's hidden state is the same for every prompt, a component with
+  a 1/T weight that says nothing about the prompt and moves CKA (up or down);
+  --cka-keep-special true keeps them (cka.json, the log and cka.png say which).
+  Features go to --out/features_{a,b}.pt (reused while model files, tokens, pooling, dtype and device
   match), so only one model is in memory. Bootstrap: --bootstrap resamples of --bootstrap-size prompts with
   replacement; the minimum over layers is reported for the full set and for the bootstrap mean.
 - landscape: one model in memory; for each grid point every tensor is rebuilt from the three checkpoints
   (W = W_base + a (W_mid - W_base) + b (W_rl - W_mid)); greedy decoding, graded by evaluate.check_math.
+
+Names: plots and logs call a checkpoint by its run's name: the folder's last part, or the folder above when
+that part is `hf` (the training scripts export to RUN/hf, so out/mid/hf is "mid"); --labels overrides.
 
 Outputs in --out: metrics.jsonl (appended; one JSON object per record, tagged with its command),
 <command>.json (everything; inf/NaN written as null), PNG plots.
@@ -106,6 +113,8 @@ class Config:
     device: str = "auto"  # cka / landscape: cpu, cuda, or auto
     dtype: str = "float32"  # cka / landscape: model dtype (float32, bfloat16)
     seed: int = 0  # bootstrap seed
+    cka_keep_special: bool = False  # cka: pool over special tokens too (BOS, EOS, added ones); default: not
+    labels: str = ""  # comma list of names for the checkpoints (plots, logs); "" = run names from the paths
     plots: bool = True  # write PNG plots
     progress: bool = True  # tqdm bars
 
@@ -200,6 +209,36 @@ def check_compatible(ckpts: list) -> list:
 def paired_blocks(ckpts: list, name: str):
     """Yield tuples of aligned float32 blocks of `name` from each checkpoint."""
     return zip(*(c.blocks(name) for c in ckpts))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint names in plots and logs
+
+def run_name(path) -> str:
+    """A checkpoint's name: its folder's last part, or the run's folder above it when that part is `hf` (the
+    training scripts export to RUN/hf, so out/mid/hf and out/rl/hf are "mid" and "rl", not both "hf");
+    RUN/hf-stepN (extra exports) is "RUN stepN". A hub id keeps its last part."""
+    p = Path(str(path))
+    if p.name in ("", ".", "..") or (p.name.startswith("hf") and p.parent.name in ("", ".", "..")):
+        p = p.resolve()  # "." or a bare "hf" inside the run folder: the real folder names
+    m = re.fullmatch(r"hf(?:-(step\d+))?", p.name)
+    if m and p.parent.name:
+        return p.parent.name + (f" {m.group(1)}" if m.group(1) else "")
+    return p.name or str(path)
+
+
+def checkpoint_labels(cfg, paths: list) -> list:
+    """--labels (one per checkpoint), else run_name() of each path (one name for two paths: the paths)."""
+    if cfg.labels:
+        labels = [x.strip() for x in cfg.labels.split(",")]
+        if len(labels) != len(paths) or not all(labels):
+            raise AnalyzeError(f"--labels {cfg.labels!r}: expected {len(paths)} non-empty comma-separated "
+                               f"names, one per checkpoint, got {len(labels)}")
+        return labels
+    names = [run_name(p) for p in paths]
+    # one name for different paths (two runs' step_20): the paths themselves tell them apart
+    return [str(p) if any(n == o and str(p) != str(q) for q, o in zip(paths, names)) else n
+            for p, n in zip(paths, names)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,9 +570,29 @@ def _files_stamp(ck: Checkpoint) -> list:
     return sorted([str(f), os.path.getsize(f), os.path.getmtime(f)] for f in {v[0] for v in ck.where.values()})
 
 
+def special_ids(tok) -> set:
+    """The ids CKA pooling leaves out by default: BOS, EOS and every special/added token of the tokenizer.
+    A pad token is among them when the tokenizer has one; a config's bare pad_token_id is not used (it can
+    name an ordinary token), and prompts are never padded here (batch 1)."""
+    ids = set(getattr(tok, "special_tokens", {}).values())
+    ids |= {i for i in (tok.bos_id, tok.eos_id, *(getattr(tok, "eos_ids", None) or [])) if i is not None}
+    return ids
+
+
+def mean_pool(hidden, ids, exclude=frozenset()) -> torch.Tensor:
+    """hidden (T, H) of one prompt with token ids `ids` (T,) -> (H,) mean over positions whose id is not in
+    `exclude`, in float32."""
+    keep = torch.tensor([int(i) not in exclude for i in ids], device=hidden.device)  # (T,)
+    if not keep.any():
+        raise ValueError("every token of the prompt is excluded from the pooling")
+    return hidden[keep].float().mean(0)
+
+
 @torch.no_grad()
-def cka_features(path, token_lists, cfg: Config, cache_file: Path, meta: dict) -> torch.Tensor:
-    """(L, n, hidden) mean-pooled layer outputs of one model, one prompt at a time; cached in cache_file."""
+def cka_features(path, token_lists, cfg: Config, cache_file: Path, meta: dict, exclude=frozenset(),
+                 label=None) -> torch.Tensor:
+    """(L, n, hidden) layer outputs of one model mean-pooled over each prompt's tokens except the ids in
+    `exclude`, one prompt at a time; cached in cache_file (meta must name everything that changes them)."""
     if cache_file.is_file():
         saved = torch.load(cache_file, weights_only=True)
         if saved.get("meta") == json.dumps(meta, sort_keys=True):
@@ -542,11 +601,13 @@ def cka_features(path, token_lists, cfg: Config, cache_file: Path, meta: dict) -
     model = M.load_model(str(path), device=device, dtype=dtype)
     vocab = model.config.vocab_size
     feats = []
-    for ids in M.progress(token_lists, desc=f"cka {Path(str(path)).name}", enabled=cfg.progress, leave=False):
+    desc = f"cka {label or run_name(path)}"
+    for ids in M.progress(token_lists, desc=desc, enabled=cfg.progress, leave=False):
         if max(ids) >= vocab:
             raise AnalyzeError(f"{path}: token id {max(ids)} >= the model's vocab_size {vocab}")
         x = torch.tensor([ids], device=device)
-        feats.append(torch.stack([o[0].float().mean(0) for o in layer_outputs(model, x)]).cpu())  # (L, hidden)
+        pooled = [mean_pool(o[0], ids, exclude) for o in layer_outputs(model, x)]
+        feats.append(torch.stack(pooled).cpu())  # (L, hidden)
     del model
     gc.collect()
     features = torch.stack(feats, dim=1)  # (L, n, hidden)
@@ -556,7 +617,7 @@ def cka_features(path, token_lists, cfg: Config, cache_file: Path, meta: dict) -
     return features
 
 
-def cka_compare(cfg: Config, dir_a, dir_b) -> dict:
+def cka_compare(cfg: Config, dir_a, dir_b, labels=None) -> dict:
     """Linear CKA per layer between two models over the prompts of cfg.data, with a bootstrap."""
     records = read_jsonl(cfg.data, (cfg.field,))
     if cfg.limit:
@@ -568,19 +629,27 @@ def cka_compare(cfg: Config, dir_a, dir_b) -> dict:
         raise AnalyzeError(f"{ck[1].folder / 'config.json'}: {ck[1].cfg.num_hidden_layers} layers, but "
                            f"{ck[0].folder / 'config.json'} has {ck[0].cfg.num_hidden_layers}")
     tok = M.load_tokenizer(str(ck[0].folder))  # one tokenizer (A's) gives both models the same token ids
-    token_lists = []
+    exclude = frozenset() if cfg.cka_keep_special else frozenset(special_ids(tok))
+    token_lists, pooled, dropped = [], 0, 0
     for i, r in enumerate(records):
         ids = tok.encode(r[cfg.field], bos=tok.bos_id is not None)[:cfg.max_tokens]
         if not ids:
             raise AnalyzeError(f"{cfg.data}: record {i + 1} has an empty '{cfg.field}'")
+        kept = sum(t not in exclude for t in ids)
+        if not kept:
+            raise AnalyzeError(f"{cfg.data}: record {i + 1}'s '{cfg.field}' holds only special tokens, which "
+                               f"the pooling leaves out (--cka-keep-special true keeps them)")
         token_lists.append(ids)
+        pooled, dropped = pooled + kept, dropped + len(ids) - kept
     data_hash = hashlib.sha256(json.dumps(token_lists).encode()).hexdigest()
     out = Path(cfg.out)
+    labels = labels or [run_name(c.folder) for c in ck]
     feats = []
-    for tag, c in zip("ab", ck):
+    for tag, c, label in zip("ab", ck, labels):
         meta = {"model": str(c.folder.resolve()), "files": _files_stamp(c), "tokens": data_hash,
-                "dtype": cfg.dtype, "device": _device_dtype(cfg)[0]}
-        feats.append(cka_features(c.folder, token_lists, cfg, out / f"features_{tag}.pt", meta))
+                "dtype": cfg.dtype, "device": _device_dtype(cfg)[0], "excluded_ids": sorted(exclude)}
+        feats.append(cka_features(c.folder, token_lists, cfg, out / f"features_{tag}.pt", meta, exclude,
+                                  label))
     fa, fb = feats
     n, L = fa.shape[1], fa.shape[0]
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -605,12 +674,15 @@ def cka_compare(cfg: Config, dir_a, dir_b) -> dict:
                        boot_p97_5=float(boots.quantile(0.975)))
         layers.append(row)
     worst = min(layers, key=lambda r: r["cka"])
-    summary = {"min_cka": worst["cka"], "min_layer": worst["layer"], "prompts": n, "layers_n": L}
+    summary = {"min_cka": worst["cka"], "min_layer": worst["layer"], "prompts": n, "layers_n": L,
+               "special_tokens": "kept" if cfg.cka_keep_special else "excluded"}
     if cfg.bootstrap:
         worst_b = min(layers, key=lambda r: r["boot_mean"])
         summary.update(min_boot_mean=worst_b["boot_mean"], min_boot_layer=worst_b["layer"],
                        min_boot_p2_5=min(r["boot_p2_5"] for r in layers))
-    return {"summary": summary, "layers": layers}
+    pooling = {"special_tokens": summary["special_tokens"], "excluded_ids": sorted(exclude),
+               "pooled_positions": pooled, "excluded_positions": dropped}
+    return {"summary": summary, "pooling": pooling, "layers": layers}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -721,28 +793,29 @@ def _plt():
     return plt
 
 
-def heatmap(path: Path, layers: dict, key, title: str, cmap="viridis", vmin=None, vmax=None):
+def heatmap(path: Path, layers: dict, key, title: str, cbar_label: str, cmap="viridis", vmin=None, vmax=None):
     """layers: {layer: {component: stats}} -> PNG of layer (rows) x component (columns); blank = absent."""
     plt = _plt()
     comps = sorted({c for d in layers.values() for c in d})
     idx = sorted(layers)
     grid = [[(key(layers[i][c]) if c in layers[i] else None) for c in comps] for i in idx]
     data = torch.tensor([[math.nan if v is None or not math.isfinite(v) else v for v in row] for row in grid])
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(comps), 1.5 + 0.25 * len(idx)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.6 * len(comps)), 2.0 + 0.25 * len(idx)))  # room for the title
     im = ax.imshow(data.numpy(), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_xticks(range(len(comps)), comps, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(idx)), [str(i) for i in idx], fontsize=7)
+    ax.set_xlabel("component")
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label=cbar_label)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_cka(path: Path, layers: list):
+def plot_cka(path: Path, layers: list, title: str):
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 3.8))
     x = [r["layer"] for r in layers]
     ax.plot(x, [r["cka"] for r in layers], "o-", label="all prompts")
     if "boot_p2_5" in layers[0]:
@@ -750,15 +823,17 @@ def plot_cka(path: Path, layers: list):
                         label="bootstrap 95%")
     ax.set_xlabel("layer")
     ax.set_ylabel("linear CKA")
+    ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_trajectory(path: Path, rows: list):
+def plot_trajectory(path: Path, rows: list, title: str):
     plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.0))
+    fig.suptitle(title, fontsize=9)
     steps = [r["step"] for r in rows]
     for t in rows[0]["unchanged"]:
         ax1.plot(steps, [100 * (1 - r["unchanged"][t]) for r in rows], "o-", label=f"|dw| >= {100 * t:g}% |w|")
@@ -773,7 +848,7 @@ def plot_trajectory(path: Path, rows: list):
     plt.close(fig)
 
 
-def plot_landscape(path: Path, res: dict):
+def plot_landscape(path: Path, res: dict, labels=("base", "mid", "RL")):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4.2))
     data = torch.tensor(res["pass_rate"], dtype=torch.float64).T.numpy()  # rows b, columns a
@@ -788,12 +863,14 @@ def plot_landscape(path: Path, res: dict):
         for j, b in enumerate(B):
             ax.text(a if extent else i, b if extent else j, f"{data[j, i]:.2f}", ha="center", va="center",
                     color="gray", fontsize=7)
-    for (x, y, label) in ((0, 0, "base"), (1, 0, "mid"), (1, 1, "RL")):
+    for (x, y), label in zip(((0, 0), (1, 0), (1, 1)), labels):
         if extent is None or not (extent[0] <= x <= extent[1] and extent[2] <= y <= extent[3]):
             continue
         ax.annotate(label, (x, y), xytext=(0, 8), textcoords="offset points", color="cyan", ha="center", fontsize=9)
     ax.set_xlabel("a (dW_mid)")
     ax.set_ylabel("b (dW_RL)")
+    ax.set_title(f"W_base + a dW_mid + b dW_RL\nbase={labels[0]}, mid={labels[1]}, RL={labels[2]}",
+                 fontsize=9)
     fig.colorbar(im, ax=ax, label="pass rate")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -819,9 +896,16 @@ def _steps(cfg: Config, paths: list) -> list:
     return out
 
 
+def _wrote(out: Path, names: list):
+    """Say where the results went (only files that exist: plots are optional)."""
+    files = [out / n for n in names if (out / n).is_file()]
+    print("wrote " + ", ".join(str(f) for f in files))
+
+
 def run(cfg: Config, command: str, paths: list) -> dict:
     out = Path(cfg.out)
     t0 = time.time()
+    labels = checkpoint_labels(cfg, paths)
     if command == "merge":
         if not 0.0 <= cfg.alpha <= 1.0:
             print(f"analyze.py: note: --alpha {cfg.alpha} is outside [0, 1] (extrapolation)", file=sys.stderr)
@@ -835,6 +919,7 @@ def run(cfg: Config, command: str, paths: list) -> dict:
     if command == "weights":
         res = weight_change(paths[0], paths[1], parse_thresholds(cfg.thresholds), progress=cfg.progress)
         res["a"], res["b"] = paths
+        res["labels"] = labels
         write_metrics(out, [{"kind": "tensor", "name": n, "component": component(n)[1], "layer": component(n)[0],
                              **s} for n, s in res["tensors"].items()] + [{"kind": "total", **res["total"]}], command)
         write_json(out / "weights.json", res)
@@ -844,15 +929,18 @@ def run(cfg: Config, command: str, paths: list) -> dict:
         print(change_table(res))
         if cfg.plots and res["layers"]:
             heatmap(out / "weights_rel_change.png", res["layers"], lambda s: s["rel_change"],
-                    f"||dW|| / ||W||: {Path(paths[0]).name} -> {Path(paths[1]).name}")
+                    f"relative change: {labels[0]} -> {labels[1]}", "||dW||_F / ||W||_F")
             ts = parse_thresholds(cfg.thresholds)
             t = 0.01 if 0.01 in ts else ts[len(ts) // 2]
             heatmap(out / "weights_changed.png", res["layers"], lambda s: 1 - s["unchanged"][t],
-                    f"fraction changed by >= {100 * t:g}%", vmin=0, vmax=1)
+                    f"elements changed by >= {100 * t:g}%: {labels[0]} -> {labels[1]}",
+                    f"fraction with |dw| >= {100 * t:g}% |w|", vmin=0, vmax=1)
+        _wrote(out, ["weights.json", "metrics.jsonl", "weights_rel_change.png", "weights_changed.png"])
         return res
     if command == "similarity":
         res = update_similarity(*paths, progress=cfg.progress)
         res["base"], res["a"], res["b"] = paths
+        res["labels"] = labels
         write_metrics(out, [{"kind": "component", "component": c, **s} for c, s in res["components"].items()]
                       + [{"kind": "total", **res["total"]}], command)
         write_json(out / "similarity.json", res)
@@ -860,15 +948,17 @@ def run(cfg: Config, command: str, paths: list) -> dict:
         for c, s in sorted(res["components"].items()) + [("TOTAL", res["total"])]:
             print(f"{c:<16}{_fmt(s['cosine']):>10}{_fmt(s['norm_a']):>12}{_fmt(s['norm_b']):>12}")
         if cfg.plots and res["layers"]:
-            heatmap(out / "similarity.png", res["layers"], lambda s: s["cosine"], "cosine(dA, dB)",
-                    cmap="coolwarm", vmin=-1, vmax=1)
+            heatmap(out / "similarity.png", res["layers"], lambda s: s["cosine"],
+                    f"cosine of the updates {labels[1]} - {labels[0]} and {labels[2]} - {labels[0]}",
+                    "cosine similarity", cmap="coolwarm", vmin=-1, vmax=1)
+        _wrote(out, ["similarity.json", "metrics.jsonl", "similarity.png"])
         return res
     if command == "trajectory":
         steps = _steps(cfg, paths[1:])
         rows = []
-        for step, p in zip(steps, paths[1:]):
+        for step, p, label in zip(steps, paths[1:], labels[1:]):
             r = weight_change(paths[0], p, parse_thresholds(cfg.thresholds), progress=cfg.progress)
-            row = {"step": step, "checkpoint": p, **r["total"],
+            row = {"step": step, "checkpoint": p, "label": label, **r["total"],
                    "components": {c: {"rel_change": s["rel_change"], "unchanged": s["unchanged"]}
                                   for c, s in r["components"].items()}}
             rows.append(row)
@@ -877,13 +967,16 @@ def run(cfg: Config, command: str, paths: list) -> dict:
                   + ", ".join(f">={100 * t:g}%: {_fmt(1 - u, True)}" for t, u in row["unchanged"].items()))
         order = sorted(range(len(rows)), key=lambda i: rows[i]["step"])
         rows = [rows[i] for i in order]
-        write_json(out / "trajectory.json", {"base": paths[0], "checkpoints": rows})
+        res = {"base": paths[0], "base_label": labels[0], "checkpoints": rows}
+        write_json(out / "trajectory.json", res)
         if cfg.plots:
-            plot_trajectory(out / "trajectory.png", rows)
-        return {"base": paths[0], "checkpoints": rows}
+            plot_trajectory(out / "trajectory.png", rows, f"change against {labels[0]}")
+        _wrote(out, ["trajectory.json", "metrics.jsonl", "trajectory.png"])
+        return res
     if command == "cka":
-        res = cka_compare(cfg, *paths)
+        res = cka_compare(cfg, *paths, labels=labels)
         res["a"], res["b"] = paths
+        res["labels"] = labels
         write_metrics(out, [{"kind": "layer", **r} for r in res["layers"]] + [{"kind": "summary", **res["summary"]}], command)
         write_json(out / "cka.json", res)
         for r in res["layers"]:
@@ -892,16 +985,26 @@ def run(cfg: Config, command: str, paths: list) -> dict:
             print(f"layer {r['layer']:>3}: CKA {r['cka']:.6f}{extra}")
         s = res["summary"]
         print(f"minimum over layers: {s['min_cka']:.6f} (layer {s['min_layer']})")
+        pool = res["pooling"]
+        how = ("special tokens kept (--cka-keep-special true)" if cfg.cka_keep_special else
+               f"special tokens excluded: {pool['excluded_positions']} positions "
+               f"(--cka-keep-special true keeps them)")
+        print(f"{labels[0]} vs {labels[1]}: hidden states mean-pooled over {pool['pooled_positions']} token "
+              f"positions, {how}")
         if cfg.plots:
-            plot_cka(out / "cka.png", res["layers"])
+            plot_cka(out / "cka.png", res["layers"], f"linear CKA per layer: {labels[0]} vs {labels[1]}\n"
+                     f"({s['prompts']} prompts, mean over tokens, special tokens {s['special_tokens']})")
+        _wrote(out, ["cka.json", "metrics.jsonl", "cka.png", "features_a.pt", "features_b.pt"])
         return res
     if command == "landscape":
         res = landscape(cfg, *paths)
         res["base"], res["mid"], res["rl"] = paths
+        res["labels"] = labels
         write_metrics(out, res["points"], command)
         write_json(out / "landscape.json", res)
         if cfg.plots:
-            plot_landscape(out / "landscape.png", res)
+            plot_landscape(out / "landscape.png", res, labels)
+        _wrote(out, ["landscape.json", "metrics.jsonl", "landscape.png"])
         return res
     raise AnalyzeError(f"unknown command {command!r}")
 

@@ -709,7 +709,7 @@ def _train(cfg: Config, d) -> dict:
             f"{before['format']:.3f} length {before['response_len']:.1f} ({before['n']} responses); e.g. "
             f"{before['examples'][0]!r}")
         if d.main:
-            M._write_json(out / "heldout_before.json", before)
+            M.write_json(out / "heldout_before.json", before)
 
     per_rank = cfg.prompts_per_step // d.world
     step = start_step
@@ -865,7 +865,7 @@ def _train(cfg: Config, d) -> dict:
         model.eval()
         after = evaluate_policy(model, tok, heldout, cfg, seed=cfg.seed + 99991)
         summary["heldout_after"] = after
-        before = summary.get("heldout_before") or (M._read_json(out / "heldout_before.json")
+        before = summary.get("heldout_before") or (M.read_json(out / "heldout_before.json")
                                                     if (out / "heldout_before.json").is_file() else None)
         log(f"[train_rl] held-out after: reward {after['reward']:.3f} accuracy {after['accuracy']:.3f} format "
             f"{after['format']:.3f} length {after['response_len']:.1f}; e.g. {after['examples'][0]!r}")
@@ -874,7 +874,7 @@ def _train(cfg: Config, d) -> dict:
             log(f"[train_rl] held-out reward {before['reward']:.3f} -> {after['reward']:.3f}, accuracy "
                 f"{before['accuracy']:.3f} -> {after['accuracy']:.3f}, format {before['format']:.3f} -> {after['format']:.3f}")
         if d.main:
-            M._write_json(out / "heldout_after.json", after)
+            M.write_json(out / "heldout_after.json", after)
     T.export_hf(model, out / "hf", d, base)
     if d.main:
         png = T.plot_metrics(out / "metrics.jsonl", out / "rl.png",

@@ -279,7 +279,10 @@ def test_every_subcommand(family, capsys):
     expected |= ({"gate", "up", "down", "input_norm", "post_norm", "lm_head"} if kind == "llama" else
                  {"A_log", "dt_bias", "D", "conv1d", "in_proj", "out_proj", "mamba_norm", "input_norm", "up", "down"})
     assert expected <= set(r["components"]), set(r["components"])
-    assert "TOTAL" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "TOTAL" in printed
+    assert f"wrote {out / 'w' / 'weights.json'}, {out / 'w' / 'metrics.jsonl'}, " in printed  # where the files went
+    assert str(out / "w" / "weights_changed.png") in printed
 
     s = run_main("similarity", base, mid, mid, "--out", out / "s")
     assert s["total"]["cosine"] == pytest.approx(1.0, abs=1e-6)
@@ -314,11 +317,10 @@ def test_every_subcommand(family, capsys):
     assert M.load_tokenizer(str(merged)).vocab_size == 258
 
 
+@pytest.mark.parametrize("family", ["llama"], indirect=True)  # one family is enough for the (slower) generation
 def test_landscape(family):
     pytest.importorskip("evaluate")
     kind, root, base, mid, rl_20, rl_40 = family
-    if kind != "llama":
-        pytest.skip("one family is enough for the (slower) generation grid")
     data = root / "problems.jsonl"
     data.write_text(json.dumps({"problem": "What is 1 + 1?", "answer": "2"}) + "\n"
                     + json.dumps({"problem": "What is 2 + 2?", "answer": "4"}) + "\n")
@@ -327,3 +329,149 @@ def test_landscape(family):
     assert r["a"] == [0.0, 1.0] and len(r["pass_rate"]) == 2 and len(r["points"]) == 4
     assert all(0.0 <= p["pass_rate"] <= 1.0 for p in r["points"])
     assert (out / "landscape.png").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("family", ["llama"], indirect=True)
+def test_landscape_weights_and_loss_follow_the_definition(family, monkeypatch):
+    """At every grid point the model holds W(a, b) = W_base + a (W_mid - W_base) + b (W_rl - W_mid) (PAPER.md;
+    dW_mid = MID - BASE, dW_RL = RL - MID): weights and logits/loss against transformers given W(a, b) built here
+    from the safetensors files. generate() is replaced by a probe that records them and answers '\\boxed{2}'."""
+    pytest.importorskip("evaluate")
+    from types import SimpleNamespace
+    kind, root, base, mid, rl_20, rl_40 = family
+    data = root / "problems_probe.jsonl"
+    data.write_text(json.dumps({"problem": "What is 1 + 1?", "answer": "2"}) + "\n"
+                    + json.dumps({"problem": "What is 2 + 2?", "answer": "4"}) + "\n")
+    tok = M.load_tokenizer(str(base))
+    ids = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 64]])
+    seen = []
+
+    def probe(model, prompts, **kw):  # record the weights in the model and its logits on `ids`
+        with torch.no_grad():
+            seen.append(({n: p.detach().clone() for n, p in model.named_parameters()}, model(ids).float()))
+        return [SimpleNamespace(tokens=tok.encode("so \\boxed{2}"), logprobs=[]) for _ in prompts]
+
+    monkeypatch.setattr(M, "generate", probe)
+    r = run_main("landscape", base, mid, rl_40, "--data", data, "--grid", 3, "--a-min", -0.5, "--a-max", 1.0,
+                 "--b-min", 0.0, "--b-max", 1.0, "--batch-size", 2, "--out", root / "out" / "land_probe")
+    a_axis, b_axis = [-0.5, 0.25, 1.0], [0.0, 0.5, 1.0]
+    assert r["a"] == pytest.approx(a_axis) and r["b"] == pytest.approx(b_axis)
+    assert [(p["a"], p["b"]) for p in r["points"]] == [(a, b) for a in a_axis for b in b_axis]
+    assert r["pass_rate"] == [[0.5] * 3] * 3  # '\\boxed{2}' answers the first problem, not the second
+    w_base, w_mid, w_rl = (load_file(str(p / "model.safetensors")) for p in (base, mid, rl_40))
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(base),
+                                                        dtype=torch.float32).eval()
+    labels = ids[0, 1:]
+    assert len(seen) == 9
+    for (a, b), (weights, logits) in zip([(a, b) for a in a_axis for b in b_axis], seen):
+        w = {k: w_base[k] + a * (w_mid[k] - w_base[k]) + b * (w_rl[k] - w_mid[k]) for k in w_base}
+        for k, v in w.items():  # llama: the checkpoint's names are the model's
+            torch.testing.assert_close(weights[k], v, rtol=1e-6, atol=1e-6, msg=f"{k} at a={a}, b={b}")
+        hf.load_state_dict(w)
+        with torch.no_grad():
+            ref = hf(ids).logits.float()
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4, msg=f"logits at a={a}, b={b}")
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels)
+        assert float(loss) == pytest.approx(float(torch.nn.functional.cross_entropy(ref[0, :-1], labels)), abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama"], indirect=True)
+def test_cka_pooling_leaves_out_special_tokens(family, capsys, monkeypatch):
+    """BOS's hidden state is the same in every prompt (a constant component of the mean): the default pooling
+    leaves it out, --cka-keep-special true keeps it. Expected values: transformers' layer outputs, pooled and
+    compared (direct_cka) here."""
+    kind, root, base, mid, rl_20, rl_40 = family
+    texts = ["x", "hi", "a b c", "one two", "7 + 8 = 15", "short and long"]  # BOS weighs 1 / T of each mean
+    data = root / "cka_pool.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    bos = 256  # config.json's bos_token_id; the tokenizer's <s>
+    token_lists = [[bos] + M.load_tokenizer(str(base)).encode(t) for t in texts]
+
+    def features(folder):  # (L, n, H) pooled without BOS, (L, n, H) with it, (L, n, H) BOS's own state
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        outs = []
+        hooks = [layer.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+                 for layer in hf.model.layers]
+        without, with_bos, at_bos = [], [], []
+        for ids in token_lists:
+            outs.clear()
+            with torch.no_grad():
+                hf(torch.tensor([ids]))
+            without.append(torch.stack([o[0, 1:].double().mean(0) for o in outs]))
+            with_bos.append(torch.stack([o[0].double().mean(0) for o in outs]))
+            at_bos.append(torch.stack([o[0, 0].double() for o in outs]))
+        for h in hooks:
+            h.remove()
+        return (torch.stack(x, 1) for x in (without, with_bos, at_bos))
+
+    far = root / "far"  # a model far from base, so that CKA is well below 1 and BOS's share shows
+    if not far.exists():
+        perturbed(base, far, 1.0, 5)
+    (a_ex, a_in, a_bos), (b_ex, b_in, _) = features(base), features(far)
+    assert torch.allclose(a_bos, a_bos[:, :1].expand_as(a_bos), atol=1e-5)  # the same in every prompt
+    want_ex = [direct_cka(x, y) for x, y in zip(a_ex, b_ex)]
+    want_in = [direct_cka(x, y) for x, y in zip(a_in, b_in)]
+    assert max(abs(x - y) for x, y in zip(want_ex, want_in)) > 1e-2  # the choice matters in this case
+
+    out = root / "out"
+    figures = plotted(monkeypatch)
+    r = run_main("cka", base, far, "--data", data, "--bootstrap", 0, "--out", out / "pool_default")
+    title = figures[-1].axes[0].get_title()
+    assert "base vs far" in title and "special tokens excluded" in title, title
+    assert [row["cka"] for row in r["layers"]] == pytest.approx(want_ex, abs=1e-5)
+    assert r["summary"]["special_tokens"] == "excluded" and r["pooling"]["excluded_positions"] == len(texts)
+    assert bos in r["pooling"]["excluded_ids"]
+    printed = capsys.readouterr().out
+    assert "special tokens excluded: 6 positions" in printed and "base vs far" in printed
+    assert json.loads((out / "pool_default" / "cka.json").read_text())["summary"]["special_tokens"] == "excluded"
+    r = run_main("cka", base, far, "--data", data, "--bootstrap", 0, "--cka-keep-special", "true",
+                 "--out", out / "pool_default")  # same folder: the cached features must not be reused
+    assert [row["cka"] for row in r["layers"]] == pytest.approx(want_in, abs=1e-5)
+    assert r["summary"]["special_tokens"] == "kept" and "special tokens kept" in capsys.readouterr().out
+    only_bos = root / "only_bos.jsonl"
+    only_bos.write_text(json.dumps({"text": "<s>"}) + "\n" + json.dumps({"text": "a"}) + "\n")
+    with pytest.raises(A.AnalyzeError, match=r"only_bos.jsonl: record 1.*only special tokens.*--cka-keep-special"):
+        A.cka_compare(A.Config(data=str(only_bos), out=str(out / "pool_bad"), progress=False), base, mid)
+
+
+def plotted(monkeypatch) -> list:
+    """The figures analyze.py closes from now on (it closes each one after saving it)."""
+    plt = A._plt()
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    return figures
+
+
+def test_run_names():
+    assert A.run_name("out/mid/hf") == "mid" and A.run_name("out/rl/hf/") == "rl"  # not both "hf"
+    assert A.run_name("out/rl/hf-step20") == "rl step20"
+    assert A.run_name("out/rl/step_40") == "step_40" and A.run_name("HuggingFaceTB/SmolLM2-135M") == "SmolLM2-135M"
+    cfg = A.Config()
+    assert A.checkpoint_labels(cfg, ["out/mid/hf", "out/rl/hf"]) == ["mid", "rl"]
+    assert A.checkpoint_labels(cfg, ["a/step_20", "b/step_20"]) == ["a/step_20", "b/step_20"]  # told apart
+    assert A.checkpoint_labels(cfg, ["out/mid/hf", "out/mid/hf"]) == ["mid", "mid"]
+    assert A.checkpoint_labels(A.Config(labels="MC, MCS"), ["x/hf", "y/hf"]) == ["MC", "MCS"]
+    with pytest.raises(A.AnalyzeError, match="--labels 'MC': expected 2"):
+        A.checkpoint_labels(A.Config(labels="MC"), ["x/hf", "y/hf"])
+
+
+def test_weights_plots_name_the_runs(tmp_path, monkeypatch, capsys):
+    """out/mid/hf -> out/rl/hf: titles say 'mid -> rl'; axes and colourbars are labelled; files are printed."""
+    g = torch.Generator().manual_seed(5)
+    w = {"model.layers.0.self_attn.q_proj.weight": torch.randn(4, 4, generator=g),
+         "model.layers.1.mlp.up_proj.weight": torch.randn(6, 4, generator=g)}
+    a = synthetic(tmp_path / "out" / "mid" / "hf", w)
+    b = synthetic(tmp_path / "out" / "rl" / "hf", {k: 1.1 * v for k, v in w.items()})
+    figures = plotted(monkeypatch)
+    r = run_main("weights", a, b, "--out", tmp_path / "w")
+    assert r["labels"] == ["mid", "rl"]
+    assert [f.axes[0].get_title() for f in figures] == ["relative change: mid -> rl",
+                                                        "elements changed by >= 1%: mid -> rl"]
+    for f in figures:
+        assert f.axes[0].get_xlabel() == "component" and f.axes[0].get_ylabel() == "layer"
+        assert f.axes[1].get_ylabel()  # the colourbar says what its colours mean
+    printed = capsys.readouterr().out
+    assert all(str(tmp_path / "w" / n) in printed for n in ("weights.json", "weights_rel_change.png"))
+    s = run_main("similarity", a, b, b, "--out", tmp_path / "s", "--labels", "base,MC,MCS")
+    assert s["labels"] == ["base", "MC", "MCS"]
+    assert figures[-1].axes[0].get_title() == "cosine of the updates MC - base and MCS - base"

