@@ -14,13 +14,15 @@ One step, top to bottom:
      from the FSDP shards), temperature / top-p, at most `max_new_tokens`; the sampler's log-probs are kept.
   3. Rewards (evaluate.py's graders): correct answer + format bonus, 0 unless the response has the
      `<think> ... </think> answer` form; minus penalties for a missing stop token and repeated n-grams.
-  4. Advantages: A_i = (r_i - mean(r)) / (std(r) + eta) within each group (Dr.GRPO: r_i - mean(r));
-     groups whose rewards are all equal carry no signal and are dropped (counted).
+  4. Advantages: A_i = (r_i - mean(r)) / (std(r) + eta) within each group, population std (Dr.GRPO: r_i - mean(r));
+     groups whose graded reward (correct + format) is all equal carry no signal and are dropped (counted).
   5. Loss (per response token t of response o_i, ratio rho = pi_theta / pi_old):
         w    = min(pi_old / pi_gen, C)                                  truncated importance weight
         L_pg = -w * min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)   decoupled clip
         L_kl = beta * (pi_ref / pi_theta - log(pi_ref / pi_theta) - 1)  k3 estimator of KL(pi_theta || pi_ref)
-        L    = sum_g 1 / sum_{j in g} |o_j| * sum_{i in g, t} (L_pg + L_kl) / #groups   (token-level, per group)
+        L    = sum_{i, t} (L_pg + L_kl) / sum_j |o_j|     (token-level over the minibatch on all ranks; --loss-norm
+               group: 1 / sum_{j in g} |o_j| per group, mean over groups; Dr.GRPO: 1 / (#groups G max_new_tokens))
+        (the k3 log-ratio is clamped to +-40; top-p < 1 is refused with C > 0: pi_gen would be the nucleus')
      in `minibatches` optimizer steps, `ppo_epochs` times over the rollout batch; pi_old is recomputed by the
      trainer at the start of the step; log-probs are chunked through the lm_head (model.forward(labels=...)).
   6. The reference policy is soft-updated every `ref_update_every` steps: ref <- alpha * theta + (1 - alpha) * ref.
@@ -72,8 +74,10 @@ class Config:
     ref_update_every: int = 0  # steps between reference updates; 0 = the reference stays the initial policy
     is_cap: float = 2.0  # C: truncated importance weight min(pi_old / pi_gen, C); 0 = no correction
     eta: float = 1e-6  # eta in A = (r - mean) / (std + eta)
-    dr_grpo: bool = False  # Dr.GRPO: A = r - mean (no std) and a constant normaliser (G x max_new_tokens) per group
-    drop_zero_variance: bool = True  # drop groups whose rewards are all equal (DAPO dynamic sampling); counted
+    std_ddof: int = 0  # ddof of std(r) in A: 0 = population std (open-instruct), 1 = unbiased (TRL)
+    loss_norm: str = "batch"  # token-level loss divided by: batch = all trained tokens of the minibatch over all ranks (open-instruct, TRL dapo/bnpo) | group = each group's own tokens, then the mean over groups
+    dr_grpo: bool = False  # Dr.GRPO: A = r - mean (no std) and the constant normaliser G x max_new_tokens per group (overrides --loss-norm)
+    drop_zero_variance: bool = True  # drop groups whose verifiable reward (correct + format) is all equal (DAPO dynamic sampling); counted
     format_bonus: float = 0.2  # reward for the <think> ... </think> answer form itself (paper: 0, format is only a gate)
     stop_penalty: float = 0.1  # subtracted when a response ends without a stop token
     repetition_penalty: float = 0.5  # subtracted x the fraction of repeated n-grams in a response
@@ -325,32 +329,44 @@ def rollouts(model, tok, problems: list, cfg: Config, *, n: int, temperature: fl
 # GRPO maths
 
 
-def group_advantages(rewards: torch.Tensor, *, eta: float, scale: bool = True) -> tuple:
-    """rewards (P, G) -> advantages (P, G) and a (P,) mask of groups with reward variance.
+def group_advantages(rewards: torch.Tensor, *, eta: float, scale: bool = True, ddof: int = 0,
+                     verifiable: torch.Tensor | None = None) -> tuple:
+    """rewards (P, G) -> advantages (P, G) and a (P,) mask of groups with signal.
 
-    A_i = (r_i - mean(r)) / (std(r) + eta) per group (std unbiased, as TRL); Dr.GRPO (scale=False): r_i - mean(r).
-    A group whose rewards are all equal has A = 0 for every response: no policy gradient, only the KL term."""
+    A_i = (r_i - mean(r)) / (std(r) + eta) per group, std with `ddof` (0: population, as open-instruct;
+    1: unbiased, as TRL); Dr.GRPO (scale=False): r_i - mean(r). The mask tests max - min of `verifiable`
+    (P, G) (the graded part of the reward; default the reward itself): DAPO's dynamic sampling keeps a group
+    only if its answers differ, since a continuous penalty alone makes almost every group "varied"."""
     mean = rewards.mean(dim=1, keepdim=True)  # (P, 1)
-    std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(mean)
+    G = rewards.shape[1]
+    std = rewards.std(dim=1, correction=ddof, keepdim=True) if G > ddof else torch.zeros_like(mean)  # (P, 1)
     adv = rewards - mean
     if scale:
         adv = adv / (std + eta)
-    varied = (rewards.max(dim=1).values - rewards.min(dim=1).values) > 0  # (P,)
+    v = rewards if verifiable is None else verifiable
+    varied = (v.max(dim=1).values - v.min(dim=1).values) > 0  # (P,)
     return adv, varied
 
 
-def sequence_weights(lengths: list, groups: list, *, n_groups: int, dr_grpo: bool, max_len: int) -> list:
-    """The loss weight of each token of each response: 1 / (n_groups * sum_{j in g} |o_j|) (token-level over the
-    group, then the mean over groups); Dr.GRPO: 1 / (n_groups * G * max_len), a constant normaliser.
-    lengths: |o_i| of each kept response (0 = masked); groups: its group index."""
+def sequence_weights(lengths: list, groups: list, *, norm: str, n_groups: float = 1.0, n_tokens: float = 0.0,
+                     group_size: int = 0, max_len: int = 0) -> list:
+    """The loss weight of each token of each response; lengths: |o_i| of each kept response (0 = masked),
+    groups: its group index. norm:
+      batch   1 / n_tokens, n_tokens = sum |o_j| over the whole minibatch on all ranks (open-instruct; TRL dapo)
+      group   1 / (n_groups * sum_{j in g} |o_j|): token-level inside each group, then the mean over groups
+      dr_grpo 1 / (n_groups * G * max_len): Dr.GRPO's constant normaliser; dropped responses change nothing
+    n_groups: trained groups of the minibatch on all ranks."""
+    if norm == "dr_grpo":
+        return [1.0 / (n_groups * group_size * max_len) if L else 0.0 for L in lengths]
+    if norm == "batch":
+        return [1.0 / n_tokens if L else 0.0 for L in lengths]
     total = {}
-    count = {}
     for L, g in zip(lengths, groups):
         total[g] = total.get(g, 0) + L
-        count[g] = count.get(g, 0) + 1
-    if dr_grpo:
-        return [1.0 / (n_groups * count[g] * max_len) if L else 0.0 for L, g in zip(lengths, groups)]
     return [1.0 / (n_groups * total[g]) if L and total[g] else 0.0 for L, g in zip(lengths, groups)]
+
+
+LOG_RATIO_CLAMP = 40.0  # |log pi_ref - log pi_theta| bound in k3: exp(> ~88) is inf in fp32 (open-instruct: 40)
 
 
 def grpo_token_loss(logp, logp_old, logp_gen, logp_ref, adv, *, eps_low: float, eps_high: float, beta: float,
@@ -360,17 +376,20 @@ def grpo_token_loss(logp, logp_old, logp_gen, logp_ref, adv, *, eps_low: float, 
     rho    = pi_theta / pi_old                             (exp of a log-prob difference)
     w      = min(pi_old / pi_gen, C)                       truncated importance weight (sampler/trainer gap), no grad
     L_pg   = -w * min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)
-    L_kl   = beta * (exp(q) - q - 1),  q = log pi_ref - log pi_theta   (k3, unbiased, >= 0)"""
+    L_kl   = beta * (exp(q) - q - 1),  q = clamp(log pi_ref - log pi_theta, +-40)   (k3, unbiased, >= 0)"""
     rho = torch.exp(logp - logp_old)
     w = torch.exp(logp_old - logp_gen).clamp(max=is_cap) if is_cap > 0 else torch.ones_like(rho)
     pg = -w * torch.minimum(rho * adv, rho.clamp(1 - eps_low, 1 + eps_high) * adv)
     if beta > 0:
-        q = logp_ref - logp
+        q_raw = logp_ref - logp
+        q = q_raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         kl = torch.exp(q) - q - 1
+        kl_clamped = (q_raw.abs() > LOG_RATIO_CLAMP).detach()
     else:
         kl = torch.zeros_like(logp)
+        kl_clamped = torch.zeros_like(logp, dtype=torch.bool)
     loss = pg + beta * kl
-    diag = {"kl": kl.detach(), "is_weight": w.detach(),
+    diag = {"kl": kl.detach(), "is_weight": w.detach(), "kl_clamped": kl_clamped,
             "clip_low": ((rho < 1 - eps_low) & (adv < 0)).detach(),
             "clip_high": ((rho > 1 + eps_high) & (adv > 0)).detach()}
     return loss, diag
@@ -483,7 +502,8 @@ class TokenStats:
     """Sums over the trained tokens of a step (weight > 0): KL, entropy, clip fractions, importance weights."""
 
     def __init__(self):
-        self.sums = torch.zeros(7, dtype=torch.float64)  # tokens, kl, entropy, clip_low, clip_high, is_w, is_truncated
+        self.sums = torch.zeros(8, dtype=torch.float64)  # tokens, kl, entropy, clip_low, clip_high, is_w, is_truncated,
+        # kl_clamped
         self.lo, self.hi = math.inf, -math.inf
 
     def add(self, on, diag, entropy, raw_is, cap):
@@ -492,7 +512,8 @@ class TokenStats:
         w = diag["is_weight"][on]
         self.sums += torch.tensor([float(on.sum()), float(diag["kl"][on].sum()), float(entropy[on].sum()),
                                    float(diag["clip_low"][on].sum()), float(diag["clip_high"][on].sum()),
-                                   float(w.sum()), float((raw_is[on] > cap).sum()) if cap > 0 else 0.0],
+                                   float(w.sum()), float((raw_is[on] > cap).sum()) if cap > 0 else 0.0,
+                                   float(diag["kl_clamped"][on].sum())],
                                   dtype=torch.float64)
         self.lo, self.hi = min(self.lo, float(w.min())), max(self.hi, float(w.max()))
 
@@ -503,7 +524,7 @@ class TokenStats:
         n = max(s[0], 1.0)
         return {"tokens": s[0], "kl": s[1] / n if has_ref else None, "entropy": s[2] / n, "clip_frac": (s[3] + s[4]) / n,
                 "clip_low_frac": s[3] / n, "clip_high_frac": s[4] / n, "is_weight_mean": s[5] / n,
-                "is_truncated_frac": s[6] / n, "is_weight_min": lo if s[0] else None, "is_weight_max": hi if s[0] else None}
+                "is_truncated_frac": s[6] / n, "kl_clamped": int(s[7]), "is_weight_min": lo if s[0] else None, "is_weight_max": hi if s[0] else None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,6 +634,14 @@ def _check(cfg: Config, world: int):
         raise DataError("--minibatches, --ppo-epochs and --steps must be >= 1")
     if not 0 < cfg.ref_alpha <= 1:
         raise DataError(f"--ref-alpha {cfg.ref_alpha}: expected 0 < alpha <= 1")
+    if cfg.loss_norm not in ("batch", "group"):
+        raise DataError(f"--loss-norm {cfg.loss_norm!r}: expected batch or group")
+    if cfg.std_ddof not in (0, 1):
+        raise DataError(f"--std-ddof {cfg.std_ddof}: expected 0 (population) or 1 (unbiased)")
+    if cfg.top_p < 1 and cfg.is_cap > 0:  # the sampler reports log-probs of the renormalised nucleus, pi_old is
+        # the full softmax: pi_old / pi_gen would be biased low on every token
+        raise DataError(f"--top-p {cfg.top_p}: truncated importance sampling (--is-cap {cfg.is_cap}) needs the "
+                        "full-distribution sampler log-probs; use --top-p 1 or --is-cap 0")
 
 
 def _prompt_order(n: int, seed: int, epoch: int) -> list:
@@ -733,9 +762,12 @@ def _train(cfg: Config, d) -> dict:
         scores = score_responses([o["problem"] for o in outs], [o["text"] for o in outs],
                                  [o["stopped"] for o in outs], [o["tokens"] for o in outs], cfg)
         rewards = torch.tensor([s["reward"] for s in scores]).view(per_rank, cfg.group_size)  # (P, G)
+        graded = torch.tensor([s["correct"] + s["format"] for s in scores]).view(per_rank, cfg.group_size)  # (P, G)
 
-        # -- 4. advantages; zero-variance groups dropped
-        adv, varied = group_advantages(rewards, eta=cfg.eta, scale=not cfg.dr_grpo)
+        # -- 4. advantages; groups whose graded reward does not vary dropped
+        adv, varied = group_advantages(rewards, eta=cfg.eta, scale=not cfg.dr_grpo, ddof=cfg.std_ddof,
+                                       verifiable=graded)
+        varied_total = group_advantages(rewards, eta=cfg.eta)[1]  # (P,) logged: any reward spread at all
         keep_group = varied if cfg.drop_zero_variance else torch.ones_like(varied)
         seqs, n_overlong_masked, n_nan = [], 0, 0
         for i, (o, s) in enumerate(zip(outs, scores)):
@@ -751,11 +783,15 @@ def _train(cfg: Config, d) -> dict:
             seqs.append(Sequence(o["prompt"], o["tokens"], o["logprobs"], float(adv[g, i % cfg.group_size]), 0.0, g))
         mb_groups = [sorted({s.group for s in seqs})[k::cfg.minibatches] for k in range(cfg.minibatches)]
         mb_seqs = [[s for s in seqs if s.group in set(gs)] for gs in mb_groups]
-        n_groups_global = _allreduce([float(len(gs)) for gs in mb_groups], d)  # per minibatch, over ranks
+        # per minibatch, over ranks: trained groups and tokens (the normalisers)
+        counts = _allreduce([float(len(gs)) for gs in mb_groups] + [float(sum(len(s.response) for s in ss))
+                                                                     for ss in mb_seqs], d)
+        n_groups_global, n_tokens_global = counts[:cfg.minibatches], counts[cfg.minibatches:]
+        norm = "dr_grpo" if cfg.dr_grpo else cfg.loss_norm
         for k, ss in enumerate(mb_seqs):
-            ws = sequence_weights([len(s.response) for s in ss], [s.group for s in ss],
-                                  n_groups=max(1.0, n_groups_global[k]), dr_grpo=cfg.dr_grpo,
-                                  max_len=cfg.max_new_tokens)
+            ws = sequence_weights([len(s.response) for s in ss], [s.group for s in ss], norm=norm,
+                                  n_groups=max(1.0, n_groups_global[k]), n_tokens=max(1.0, n_tokens_global[k]),
+                                  group_size=cfg.group_size, max_len=cfg.max_new_tokens)
             for s, w in zip(ss, ws):
                 s.weight = w
         rows = [pack_rows(ss, cfg.pack_tokens) if ss else None for ss in mb_seqs]
@@ -804,19 +840,19 @@ def _train(cfg: Config, d) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                     grad_norms.append(gn)
                     losses.append(mb_loss)
-            if ref is not None and cfg.ref_update_every and step % cfg.ref_update_every == 0:
-                T.reshard(ref)
-                T.reshard(model)
-                polyak_update(ref, model, cfg.ref_alpha)  # -- 6. soft reference update
         else:
             log(f"[train_rl] step {step}: no group with reward variance on any rank; no update (counted)")
+        if ref is not None and cfg.ref_update_every and step % cfg.ref_update_every == 0:  # on schedule, trained or not
+            T.reshard(ref)
+            T.reshard(model)
+            polyak_update(ref, model, cfg.ref_alpha)  # -- 6. soft reference update
         train_s = time.perf_counter() - t1
 
         # -- 7. metrics: gathered over ranks
         per_seq = [(o["problem"]["domain"], s, len(o["tokens"]), o["stopped"]) for o, s in zip(outs, scores)]
         gathered = [None] * d.world
         dist.all_gather_object(gathered, (per_seq, int(varied.sum()), len(varied), n_nan, n_overlong_masked,
-                                          gen_tokens, gen_s, train_tokens, train_s))
+                                          gen_tokens, gen_s, train_tokens, train_s, int(varied_total.sum())))
         ts = acc.reduce(d, has_ref=ref is not None)
         all_seq = [x for g in gathered for x in g[0]]
         record = {"step": step, "lr": lr, "trained": trained,
@@ -834,7 +870,8 @@ def _train(cfg: Config, d) -> dict:
         record.update({
             "response_len": _mean(lengths), "response_len_max": max(lengths),
             "clipped_frac": _mean(float(not st_) for _, _, _, st_ in all_seq),
-            "groups": sum(g[2] for g in gathered), "groups_zero_variance": sum(g[2] - g[1] for g in gathered),
+            "groups": sum(g[2] for g in gathered), "groups_zero_variance": sum(g[2] - g[9] for g in gathered),
+            "groups_zero_variance_graded": sum(g[2] - g[1] for g in gathered),
             "groups_dropped": sum(g[2] - g[1] for g in gathered) if cfg.drop_zero_variance else 0,
             "responses_nan": sum(g[3] for g in gathered), "responses_overlong_masked": sum(g[4] for g in gathered),
             "grader_errors": sum(s["grader_error"] for _, s, _, _ in all_seq),
