@@ -440,23 +440,83 @@ def test_pass_rate_filter(tiny, digits, tmp_path):
         R._band("3", 4, "filter-math")
 
 
+FAKE_ROLLOUTS = """
+import sys
+import train_rl as R
+
+def fake_rollouts(model, tok, problems, cfg, *, n, temperature, seed):
+    # deterministic responses: j // 2 = 0 right, else wrong; lengths vary with j; pi_gen = e^-2 per token
+    out = []
+    for p in problems:
+        ids = tok.encode(R.prompt_text(p, tok, cfg))
+        for j in range(n):
+            text = " " * (j % 3) + "</think> " + str((int(p["answer"]) + j // 2) % 10)
+            toks = tok.encode(text) + [13]
+            out.append({"problem": p, "prompt": ids, "tokens": toks, "logprobs": [-2.0] * len(toks), "text": text,
+                        "stopped": True})
+    return out
+
+R.rollouts = fake_rollouts
+R.main(sys.argv[1:])
+"""
+
+
 def test_two_process_gloo_fsdp(tiny, digits, tmp_path):
-    out = tmp_path / "ddp"
+    """The same rollouts (deterministic stand-ins for sampling) through 2 gloo ranks and through 1 process: the
+    losses, gradient norms and final weights must agree (the loss normaliser counts tokens over both ranks,
+    FSDP's gradient average is undone), and step 1's loss must be the GRPO formula on the tiny model's
+    log-probs."""
+    script = tmp_path / "fake_rl.py"
+    script.write_text(FAKE_ROLLOUTS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train_rl.py"), "--model", str(tiny), "--prompts", str(digits), "--out", str(out),
-           "--system-prompt", "", "--example-user", "", "--max-new-tokens", "4", "--steps", "2", "--group-size", "4",
-           "--prompts-per-step", "4", "--lr", "1e-2", "--ref-update-every", "1", "--save-every", "1",
-           "--micro-rows", "3", "--eval-prompts", str(digits), "--eval-samples", "3"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    recs = read_metrics(out)
-    assert [r["step"] for r in recs] == [1, 2] and recs[0]["groups"] == 4  # 2 prompts per rank, gathered
-    assert json.loads((out / "heldout_after.json").read_text())["n"] == 30  # 10 prompts x 3, split over the ranks
-    assert (out / "hf" / "model.safetensors").is_file()
-    M.load_model(str(out / "hf"), dtype=torch.float32)
+    args = ["--model", str(tiny), "--prompts", str(digits), "--system-prompt", "", "--example-user", "",
+            "--max-new-tokens", "4", "--steps", "2", "--group-size", "4", "--prompts-per-step", "4", "--lr", "1e-2",
+            "--ref-update-every", "1", "--save-every", "1", "--micro-rows", "3", "--eval-prompts", str(digits),
+            "--eval-samples", "3", "--format-bonus", "0", "--repetition-penalty", "0"]
+    runs = {}
+    for name, launcher in (("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node=2"]), ("one", [sys.executable])):
+        res = subprocess.run(launcher + [str(script), *args, "--out", str(tmp_path / name)], env=env,
+                             capture_output=True, text=True, timeout=240)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        runs[name] = read_metrics(tmp_path / name)
+    two, one = runs["two"], runs["one"]
+    assert [r["step"] for r in two] == [1, 2] and two[0]["groups"] == 4  # 2 prompts per rank, gathered
+    assert json.loads((tmp_path / "two" / "heldout_after.json").read_text())["n"] == 30  # 10 x 3, split
+    # step 1 by hand: pi_old = pi_theta (rho = 1), pi_ref = pi_theta (k3 = 0), rewards [1, 1, 0, 0] per group
+    # -> A = +-0.5 / (0.5 + eta); L = sum_{i,t} -min(pi_old / pi_gen, 2) A_i / (all response tokens)
+    model, tok = M.load_model(str(tiny), dtype=torch.float32), M.load_tokenizer(str(tiny))
+    cfg = R.Config(system_prompt="", example_user="")
+    problems = R.step_problems(R.load_prompts(str(digits)), 1, 4, seed=0)
+    num, tokens = 0.0, 0
+    for p in problems:
+        ids = tok.encode(R.prompt_text(p, tok, cfg))
+        for j in range(4):
+            resp = tok.encode(" " * (j % 3) + "</think> " + str((int(p["answer"]) + j // 2) % 10)) + [13]
+            logits = model(torch.tensor([ids + resp]))[0, len(ids) - 1:-1]  # (|o|, V)
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(resp)[:, None])[:, 0]  # (|o|,)
+            adv = (1.0 if j < 2 else -1.0) * 0.5 / (0.5 + 1e-6)
+            rho = (lp - lp.detach()).exp()  # 1, with the gradient of pi_theta
+            num = num + (-(lp.detach() + 2.0).exp().clamp(max=2.0) * rho * adv).sum()
+            tokens += len(resp)
+    loss = num / tokens
+    loss.backward()
+    grad_norm = math.sqrt(sum(float(q.grad.pow(2).sum()) for q in model.parameters() if q.grad is not None))
+    assert two[0]["loss"] == pytest.approx(float(loss), rel=1e-4)
+    assert two[0]["grad_norm"] == pytest.approx(grad_norm, rel=1e-3)
+    assert two[0]["trained_tokens"] == tokens
+    for a, b in zip(two, one):
+        assert a["trained"] and b["trained"]
+        for key in ("loss", "grad_norm", "kl", "trained_tokens", "is_weight_mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (key, a[key], b[key])
+    wa = M.load_model(str(tmp_path / "two" / "hf"), dtype=torch.float32).state_dict()
+    wb = M.load_model(str(tmp_path / "one" / "hf"), dtype=torch.float32).state_dict()
+    w0 = M.load_model(str(tiny), dtype=torch.float32).state_dict()
+    assert any(not torch.equal(wa[k], w0[k]) for k in wa)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
 
 
 def test_help_lists_flags():
