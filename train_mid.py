@@ -598,19 +598,22 @@ def build_optimizer(model: nn.Module, *, lr: float, betas=(0.9, 0.95), eps=1e-10
 def lr_at(step: int, *, peak: float, warmup: int, total: int, schedule: str = "cosine", min_ratio: float = 0.1,
           decay_frac: float = 0.2) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine / linear to min_ratio x peak,
-    WSD (constant, then linear decay over the last decay_frac of the steps), or constant."""
+    WSD (constant, then linear decay over the last decay_frac of the steps), or constant. Step k uses the
+    factor transformers' get_{cosine_with_min_lr,linear}_schedule_with_warmup give step k: k / warmup in the
+    warmup (so step `warmup` is the peak, the peak at step 0 without warmup), decay progress
+    (k - warmup) / (total - warmup)."""
     if schedule not in ("cosine", "linear", "wsd", "constant"):
         raise DataError(f"--schedule {schedule!r}: expected cosine, linear, wsd or constant")
     if step < warmup:
-        return peak * (step + 1) / warmup
+        return peak * step / warmup
     if schedule == "constant":
         return peak
     if schedule == "wsd":
         decay_steps = max(1, int(round(total * decay_frac)))
         start = total - decay_steps
-        frac = 0.0 if step < start else min(1.0, (step - start + 1) / decay_steps)
+        frac = 0.0 if step < start else min(1.0, (step - start) / decay_steps)
         return peak * (1 - (1 - min_ratio) * frac)
-    frac = min(1.0, (step - warmup + 1) / max(1, total - warmup))
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
     shape = 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1 - frac
     return peak * (min_ratio + (1 - min_ratio) * shape)
 

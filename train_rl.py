@@ -14,13 +14,15 @@ One step, top to bottom:
      from the FSDP shards), temperature / top-p, at most `max_new_tokens`; the sampler's log-probs are kept.
   3. Rewards (evaluate.py's graders): correct answer + format bonus, 0 unless the response has the
      `<think> ... </think> answer` form; minus penalties for a missing stop token and repeated n-grams.
-  4. Advantages: A_i = (r_i - mean(r)) / (std(r) + eta) within each group (Dr.GRPO: r_i - mean(r));
-     groups whose rewards are all equal carry no signal and are dropped (counted).
+  4. Advantages: A_i = (r_i - mean(r)) / (std(r) + eta) within each group, population std (Dr.GRPO: r_i - mean(r));
+     groups whose graded reward (correct + format) is all equal carry no signal and are dropped (counted).
   5. Loss (per response token t of response o_i, ratio rho = pi_theta / pi_old):
         w    = min(pi_old / pi_gen, C)                                  truncated importance weight
         L_pg = -w * min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)   decoupled clip
         L_kl = beta * (pi_ref / pi_theta - log(pi_ref / pi_theta) - 1)  k3 estimator of KL(pi_theta || pi_ref)
-        L    = sum_g 1 / sum_{j in g} |o_j| * sum_{i in g, t} (L_pg + L_kl) / #groups   (token-level, per group)
+        L    = sum_{i, t} (L_pg + L_kl) / sum_j |o_j|     (token-level over the minibatch on all ranks; --loss-norm
+               group: 1 / sum_{j in g} |o_j| per group, mean over groups; Dr.GRPO: 1 / (#groups G max_new_tokens))
+        (the k3 log-ratio is clamped to +-40; top-p < 1 is refused with C > 0: pi_gen would be the nucleus')
      in `minibatches` optimizer steps, `ppo_epochs` times over the rollout batch; pi_old is recomputed by the
      trainer at the start of the step; log-probs are chunked through the lm_head (model.forward(labels=...)).
   6. The reference policy is soft-updated every `ref_update_every` steps: ref <- alpha * theta + (1 - alpha) * ref.
@@ -72,8 +74,10 @@ class Config:
     ref_update_every: int = 0  # steps between reference updates; 0 = the reference stays the initial policy
     is_cap: float = 2.0  # C: truncated importance weight min(pi_old / pi_gen, C); 0 = no correction
     eta: float = 1e-6  # eta in A = (r - mean) / (std + eta)
-    dr_grpo: bool = False  # Dr.GRPO: A = r - mean (no std) and a constant normaliser (G x max_new_tokens) per group
-    drop_zero_variance: bool = True  # drop groups whose rewards are all equal (DAPO dynamic sampling); counted
+    std_ddof: int = 0  # ddof of std(r) in A: 0 = population std (open-instruct), 1 = unbiased (TRL)
+    loss_norm: str = "batch"  # loss / trained tokens: batch = of the minibatch on all ranks (open-instruct) | group
+    dr_grpo: bool = False  # Dr.GRPO: A = r - mean, constant normaliser G x max_new_tokens (overrides --loss-norm)
+    drop_zero_variance: bool = True  # drop groups whose graded reward (correct + format) is all equal (DAPO)
     format_bonus: float = 0.2  # reward for the <think> ... </think> answer form itself (paper: 0, format is only a gate)
     stop_penalty: float = 0.1  # subtracted when a response ends without a stop token
     repetition_penalty: float = 0.5  # subtracted x the fraction of repeated n-grams in a response
@@ -325,32 +329,44 @@ def rollouts(model, tok, problems: list, cfg: Config, *, n: int, temperature: fl
 # GRPO maths
 
 
-def group_advantages(rewards: torch.Tensor, *, eta: float, scale: bool = True) -> tuple:
-    """rewards (P, G) -> advantages (P, G) and a (P,) mask of groups with reward variance.
+def group_advantages(rewards: torch.Tensor, *, eta: float, scale: bool = True, ddof: int = 0,
+                     verifiable: torch.Tensor | None = None) -> tuple:
+    """rewards (P, G) -> advantages (P, G) and a (P,) mask of groups with signal.
 
-    A_i = (r_i - mean(r)) / (std(r) + eta) per group (std unbiased, as TRL); Dr.GRPO (scale=False): r_i - mean(r).
-    A group whose rewards are all equal has A = 0 for every response: no policy gradient, only the KL term."""
+    A_i = (r_i - mean(r)) / (std(r) + eta) per group, std with `ddof` (0: population, as open-instruct;
+    1: unbiased, as TRL); Dr.GRPO (scale=False): r_i - mean(r). The mask tests max - min of `verifiable`
+    (P, G) (the graded part of the reward; default the reward itself): DAPO's dynamic sampling keeps a group
+    only if its answers differ, since a continuous penalty alone makes almost every group "varied"."""
     mean = rewards.mean(dim=1, keepdim=True)  # (P, 1)
-    std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(mean)
+    G = rewards.shape[1]
+    std = rewards.std(dim=1, correction=ddof, keepdim=True) if G > ddof else torch.zeros_like(mean)  # (P, 1)
     adv = rewards - mean
     if scale:
         adv = adv / (std + eta)
-    varied = (rewards.max(dim=1).values - rewards.min(dim=1).values) > 0  # (P,)
+    v = rewards if verifiable is None else verifiable
+    varied = (v.max(dim=1).values - v.min(dim=1).values) > 0  # (P,)
     return adv, varied
 
 
-def sequence_weights(lengths: list, groups: list, *, n_groups: int, dr_grpo: bool, max_len: int) -> list:
-    """The loss weight of each token of each response: 1 / (n_groups * sum_{j in g} |o_j|) (token-level over the
-    group, then the mean over groups); Dr.GRPO: 1 / (n_groups * G * max_len), a constant normaliser.
-    lengths: |o_i| of each kept response (0 = masked); groups: its group index."""
+def sequence_weights(lengths: list, groups: list, *, norm: str, n_groups: float = 1.0, n_tokens: float = 0.0,
+                     group_size: int = 0, max_len: int = 0) -> list:
+    """The loss weight of each token of each response; lengths: |o_i| of each kept response (0 = masked),
+    groups: its group index. norm:
+      batch   1 / n_tokens, n_tokens = sum |o_j| over the whole minibatch on all ranks (open-instruct; TRL dapo)
+      group   1 / (n_groups * sum_{j in g} |o_j|): token-level inside each group, then the mean over groups
+      dr_grpo 1 / (n_groups * G * max_len): Dr.GRPO's constant normaliser; dropped responses change nothing
+    n_groups: trained groups of the minibatch on all ranks."""
+    if norm == "dr_grpo":
+        return [1.0 / (n_groups * group_size * max_len) if L else 0.0 for L in lengths]
+    if norm == "batch":
+        return [1.0 / n_tokens if L else 0.0 for L in lengths]
     total = {}
-    count = {}
     for L, g in zip(lengths, groups):
         total[g] = total.get(g, 0) + L
-        count[g] = count.get(g, 0) + 1
-    if dr_grpo:
-        return [1.0 / (n_groups * count[g] * max_len) if L else 0.0 for L, g in zip(lengths, groups)]
     return [1.0 / (n_groups * total[g]) if L and total[g] else 0.0 for L, g in zip(lengths, groups)]
+
+
+LOG_RATIO_CLAMP = 40.0  # |log pi_ref - log pi_theta| bound in k3: exp(> ~88) is inf in fp32 (open-instruct: 40)
 
 
 def grpo_token_loss(logp, logp_old, logp_gen, logp_ref, adv, *, eps_low: float, eps_high: float, beta: float,
@@ -360,17 +376,20 @@ def grpo_token_loss(logp, logp_old, logp_gen, logp_ref, adv, *, eps_low: float, 
     rho    = pi_theta / pi_old                             (exp of a log-prob difference)
     w      = min(pi_old / pi_gen, C)                       truncated importance weight (sampler/trainer gap), no grad
     L_pg   = -w * min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)
-    L_kl   = beta * (exp(q) - q - 1),  q = log pi_ref - log pi_theta   (k3, unbiased, >= 0)"""
+    L_kl   = beta * (exp(q) - q - 1),  q = clamp(log pi_ref - log pi_theta, +-40)   (k3, unbiased, >= 0)"""
     rho = torch.exp(logp - logp_old)
     w = torch.exp(logp_old - logp_gen).clamp(max=is_cap) if is_cap > 0 else torch.ones_like(rho)
     pg = -w * torch.minimum(rho * adv, rho.clamp(1 - eps_low, 1 + eps_high) * adv)
     if beta > 0:
-        q = logp_ref - logp
+        q_raw = logp_ref - logp
+        q = q_raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         kl = torch.exp(q) - q - 1
+        kl_clamped = (q_raw.abs() > LOG_RATIO_CLAMP).detach()
     else:
         kl = torch.zeros_like(logp)
+        kl_clamped = torch.zeros_like(logp, dtype=torch.bool)
     loss = pg + beta * kl
-    diag = {"kl": kl.detach(), "is_weight": w.detach(),
+    diag = {"kl": kl.detach(), "is_weight": w.detach(), "kl_clamped": kl_clamped,
             "clip_low": ((rho < 1 - eps_low) & (adv < 0)).detach(),
             "clip_high": ((rho > 1 + eps_high) & (adv > 0)).detach()}
     return loss, diag
@@ -483,7 +502,8 @@ class TokenStats:
     """Sums over the trained tokens of a step (weight > 0): KL, entropy, clip fractions, importance weights."""
 
     def __init__(self):
-        self.sums = torch.zeros(7, dtype=torch.float64)  # tokens, kl, entropy, clip_low, clip_high, is_w, is_truncated
+        self.sums = torch.zeros(8, dtype=torch.float64)  # tokens, kl, entropy, clip_low, clip_high, is_w, is_truncated,
+        # kl_clamped
         self.lo, self.hi = math.inf, -math.inf
 
     def add(self, on, diag, entropy, raw_is, cap):
@@ -492,7 +512,8 @@ class TokenStats:
         w = diag["is_weight"][on]
         self.sums += torch.tensor([float(on.sum()), float(diag["kl"][on].sum()), float(entropy[on].sum()),
                                    float(diag["clip_low"][on].sum()), float(diag["clip_high"][on].sum()),
-                                   float(w.sum()), float((raw_is[on] > cap).sum()) if cap > 0 else 0.0],
+                                   float(w.sum()), float((raw_is[on] > cap).sum()) if cap > 0 else 0.0,
+                                   float(diag["kl_clamped"][on].sum())],
                                   dtype=torch.float64)
         self.lo, self.hi = min(self.lo, float(w.min())), max(self.hi, float(w.max()))
 
@@ -503,7 +524,7 @@ class TokenStats:
         n = max(s[0], 1.0)
         return {"tokens": s[0], "kl": s[1] / n if has_ref else None, "entropy": s[2] / n, "clip_frac": (s[3] + s[4]) / n,
                 "clip_low_frac": s[3] / n, "clip_high_frac": s[4] / n, "is_weight_mean": s[5] / n,
-                "is_truncated_frac": s[6] / n, "is_weight_min": lo if s[0] else None, "is_weight_max": hi if s[0] else None}
+                "is_truncated_frac": s[6] / n, "kl_clamped": int(s[7]), "is_weight_min": lo if s[0] else None, "is_weight_max": hi if s[0] else None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,6 +634,14 @@ def _check(cfg: Config, world: int):
         raise DataError("--minibatches, --ppo-epochs and --steps must be >= 1")
     if not 0 < cfg.ref_alpha <= 1:
         raise DataError(f"--ref-alpha {cfg.ref_alpha}: expected 0 < alpha <= 1")
+    if cfg.loss_norm not in ("batch", "group"):
+        raise DataError(f"--loss-norm {cfg.loss_norm!r}: expected batch or group")
+    if cfg.std_ddof not in (0, 1):
+        raise DataError(f"--std-ddof {cfg.std_ddof}: expected 0 (population) or 1 (unbiased)")
+    if cfg.top_p < 1 and cfg.is_cap > 0:  # the sampler reports log-probs of the renormalised nucleus, pi_old is
+        # the full softmax: pi_old / pi_gen would be biased low on every token
+        raise DataError(f"--top-p {cfg.top_p}: truncated importance sampling (--is-cap {cfg.is_cap}) needs the "
+                        "full-distribution sampler log-probs; use --top-p 1 or --is-cap 0")
 
 
 def _prompt_order(n: int, seed: int, epoch: int) -> list:
@@ -646,7 +675,52 @@ def train(cfg: Config) -> dict:
         dist.destroy_process_group()
 
 
+@dataclass
+class Run:
+    """What every phase of a step reads, built once by _setup."""
+    cfg: Config
+    d: object  # train_mid's distributed context (rank, world, device, main)
+    log: object
+    out: Path
+    base: Path  # the starting policy's folder
+    tok: object
+    model: object  # pi_theta, FSDP-sharded
+    ref: object  # pi_ref (None when beta = 0)
+    optimizer: object
+    ckpt: object
+    ref_dir: Path  # the soft-updated reference's checkpoints, step by step with the policy's
+    metrics: object
+    problems: list
+    heldout: list
+    start_step: int
+
+
 def _train(cfg: Config, d) -> dict:
+    """The GRPO loop: rollout -> score -> advantages -> update (+ reference) -> log, one step at a time."""
+    run = _setup(cfg, d)
+    summary = {"rewards": [], "export": str(run.out / "hf")}
+    if run.heldout and run.start_step == 0:
+        summary["heldout_before"] = heldout_eval(run, "before")
+    step = run.start_step
+    for step in range(run.start_step + 1, cfg.steps + 1):
+        t_step = time.perf_counter()
+        lr = set_lr(run, step)
+        outs, gen = rollout_phase(run, step)  # 1-2. G responses per prompt on the current weights
+        scores, rewards, graded = score_phase(run, outs)  # 3. verifiable rewards
+        batch = advantage_phase(run, outs, scores, rewards, graded)  # 4. A, dropped groups, packed rows
+        t1 = time.perf_counter()
+        upd = update_phase(run, step, batch)  # 5. clipped policy gradient + KL, minibatch optimizer steps
+        reference_phase(run, step)  # 6. Polyak reference update, on its schedule
+        train_s = time.perf_counter() - t1
+        record = log_phase(run, step, lr, outs, scores, batch, upd, gen, train_s, t_step)  # 7. metrics
+        summary["rewards"].append(record["reward"])
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            _save(run.ckpt, run.ref_dir, step, run.model, run.ref, run.optimizer, cfg, d)
+    return _finish(run, summary, step)
+
+
+def _setup(cfg: Config, d) -> Run:
+    """Prompts, tokenizer, the sharded policy and reference, optimizer; resumes from the latest checkpoint."""
     _check(cfg, d.world)
     out = Path(cfg.out)
     if d.main:
@@ -683,7 +757,7 @@ def _train(cfg: Config, d) -> dict:
     optimizer = T.build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     ckpt = T.Checkpointer(out, d, keep=cfg.keep_checkpoints)
-    ref_dir = out / "reference"  # the soft-updated reference's checkpoints, step by step with the policy's
+    ref_dir = out / "reference"
     start_step = 0
     latest = ckpt.latest() if cfg.resume else None
     if cfg.resume and latest is None:
@@ -699,188 +773,230 @@ def _train(cfg: Config, d) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[train_rl] {base.name}: {n_params / 1e6:.1f}M parameters, {d.world} rank(s) on {d.device.type}; task "
         f"{task}: {len(problems)} prompts, {len(heldout)} held out; {cfg.steps} steps x {cfg.prompts_per_step} "
-        f"prompts x {cfg.group_size} responses, <= {cfg.max_new_tokens} new tokens, lr {cfg.lr:g}, beta {cfg.beta:g}")
+        f"prompts x {cfg.group_size} responses, <= {cfg.max_new_tokens} new tokens, lr {cfg.lr:g}, "
+        f"beta {cfg.beta:g}")
+    return Run(cfg, d, log, out, base, tok, model, ref, optimizer, ckpt, ref_dir, metrics, problems, heldout,
+               start_step)
 
-    summary = {"rewards": [], "export": str(out / "hf")}
-    if heldout and start_step == 0:
-        before = evaluate_policy(model, tok, heldout, cfg, seed=cfg.seed + 99991)
-        summary["heldout_before"] = before
-        log(f"[train_rl] held-out before: reward {before['reward']:.3f} accuracy {before['accuracy']:.3f} format "
-            f"{before['format']:.3f} length {before['response_len']:.1f} ({before['n']} responses); e.g. "
-            f"{before['examples'][0]!r}")
-        if d.main:
-            M.write_json(out / "heldout_before.json", before)
 
+def set_lr(run: Run, step: int) -> float:
+    """Linear decay (transformers' linear schedule with warmup): step 1 is the peak without warmup."""
+    cfg = run.cfg
+    lr = T.lr_at(step - 1, peak=cfg.lr, warmup=cfg.warmup, total=cfg.steps, schedule="linear",
+                 min_ratio=cfg.min_lr_ratio)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def rollout_phase(run: Run, step: int) -> tuple:
+    """This rank's prompts of the step, G responses each; returns (outs, (gen seconds, gen tokens))."""
+    cfg, d = run.cfg, run.d
     per_rank = cfg.prompts_per_step // d.world
-    step = start_step
-    for step in range(start_step + 1, cfg.steps + 1):
-        t_step = time.perf_counter()
-        lr = T.lr_at(step - 1, peak=cfg.lr, warmup=cfg.warmup, total=cfg.steps, schedule="linear",
-                     min_ratio=cfg.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        mine = step_problems(problems, step, cfg.prompts_per_step, cfg.seed)[d.rank * per_rank:(d.rank + 1) * per_rank]
+    mine = step_problems(run.problems, step, cfg.prompts_per_step, cfg.seed)
+    mine = mine[d.rank * per_rank:(d.rank + 1) * per_rank]
+    run.model.eval()
+    t0 = time.perf_counter()
+    outs = rollouts(run.model, run.tok, mine, cfg, n=cfg.group_size, temperature=cfg.temperature,
+                    seed=cfg.seed * 1_000_003 + step * 1009 + d.rank)
+    return outs, (time.perf_counter() - t0, sum(len(o["tokens"]) for o in outs))
 
-        # -- 1-2. rollouts on the current weights
-        model.eval()
-        t0 = time.perf_counter()
-        outs = rollouts(model, tok, mine, cfg, n=cfg.group_size, temperature=cfg.temperature,
-                        seed=cfg.seed * 1_000_003 + step * 1009 + d.rank)
-        gen_s = time.perf_counter() - t0
-        gen_tokens = sum(len(o["tokens"]) for o in outs)
 
-        # -- 3. rewards
-        scores = score_responses([o["problem"] for o in outs], [o["text"] for o in outs],
-                                 [o["stopped"] for o in outs], [o["tokens"] for o in outs], cfg)
-        rewards = torch.tensor([s["reward"] for s in scores]).view(per_rank, cfg.group_size)  # (P, G)
+def score_phase(run: Run, outs: list) -> tuple:
+    """Per response scores; rewards r (P, G) and the graded part correct + format (P, G)."""
+    G = run.cfg.group_size
+    scores = score_responses([o["problem"] for o in outs], [o["text"] for o in outs],
+                             [o["stopped"] for o in outs], [o["tokens"] for o in outs], run.cfg)
+    rewards = torch.tensor([s["reward"] for s in scores]).view(-1, G)  # (P, G)
+    graded = torch.tensor([s["correct"] + s["format"] for s in scores]).view(-1, G)  # (P, G)
+    return scores, rewards, graded
 
-        # -- 4. advantages; zero-variance groups dropped
-        adv, varied = group_advantages(rewards, eta=cfg.eta, scale=not cfg.dr_grpo)
-        keep_group = varied if cfg.drop_zero_variance else torch.ones_like(varied)
-        seqs, n_overlong_masked, n_nan = [], 0, 0
-        for i, (o, s) in enumerate(zip(outs, scores)):
-            g = i // cfg.group_size
-            if not keep_group[g] or not o["tokens"]:
-                continue
-            if not all(math.isfinite(x) for x in o["logprobs"]):
-                n_nan += 1
-                continue
-            if cfg.overlong == "mask" and not o["stopped"]:
-                n_overlong_masked += 1
-                continue
-            seqs.append(Sequence(o["prompt"], o["tokens"], o["logprobs"], float(adv[g, i % cfg.group_size]), 0.0, g))
-        mb_groups = [sorted({s.group for s in seqs})[k::cfg.minibatches] for k in range(cfg.minibatches)]
-        mb_seqs = [[s for s in seqs if s.group in set(gs)] for gs in mb_groups]
-        n_groups_global = _allreduce([float(len(gs)) for gs in mb_groups], d)  # per minibatch, over ranks
-        for k, ss in enumerate(mb_seqs):
-            ws = sequence_weights([len(s.response) for s in ss], [s.group for s in ss],
-                                  n_groups=max(1.0, n_groups_global[k]), dr_grpo=cfg.dr_grpo,
-                                  max_len=cfg.max_new_tokens)
-            for s, w in zip(ss, ws):
-                s.weight = w
-        rows = [pack_rows(ss, cfg.pack_tokens) if ss else None for ss in mb_seqs]
-        n_micro = [math.ceil(r["input_ids"].shape[0] / cfg.micro_rows) if r is not None else 0 for r in rows]
-        n_micro = [int(x) for x in _allreduce(n_micro, d, dist.ReduceOp.MAX)]  # every rank runs as many passes
-        micro = [micro_batches(r, cfg.micro_rows, n) for r, n in zip(rows, n_micro)]
-        train_tokens = sum(int((mb["doc_ids"] >= 0).sum()) for mbs in micro for mb in mbs)
-        trained = sum(n_micro) > 0  # some rank has a group with signal
 
-        # -- 5. pi_old (trainer's recompute), pi_ref; then minibatch updates
-        t1 = time.perf_counter()
-        acc = TokenStats()
-        losses, grad_norms, skipped = [], [], 0
-        if trained:
-            model.train()
-            same_forward = cfg.minibatches == 1 and cfg.ppo_epochs == 1  # pi_old = pi_theta: no extra pass
-            with torch.no_grad():
-                for mbs in micro:
-                    for mb in mbs:
-                        n_nan += _old_and_ref(model, ref, mb, d, cfg, old=not same_forward)
-            for _ in range(cfg.ppo_epochs):
-                for mbs in micro:
-                    mb_loss = 0.0
-                    for i, mb in enumerate(mbs):
-                        if hasattr(model, "set_requires_gradient_sync"):  # reduce-scatter once, after the last
-                            model.set_requires_gradient_sync(i == len(mbs) - 1)
-                        logp, ent = token_logprobs(model, mb, d.device, temperature=cfg.temperature,
-                                                   chunk=cfg.logprob_chunk, entropy=True)
-                        logp, ent = logp.float(), ent.float()
-                        dev = logp.device
-                        old = logp.detach() if same_forward else mb["old"].to(dev)
-                        loss, diag = grpo_loss(logp, old, mb["gen"].to(dev), mb["ref"].to(dev), mb["adv"].to(dev),
-                                               mb["weight"].to(dev), eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                                               beta=cfg.beta, is_cap=cfg.is_cap)
-                        (loss * d.world).backward()  # FSDP averages over ranks; the weights are global already
-                        mb_loss += float(loss.detach())
-                        acc.add(mb["weight"].to(dev) > 0, diag, ent.detach(), torch.exp(old - mb["gen"].to(dev)),
-                                cfg.is_cap)
-                    gn = T.clip_grad_norm(model, cfg.grad_clip)
-                    mb_loss = _allreduce([mb_loss], d)[0]
-                    if math.isfinite(gn) and math.isfinite(mb_loss):
-                        optimizer.step()
-                    else:  # a non-finite loss or gradient: no update, counted (never a silent zero step)
-                        skipped += 1
-                        log(f"[train_rl] step {step}: non-finite loss {mb_loss} / grad norm {gn}; update skipped")
-                    optimizer.zero_grad(set_to_none=True)
-                    grad_norms.append(gn)
-                    losses.append(mb_loss)
-            if ref is not None and cfg.ref_update_every and step % cfg.ref_update_every == 0:
-                T.reshard(ref)
-                T.reshard(model)
-                polyak_update(ref, model, cfg.ref_alpha)  # -- 6. soft reference update
-        else:
-            log(f"[train_rl] step {step}: no group with reward variance on any rank; no update (counted)")
-        train_s = time.perf_counter() - t1
+def advantage_phase(run: Run, outs: list, scores: list, rewards, graded) -> dict:
+    """A per group (groups whose graded reward does not vary dropped), the responses kept for the loss with
+    their token weights (normalisers all-reduced), packed into micro-batches every rank runs alike."""
+    cfg, d = run.cfg, run.d
+    adv, varied = group_advantages(rewards, eta=cfg.eta, scale=not cfg.dr_grpo, ddof=cfg.std_ddof,
+                                   verifiable=graded)  # (P, G), (P,)
+    varied_total = group_advantages(rewards, eta=cfg.eta)[1]  # (P,) logged: any reward spread at all
+    keep_group = varied if cfg.drop_zero_variance else torch.ones_like(varied)
+    seqs, n_overlong_masked, n_nan = [], 0, 0
+    for i, o in enumerate(outs):
+        g = i // cfg.group_size
+        if not keep_group[g] or not o["tokens"]:
+            continue
+        if not all(math.isfinite(x) for x in o["logprobs"]):
+            n_nan += 1
+            continue
+        if cfg.overlong == "mask" and not o["stopped"]:
+            n_overlong_masked += 1
+            continue
+        seqs.append(Sequence(o["prompt"], o["tokens"], o["logprobs"], float(adv[g, i % cfg.group_size]), 0.0, g))
+    mb_groups = [sorted({s.group for s in seqs})[k::cfg.minibatches] for k in range(cfg.minibatches)]
+    mb_seqs = [[s for s in seqs if s.group in set(gs)] for gs in mb_groups]
+    # per minibatch, over ranks: trained groups and tokens (the normalisers)
+    counts = _allreduce([float(len(gs)) for gs in mb_groups]
+                        + [float(sum(len(s.response) for s in ss)) for ss in mb_seqs], d)
+    n_groups_global, n_tokens_global = counts[:cfg.minibatches], counts[cfg.minibatches:]
+    norm = "dr_grpo" if cfg.dr_grpo else cfg.loss_norm
+    for k, ss in enumerate(mb_seqs):
+        ws = sequence_weights([len(s.response) for s in ss], [s.group for s in ss], norm=norm,
+                              n_groups=max(1.0, n_groups_global[k]), n_tokens=max(1.0, n_tokens_global[k]),
+                              group_size=cfg.group_size, max_len=cfg.max_new_tokens)
+        for s, w in zip(ss, ws):
+            s.weight = w
+    rows = [pack_rows(ss, cfg.pack_tokens) if ss else None for ss in mb_seqs]
+    n_micro = [math.ceil(r["input_ids"].shape[0] / cfg.micro_rows) if r is not None else 0 for r in rows]
+    n_micro = [int(x) for x in _allreduce(n_micro, d, dist.ReduceOp.MAX)]  # every rank runs as many passes
+    micro = [micro_batches(r, cfg.micro_rows, n) for r, n in zip(rows, n_micro)]
+    return {"micro": micro, "varied": varied, "varied_total": varied_total, "n_nan": n_nan,
+            "n_overlong_masked": n_overlong_masked,
+            "train_tokens": sum(int((mb["doc_ids"] >= 0).sum()) for mbs in micro for mb in mbs),
+            "trained": sum(n_micro) > 0}  # some rank has a group with signal
 
-        # -- 7. metrics: gathered over ranks
-        per_seq = [(o["problem"]["domain"], s, len(o["tokens"]), o["stopped"]) for o, s in zip(outs, scores)]
-        gathered = [None] * d.world
-        dist.all_gather_object(gathered, (per_seq, int(varied.sum()), len(varied), n_nan, n_overlong_masked,
-                                          gen_tokens, gen_s, train_tokens, train_s))
-        ts = acc.reduce(d, has_ref=ref is not None)
-        all_seq = [x for g in gathered for x in g[0]]
-        record = {"step": step, "lr": lr, "trained": trained,
-                  "reward": _mean(s["reward"] for _, s, _, _ in all_seq),
-                  "accuracy": _mean(s["correct"] for _, s, _, _ in all_seq),
-                  "format_rate": _mean(float(s["is_format"]) for _, s, _, _ in all_seq)}
-        for part in ("correct", "format", "stop", "repetition"):
-            record[f"reward/{part}"] = _mean(s[part] for _, s, _, _ in all_seq)
-        for dom in DOMAINS:
-            mine_dom = [s for dm, s, _, _ in all_seq if dm == dom]
-            if mine_dom:
-                record[f"reward/{dom}"] = _mean(s["reward"] for s in mine_dom)
-                record[f"accuracy/{dom}"] = _mean(s["correct"] for s in mine_dom)
-        lengths = [n for _, _, n, _ in all_seq]
-        record.update({
-            "response_len": _mean(lengths), "response_len_max": max(lengths),
-            "clipped_frac": _mean(float(not st_) for _, _, _, st_ in all_seq),
-            "groups": sum(g[2] for g in gathered), "groups_zero_variance": sum(g[2] - g[1] for g in gathered),
-            "groups_dropped": sum(g[2] - g[1] for g in gathered) if cfg.drop_zero_variance else 0,
-            "responses_nan": sum(g[3] for g in gathered), "responses_overlong_masked": sum(g[4] for g in gathered),
-            "grader_errors": sum(s["grader_error"] for _, s, _, _ in all_seq),
-            "empty_responses": sum(s["empty"] for _, s, _, _ in all_seq),
-            "trained_tokens": int(ts["tokens"]), "loss": _mean(losses) if losses else None,
-            **{k: (v if trained else None) for k, v in ts.items() if k != "tokens"},
-            "grad_norm": max(grad_norms) if grad_norms else None, "skipped_updates": skipped,
-            "gen_s": max(g[6] for g in gathered), "gen_tokens": sum(g[5] for g in gathered),
-            "train_s": max(g[8] for g in gathered), "train_tokens": sum(g[7] for g in gathered),
-        })
-        record["gen_tok_s"] = record["gen_tokens"] / max(record["gen_s"], 1e-9)
-        record["train_tok_s"] = record["train_tokens"] / max(record["train_s"], 1e-9)
-        record["step_s"] = time.perf_counter() - t_step
-        metrics.write(record)
-        summary["rewards"].append(record["reward"])
-        kl = f"{record['kl']:.4f}" if record["kl"] is not None else "-"
-        log(f"[train_rl] step {step}/{cfg.steps} reward {record['reward']:.3f} (correct {record['reward/correct']:.2f} "
-            f"format {record['reward/format']:.2f} stop {record['reward/stop']:.2f} rep {record['reward/repetition']:.2f}) "
-            f"acc {record['accuracy']:.2f} len {record['response_len']:.1f} kl {kl} groups "
-            f"{record['groups'] - record['groups_dropped']}/{record['groups']} | gen {record['gen_s']:.1f}s "
-            f"{record['gen_tok_s']:.0f} tok/s | train {record['train_s']:.1f}s {record['train_tok_s']:.0f} tok/s")
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            _save(ckpt, ref_dir, step, model, ref, optimizer, cfg, d)
 
-    if step > start_step:
-        _save(ckpt, ref_dir, step, model, ref, optimizer, cfg, d)
-    if heldout:
-        model.eval()
-        after = evaluate_policy(model, tok, heldout, cfg, seed=cfg.seed + 99991)
-        summary["heldout_after"] = after
+def update_phase(run: Run, step: int, batch: dict) -> dict:
+    """pi_old (the trainer's recompute) and pi_ref, then `ppo_epochs` x `minibatches` optimizer steps."""
+    cfg, d, model = run.cfg, run.d, run.model
+    res = {"acc": TokenStats(), "losses": [], "grad_norms": [], "skipped": 0, "n_nan": 0}
+    if not batch["trained"]:
+        run.log(f"[train_rl] step {step}: no group with reward variance on any rank; no update (counted)")
+        return res
+    model.train()
+    same_forward = cfg.minibatches == 1 and cfg.ppo_epochs == 1  # pi_old = pi_theta: no extra pass
+    with torch.no_grad():
+        for mbs in batch["micro"]:
+            for mb in mbs:
+                res["n_nan"] += _old_and_ref(model, run.ref, mb, d, cfg, old=not same_forward)
+    for _ in range(cfg.ppo_epochs):
+        for mbs in batch["micro"]:
+            mb_loss = 0.0
+            for i, mb in enumerate(mbs):
+                if hasattr(model, "set_requires_gradient_sync"):  # reduce-scatter once, after the last
+                    model.set_requires_gradient_sync(i == len(mbs) - 1)
+                mb_loss += _micro_step(run, mb, same_forward, res["acc"])
+            gn = T.clip_grad_norm(model, cfg.grad_clip)
+            mb_loss = _allreduce([mb_loss], d)[0]
+            if math.isfinite(gn) and math.isfinite(mb_loss):
+                run.optimizer.step()
+            else:  # a non-finite loss or gradient: no update, counted (never a silent zero step)
+                res["skipped"] += 1
+                run.log(f"[train_rl] step {step}: non-finite loss {mb_loss} / grad norm {gn}; update skipped")
+            run.optimizer.zero_grad(set_to_none=True)
+            res["grad_norms"].append(gn)
+            res["losses"].append(mb_loss)
+    return res
+
+
+def _micro_step(run: Run, mb: dict, same_forward: bool, acc: TokenStats) -> float:
+    """Forward + backward of one micro-batch; returns its (already normalised) loss."""
+    cfg, d = run.cfg, run.d
+    logp, ent = token_logprobs(run.model, mb, d.device, temperature=cfg.temperature, chunk=cfg.logprob_chunk,
+                               entropy=True)  # (R, L) each
+    logp, ent = logp.float(), ent.float()
+    dev = logp.device
+    old, gen = (logp.detach() if same_forward else mb["old"].to(dev)), mb["gen"].to(dev)  # (R, L)
+    loss, diag = grpo_loss(logp, old, gen, mb["ref"].to(dev), mb["adv"].to(dev), mb["weight"].to(dev),
+                           eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, is_cap=cfg.is_cap)
+    (loss * d.world).backward()  # FSDP averages over ranks; the weights are global already
+    acc.add(mb["weight"].to(dev) > 0, diag, ent.detach(), torch.exp(old - gen), cfg.is_cap)
+    return float(loss.detach())
+
+
+def reference_phase(run: Run, step: int):
+    """ref <- alpha theta + (1 - alpha) ref every `ref_update_every` steps, whether this step trained or not."""
+    if run.ref is not None and run.cfg.ref_update_every and step % run.cfg.ref_update_every == 0:
+        T.reshard(run.ref)
+        T.reshard(run.model)
+        polyak_update(run.ref, run.model, run.cfg.ref_alpha)
+
+
+def log_phase(run: Run, step: int, lr: float, outs: list, scores: list, batch: dict, upd: dict, gen: tuple,
+              train_s: float, t_step: float) -> dict:
+    """One metrics record, gathered over ranks, written to metrics.jsonl, and the step's log line."""
+    cfg, d = run.cfg, run.d
+    varied, trained = batch["varied"], batch["trained"]
+    per_seq = [(o["problem"]["domain"], s, len(o["tokens"]), o["stopped"]) for o, s in zip(outs, scores)]
+    gathered = [None] * d.world
+    dist.all_gather_object(gathered, (per_seq, int(varied.sum()), len(varied), batch["n_nan"] + upd["n_nan"],
+                                      batch["n_overlong_masked"], gen[1], gen[0], batch["train_tokens"], train_s,
+                                      int(batch["varied_total"].sum())))
+    ts = upd["acc"].reduce(d, has_ref=run.ref is not None)
+    all_seq = [x for g in gathered for x in g[0]]
+    record = {"step": step, "lr": lr, "trained": trained,
+              "reward": _mean(s["reward"] for _, s, _, _ in all_seq),
+              "accuracy": _mean(s["correct"] for _, s, _, _ in all_seq),
+              "format_rate": _mean(float(s["is_format"]) for _, s, _, _ in all_seq)}
+    for part in ("correct", "format", "stop", "repetition"):
+        record[f"reward/{part}"] = _mean(s[part] for _, s, _, _ in all_seq)
+    for dom in DOMAINS:
+        mine_dom = [s for dm, s, _, _ in all_seq if dm == dom]
+        if mine_dom:
+            record[f"reward/{dom}"] = _mean(s["reward"] for s in mine_dom)
+            record[f"accuracy/{dom}"] = _mean(s["correct"] for s in mine_dom)
+    lengths = [n for _, _, n, _ in all_seq]
+    losses, grad_norms = upd["losses"], upd["grad_norms"]
+    record.update({
+        "response_len": _mean(lengths), "response_len_max": max(lengths),
+        "clipped_frac": _mean(float(not st_) for _, _, _, st_ in all_seq),
+        "groups": sum(g[2] for g in gathered), "groups_zero_variance": sum(g[2] - g[9] for g in gathered),
+        "groups_zero_variance_graded": sum(g[2] - g[1] for g in gathered),
+        "groups_dropped": sum(g[2] - g[1] for g in gathered) if cfg.drop_zero_variance else 0,
+        "responses_nan": sum(g[3] for g in gathered), "responses_overlong_masked": sum(g[4] for g in gathered),
+        "grader_errors": sum(s["grader_error"] for _, s, _, _ in all_seq),
+        "empty_responses": sum(s["empty"] for _, s, _, _ in all_seq),
+        "trained_tokens": int(ts["tokens"]), "loss": _mean(losses) if losses else None,
+        **{k: (v if trained else None) for k, v in ts.items() if k != "tokens"},
+        "grad_norm": max(grad_norms) if grad_norms else None, "skipped_updates": upd["skipped"],
+        "gen_s": max(g[6] for g in gathered), "gen_tokens": sum(g[5] for g in gathered),
+        "train_s": max(g[8] for g in gathered), "train_tokens": sum(g[7] for g in gathered),
+    })
+    record["gen_tok_s"] = record["gen_tokens"] / max(record["gen_s"], 1e-9)
+    record["train_tok_s"] = record["train_tokens"] / max(record["train_s"], 1e-9)
+    record["step_s"] = time.perf_counter() - t_step
+    run.metrics.write(record)
+    kl = f"{record['kl']:.4f}" if record["kl"] is not None else "-"
+    run.log(f"[train_rl] step {step}/{cfg.steps} reward {record['reward']:.3f} (correct "
+            f"{record['reward/correct']:.2f} format {record['reward/format']:.2f} stop {record['reward/stop']:.2f} "
+            f"rep {record['reward/repetition']:.2f}) acc {record['accuracy']:.2f} len {record['response_len']:.1f} "
+            f"kl {kl} groups {record['groups'] - record['groups_dropped']}/{record['groups']} | gen "
+            f"{record['gen_s']:.1f}s {record['gen_tok_s']:.0f} tok/s | train {record['train_s']:.1f}s "
+            f"{record['train_tok_s']:.0f} tok/s")
+    return record
+
+
+def heldout_eval(run: Run, when: str) -> dict:
+    """Held-out reward / accuracy / format before or after training (written to heldout_WHEN.json)."""
+    run.model.eval()
+    res = evaluate_policy(run.model, run.tok, run.heldout, run.cfg, seed=run.cfg.seed + 99991)
+    run.log(f"[train_rl] held-out {when}: reward {res['reward']:.3f} accuracy {res['accuracy']:.3f} format "
+            f"{res['format']:.3f} length {res['response_len']:.1f} ({res['n']} responses); e.g. "
+            f"{res['examples'][0]!r}")
+    if run.d.main:
+        M.write_json(run.out / f"heldout_{when}.json", res)
+    return res
+
+
+def _finish(run: Run, summary: dict, step: int) -> dict:
+    """The last checkpoint, held-out after, the HF export and the plot."""
+    d, out = run.d, run.out
+    if step > run.start_step:
+        _save(run.ckpt, run.ref_dir, step, run.model, run.ref, run.optimizer, run.cfg, d)
+    if run.heldout:
+        after = summary["heldout_after"] = heldout_eval(run, "after")
         before = summary.get("heldout_before") or (M.read_json(out / "heldout_before.json")
                                                     if (out / "heldout_before.json").is_file() else None)
-        log(f"[train_rl] held-out after: reward {after['reward']:.3f} accuracy {after['accuracy']:.3f} format "
-            f"{after['format']:.3f} length {after['response_len']:.1f}; e.g. {after['examples'][0]!r}")
         if before:
             summary["heldout_before"] = before
-            log(f"[train_rl] held-out reward {before['reward']:.3f} -> {after['reward']:.3f}, accuracy "
-                f"{before['accuracy']:.3f} -> {after['accuracy']:.3f}, format {before['format']:.3f} -> {after['format']:.3f}")
-        if d.main:
-            M.write_json(out / "heldout_after.json", after)
-    T.export_hf(model, out / "hf", d, base)
+            run.log(f"[train_rl] held-out reward {before['reward']:.3f} -> {after['reward']:.3f}, accuracy "
+                    f"{before['accuracy']:.3f} -> {after['accuracy']:.3f}, format {before['format']:.3f} -> "
+                    f"{after['format']:.3f}")
+    T.export_hf(run.model, out / "hf", d, run.base)
     if d.main:
         png = T.plot_metrics(out / "metrics.jsonl", out / "rl.png",
                              ["reward", "accuracy", "response_len", "kl", "entropy", "clip_frac", "grad_norm"],
-                             f"GRPO {base.name}")
-        log(f"[train_rl] wrote {out / 'hf'}, {out / 'metrics.jsonl'}" + (f", {png}" if png else ""))
+                             f"GRPO {run.base.name}")
+        run.log(f"[train_rl] wrote {out / 'hf'}, {out / 'metrics.jsonl'}" + (f", {png}" if png else ""))
     return summary
 
 

@@ -5,8 +5,8 @@
                          seq_idx=seg, return_final_states=True)
     y_t = ssd_step(state, x_t, dt_t, A, B_t, C_t, D=D, dt_bias=dt_bias, dt_softplus=True)  # state updated
 
-Arguments follow mamba_ssm's `mamba_chunk_scan_combined` (and `mamba.ssd_scan`, the pure-PyTorch
-reference this file is tested against): x (b, l, h, p), dt (b, l, h), A (h,), B and C (b, l, g, n) with
+Arguments follow mamba_ssm's `mamba_chunk_scan_combined` (and `ssd_scan_torch`, the pure-PyTorch
+scan below that the kernels are tested against): x (b, l, h, p), dt (b, l, h), A (h,), B and C (b, l, g, n) with
 head i reading group i // (h // g), D (h,) or (h, p), dt_bias (h,), initial_states (b, h, p, n),
 seq_idx (b, l) ints. Returns y (b, l, h, p) in x's dtype [, final states (b, h, p, n) fp32].
 
@@ -54,8 +54,8 @@ Kernels (grids; all accumulate in fp32; fp32 tl.dot, IEEE in the interpreter and
 
 Dispatch (`use_triton`): the kernels run on CUDA tensors; on CPU only when TRITON_INTERPRET=1 was set
 before this module was imported AND PRISM_SSD=triton (tests). PRISM_SSD=torch forces the plain PyTorch
-path. Called directly on the torch path, `ssd_scan` runs the per-step recurrence (exact, slow: mamba.py
-uses its own chunked PyTorch scan there).
+path. On the torch path `ssd_scan` runs `ssd_scan_torch`, the chunked PyTorch scan (autograd, the same
+maths in the same chunks; mamba.py re-exports it as `mamba.ssd_scan`); `ssd_step` runs `_step_torch`.
 """
 
 import os
@@ -179,17 +179,94 @@ def _step_torch(state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit):
     return y
 
 
-def _scan_torch(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx):
-    """The per-step recurrence (the fallback when the kernels cannot run)."""
+def ssd_scan_torch(x, dt, A, B, C, *, chunk_size, D=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, INF),
+                   initial_states=None, seq_idx=None, return_final_states=False):
+    """Chunked SSD scan in plain PyTorch (quadratic inside a chunk, a recurrence across chunks), fp32 inside,
+    differentiable by autograd (nothing is updated in place): the path when the kernels cannot run, and the
+    reference they are tested against. mamba.py re-exports it as `mamba.ssd_scan`.
+
+    x (b, l, h, p), dt (b, l, h), A (h,), B and C (b, l, g, n), D (h,) or (h, p), dt_bias (h,).
+    Δ = clamp(softplus?(dt + dt_bias), *dt_limit). initial_states (b, h, p, n) seed the segment that holds
+    position 0. seq_idx (b, l) ints: the state resets wherever seq_idx[:, t] != seq_idx[:, t-1] (packed
+    documents). Any l (the last chunk is zero-padded inside: Δ = 0 there, so the state is untouched).
+    Returns y (b, l, h, p) in x's dtype [, final states (b, h, p, n) in fp32].
+    """
+    _check_scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_limit, initial_states, seq_idx)
     b, l, h, p = x.shape
-    state = (initial_states.float().clone() if initial_states is not None
-             else x.new_zeros(b, h, p, B.shape[-1], dtype=torch.float32))  # (b, h, p, n)
-    ys = []
-    for t in range(l):
-        if seq_idx is not None and t > 0:  # a new document starts from a zero state
-            state = state * (seq_idx[:, t] == seq_idx[:, t - 1]).view(b, 1, 1, 1)
-        ys.append(_step_torch(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D, dt_bias, dt_softplus, dt_limit))
-    return torch.stack(ys, dim=1).to(x.dtype), state
+    g, n = B.shape[2], B.shape[3]
+    r, Q = h // g, chunk_size  # heads per group, chunk length
+    out_dtype = x.dtype
+
+    dt = _delta(dt, dt_bias, dt_softplus, dt_limit)  # (b, l, h) Δ
+    x, B, C, A = x.float(), B.float(), C.float(), A.float()
+    seg = _segments(seq_idx) if seq_idx is not None else None  # (b, l)
+    pad = (-l) % Q
+    if pad:  # zero Δ, x, B, C on the padded tail; the tail stays in the last segment
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
+        B = F.pad(B, (0, 0, 0, 0, 0, pad))
+        C = F.pad(C, (0, 0, 0, 0, 0, pad))
+        if seg is not None:
+            seg = torch.cat([seg, seg[:, -1:].expand(b, pad)], dim=1)
+    c = (l + pad) // Q
+
+    x = x.view(b, c, Q, g, r, p)
+    B = B.view(b, c, Q, g, n)
+    C = C.view(b, c, Q, g, n)
+    dt = dt.view(b, c, Q, g, r)
+    x_dt = x * dt[..., None]  # (b, c, Q, g, r, p) Δ_t x_t
+    a = (dt * A.view(g, r)).permute(0, 1, 3, 4, 2)  # (b, c, g, r, Q) log-decay Δ_t A per step, <= 0
+    a_cum = a.cumsum(-1)  # (b, c, g, r, Q) log-decay from the chunk start through step i
+
+    # Which (i, j) pairs interact inside a chunk: j <= i and, with documents, the same segment.
+    keep = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()  # (Q_i, Q_j)
+    if seg is not None:
+        seg = seg.view(b, c, Q)
+        keep = keep & (seg[..., :, None] == seg[..., None, :])  # (b, c, Q, Q)
+        keep = keep[:, :, None, None]  # (b, c, 1, 1, Q, Q)
+
+    # 1. Diagonal blocks: y_i += sum_{j <= i} (C_i . B_j) exp(a_cum_i - a_cum_j) Δ_j x_j.
+    # The segment sum a_cum_i - a_cum_j is masked to -inf *before* exp, so the upper triangle never overflows.
+    L = torch.exp((a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~keep, -INF))  # (b, c, g, r, Q, Q)
+    CB = torch.einsum("bcign,bcjgn->bcgij", C, B)  # (b, c, g, Q, Q)
+    y = torch.einsum("bcgrij,bcjgrp->bcigrp", CB[:, :, :, None] * L, x_dt)  # (b, c, Q, g, r, p)
+
+    # 2. State each chunk builds by its end, starting from zero: S_c = sum_j exp(a_cum_end - a_cum_j) Δ_j x_j B_j^T.
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, c, g, r, Q)
+    if seg is not None:  # only the segment still open at the chunk's end survives
+        decay_to_end = decay_to_end * (seg == seg[..., -1:])[:, :, None, None, :]
+    S = torch.einsum("bcjgn,bcgrj,bcjgrp->bcgrpn", B, decay_to_end, x_dt)  # (b, c, g, r, p, n)
+
+    # 3. Across chunks: the state entering chunk k is sum_{z <= k} exp(sum of chunk decays z..k-1) S_{z-1},
+    # with S_{-1} the initial state; with documents, only terms from the same segment survive.
+    h0 = (
+        initial_states.float().view(b, 1, g, r, p, n)
+        if initial_states is not None
+        else x.new_zeros(b, 1, g, r, p, n)
+    )
+    S = torch.cat([h0, S], dim=1)  # (b, c+1, g, r, p, n): index z = state at the end of chunk z-1
+    a_chunk = F.pad(a_cum[..., -1].cumsum(1), (0, 0, 0, 0, 1, 0))  # (b, c+1, g, r) log-decay up to chunk k
+    keep = torch.ones(c + 1, c + 1, dtype=torch.bool, device=x.device).tril()  # (k, z)
+    if seg is not None:
+        seg_end = F.pad(seg[..., -1], (1, 0))  # (b, c+1): segment at the end of chunk k-1 (0 for the initial state)
+        keep = keep & (seg_end[:, :, None] == seg_end[:, None, :])  # (b, k, z)
+    keep = keep[..., None, None]  # (..., k, z, 1, 1)
+    decay_chunks = torch.exp((a_chunk[:, :, None] - a_chunk[:, None, :]).masked_fill(~keep, -INF))  # (b, k, z, g, r)
+    H = torch.einsum("bkzgr,bzgrpn->bkgrpn", decay_chunks, S)  # (b, c+1, g, r, p, n)
+    H_in, h_final = H[:, :-1], H[:, -1]  # (b, c, g, r, p, n) entering each chunk, (b, g, r, p, n) final
+
+    # 4. Off-diagonal blocks: y_i += exp(a_cum_i) C_i . h_in (only where i continues the carried segment).
+    decay_in = torch.exp(a_cum)  # (b, c, g, r, Q)
+    if seg is not None:
+        decay_in = decay_in * (seg == seg_end[:, :-1, None])[:, :, None, None, :]
+    y = y + torch.einsum("bcign,bcgrpn,bcgri->bcigrp", C, H_in, decay_in)
+
+    if D is not None:  # skip connection D x_t
+        y = y + x * D.float().view(g, r, -1)
+    y = y.reshape(b, c * Q, h, p)[:, :l].to(out_dtype)  # (b, l, h, p)
+    if return_final_states:
+        return y, h_final.reshape(b, h, p, n)
+    return y
 
 
 # ----------------------------------------------------------------------------------------------
@@ -766,11 +843,12 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, dt_bias=None, dt_softplus=Fa
              initial_states=None, seq_idx=None, return_final_states=False):
     """Chunked SSD scan; mamba_chunk_scan_combined's arguments (see the module docstring).
     Returns y (b, l, h, p) in x's dtype [, final states (b, h, p, n) fp32]."""
+    if not use_triton(x):  # the chunked PyTorch scan (checks its arguments itself)
+        return ssd_scan_torch(x, dt, A, B, C, chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                              dt_limit=dt_limit, initial_states=initial_states, seq_idx=seq_idx,
+                              return_final_states=return_final_states)
     _check_scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_limit, initial_states, seq_idx)
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    if not use_triton(x):
-        y, final = _scan_torch(x, dt, A, B, C, D, dt_bias, dt_softplus, (lo, hi), initial_states, seq_idx)
-        return (y, final) if return_final_states else y
     if x.shape[1] == 0:
         raise ValueError(f"{WHERE}: ssd_scan: x has no positions (seqlen 0)")
     if max(x.shape[-1], B.shape[-1]) > 256:

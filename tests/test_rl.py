@@ -134,15 +134,20 @@ def test_loss_by_hand():
 
 
 def test_token_level_normalisation_and_dr_grpo():
-    # two groups: |o| = 2, 3 in group 0; 1, 1, 4 in group 1 (the 0-length one is masked)
+    # two groups of G = 4: |o| = 2, 3 kept in group 0; 1, 1, 4 and a masked one (0) in group 1
     lengths, groups = [2, 3, 1, 1, 4, 0], [0, 0, 1, 1, 1, 1]
-    w = R.sequence_weights(lengths, groups, n_groups=2, dr_grpo=False, max_len=8)
+    w = R.sequence_weights(lengths, groups, norm="group", n_groups=2)
     assert w == pytest.approx([1 / (2 * 5), 1 / (2 * 5), 1 / (2 * 6), 1 / (2 * 6), 1 / (2 * 6), 0.0])
     # the loss of a group is (1 / sum_j |o_j|) sum over its tokens: a per-token loss of 1 gives 1 per group
     total = sum(L * x for L, x in zip(lengths, w))
     assert total == pytest.approx(1.0)
-    dr = R.sequence_weights(lengths, groups, n_groups=2, dr_grpo=True, max_len=8)
-    assert dr == pytest.approx([1 / (2 * 2 * 8)] * 2 + [1 / (2 * 4 * 8)] * 3 + [0.0])
+    # batch (open-instruct, the default): 1 / (trained tokens of the minibatch on all ranks), here 11 + 9 elsewhere
+    assert R.Config().loss_norm == "batch"
+    b = R.sequence_weights(lengths, groups, norm="batch", n_groups=2, n_tokens=20)
+    assert b == pytest.approx([1 / 20] * 5 + [0.0])
+    # Dr.GRPO: the constant 1 / (n_groups x G x max_new_tokens), however many responses of a group were dropped
+    dr = R.sequence_weights(lengths, groups, norm="dr_grpo", n_groups=2, group_size=4, max_len=8)
+    assert dr == pytest.approx([1 / (2 * 4 * 8)] * 5 + [0.0])
     # grpo_loss sums weight x per-token loss; weight 0 tokens contribute nothing even if NaN
     z = torch.zeros(3)
     loss, _ = R.grpo_loss(torch.tensor([0.0, 0.0, float("nan")]), z, z, z, torch.tensor([1.0, -1.0, 1.0]),
@@ -150,17 +155,47 @@ def test_token_level_normalisation_and_dr_grpo():
     assert float(loss) == pytest.approx(-0.5 + 0.25)
 
 
+def test_k3_log_ratio_is_clamped():
+    """log pi_ref - log pi_theta = 100: exp overflows fp32; k3 is taken at the clamp (40) and counted."""
+    logp = torch.tensor([-100.0, -1.0, -0.5]).requires_grad_()
+    ref = torch.tensor([0.0, -1.2, -90.0])  # q = 100, -0.2, -89.5
+    z = torch.zeros(3)
+    loss, diag = R.grpo_token_loss(logp, logp.detach(), logp.detach(), ref, z, eps_low=0.2, eps_high=0.28,
+                                   beta=0.1, is_cap=2.0)
+    q = [40.0, -0.2, -40.0]
+    assert loss.tolist() == pytest.approx([0.1 * (math.exp(x) - x - 1) for x in q], rel=1e-5)
+    assert diag["kl_clamped"].tolist() == [True, False, True]
+    loss.sum().backward()
+    assert torch.isfinite(logp.grad).all() and logp.grad[1] == pytest.approx(0.1 * (1 - math.exp(-0.2)), rel=1e-5)
+
+
+def test_top_p_with_truncated_is_is_refused():
+    """The sampler's log-probs under top-p < 1 are those of the renormalised nucleus, pi_old is the full
+    softmax: min(pi_old / pi_gen, C) would be biased, so the combination is refused."""
+    with pytest.raises(R.DataError, match="--top-p 0.9"):
+        R._check(R.Config(top_p=0.9), 1)
+    R._check(R.Config(top_p=0.9, is_cap=0.0), 1)  # no IS correction: nothing to bias
+    R._check(R.Config(top_p=1.0), 1)
+
+
 def test_advantages_and_zero_variance_groups():
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 2.0]])
     adv, varied = R.group_advantages(r, eta=1e-6)
-    std0 = math.sqrt(sum((x - 0.5) ** 2 for x in [1, 0, 0, 1]) / 3)  # unbiased
+    std0 = math.sqrt(sum((x - 0.5) ** 2 for x in [1, 0, 0, 1]) / 4)  # population std (ddof 0), as open-instruct
     assert adv[0].tolist() == pytest.approx([0.5 / std0, -0.5 / std0, -0.5 / std0, 0.5 / std0], rel=1e-5)
     assert adv[1].tolist() == [0.0] * 4
-    std2 = math.sqrt((3 * 0.5 ** 2 + 1.5 ** 2) / 3)
+    std2 = math.sqrt((3 * 0.5 ** 2 + 1.5 ** 2) / 4)
     assert adv[2].tolist() == pytest.approx([-0.5 / std2] * 3 + [1.5 / std2], rel=1e-5)
     assert varied.tolist() == [True, False, True]
+    unbiased, _ = R.group_advantages(r, eta=1e-6, ddof=1)
+    assert unbiased[2].tolist() == pytest.approx([x * math.sqrt(3 / 4) for x in adv[2].tolist()], rel=1e-5)
     dr, _ = R.group_advantages(r, eta=1e-6, scale=False)
     assert dr[2].tolist() == pytest.approx([-0.5, -0.5, -0.5, 1.5])
+    # a continuous penalty makes every group "varied"; the graded reward decides (dynamic sampling)
+    penalised = torch.tensor([[-0.1, -0.3, 0.0, -0.2], [0.9, -0.1, 0.0, 0.0]])
+    graded = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    _, varied = R.group_advantages(penalised, eta=1e-6, verifiable=graded)
+    assert varied.tolist() == [False, True]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,6 +369,33 @@ def test_all_equal_rewards_are_not_a_silent_update(tiny, digits, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_graded_reward_decides_the_filter(tiny, tmp_path):
+    """Unreachable answer, no format bonus, a stop penalty: total rewards differ (stopped or not) but no answer is
+    ever right, so every group is dropped (DAPO keeps a group only when its answers' grades differ)."""
+    bad = tmp_path / "never.jsonl"
+    bad.write_text(json.dumps({"prompt": "1", "answer": "123456789", "domain": "math"}) + "\n")
+    R.train(tiny_cfg(tiny, bad, tmp_path / "pen", format_bonus=0.0, stop_penalty=0.3, repetition_penalty=0.0,
+                     steps=1))
+    [rec] = read_metrics(tmp_path / "pen")
+    assert rec["trained"] is False and rec["groups_dropped"] == 4, rec
+    assert rec["groups_zero_variance"] < 4, rec  # the penalty varies in some group (the test's premise)
+    assert rec["groups_zero_variance_graded"] == 4
+
+
+def test_reference_update_and_lr_follow_their_schedule(tiny, tmp_path, monkeypatch):
+    """No group is ever trainable; the soft reference update still runs every step, and the lr is the linear
+    schedule of transformers' get_linear_schedule_with_warmup: step k (0-based) gets peak x (1 - k / steps)."""
+    bad = tmp_path / "never.jsonl"
+    bad.write_text(json.dumps({"prompt": "1", "answer": "123456789", "domain": "math"}) + "\n")
+    calls, real = [], R.polyak_update
+    monkeypatch.setattr(R, "polyak_update", lambda ref, pol, a: (calls.append(a), real(ref, pol, a)))
+    R.train(tiny_cfg(tiny, bad, tmp_path / "sched", format_bonus=0.0, stop_penalty=0.0, repetition_penalty=0.0,
+                     steps=3, ref_update_every=1, ref_alpha=0.6, lr=1e-2))
+    recs = read_metrics(tmp_path / "sched")
+    assert [r["trained"] for r in recs] == [False] * 3 and calls == [0.6] * 3
+    assert [r["lr"] for r in recs] == pytest.approx([1e-2, 1e-2 * 2 / 3, 1e-2 / 3])  # first = peak, last > 0
+
+
 def test_resume_continues_exactly(tiny, digits, tmp_path, monkeypatch):
     kw = dict(steps=4, save_every=2, ref_update_every=1, minibatches=2, ppo_epochs=2, pack_tokens=40, micro_rows=2)
     R.train(tiny_cfg(tiny, digits, tmp_path / "full", **kw))
@@ -378,23 +440,83 @@ def test_pass_rate_filter(tiny, digits, tmp_path):
         R._band("3", 4, "filter-math")
 
 
+FAKE_ROLLOUTS = """
+import sys
+import train_rl as R
+
+def fake_rollouts(model, tok, problems, cfg, *, n, temperature, seed):
+    # deterministic responses: j // 2 = 0 right, else wrong; lengths vary with j; pi_gen = e^-2 per token
+    out = []
+    for p in problems:
+        ids = tok.encode(R.prompt_text(p, tok, cfg))
+        for j in range(n):
+            text = " " * (j % 3) + "</think> " + str((int(p["answer"]) + j // 2) % 10)
+            toks = tok.encode(text) + [13]
+            out.append({"problem": p, "prompt": ids, "tokens": toks, "logprobs": [-2.0] * len(toks), "text": text,
+                        "stopped": True})
+    return out
+
+R.rollouts = fake_rollouts
+R.main(sys.argv[1:])
+"""
+
+
 def test_two_process_gloo_fsdp(tiny, digits, tmp_path):
-    out = tmp_path / "ddp"
+    """The same rollouts (deterministic stand-ins for sampling) through 2 gloo ranks and through 1 process: the
+    losses, gradient norms and final weights must agree (the loss normaliser counts tokens over both ranks,
+    FSDP's gradient average is undone), and step 1's loss must be the GRPO formula on the tiny model's
+    log-probs."""
+    script = tmp_path / "fake_rl.py"
+    script.write_text(FAKE_ROLLOUTS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train_rl.py"), "--model", str(tiny), "--prompts", str(digits), "--out", str(out),
-           "--system-prompt", "", "--example-user", "", "--max-new-tokens", "4", "--steps", "2", "--group-size", "4",
-           "--prompts-per-step", "4", "--lr", "1e-2", "--ref-update-every", "1", "--save-every", "1",
-           "--micro-rows", "3", "--eval-prompts", str(digits), "--eval-samples", "3"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    recs = read_metrics(out)
-    assert [r["step"] for r in recs] == [1, 2] and recs[0]["groups"] == 4  # 2 prompts per rank, gathered
-    assert json.loads((out / "heldout_after.json").read_text())["n"] == 30  # 10 prompts x 3, split over the ranks
-    assert (out / "hf" / "model.safetensors").is_file()
-    M.load_model(str(out / "hf"), dtype=torch.float32)
+    args = ["--model", str(tiny), "--prompts", str(digits), "--system-prompt", "", "--example-user", "",
+            "--max-new-tokens", "4", "--steps", "2", "--group-size", "4", "--prompts-per-step", "4", "--lr", "1e-2",
+            "--ref-update-every", "1", "--save-every", "1", "--micro-rows", "3", "--eval-prompts", str(digits),
+            "--eval-samples", "3", "--format-bonus", "0", "--repetition-penalty", "0"]
+    runs = {}
+    for name, launcher in (("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node=2"]), ("one", [sys.executable])):
+        res = subprocess.run(launcher + [str(script), *args, "--out", str(tmp_path / name)], env=env,
+                             capture_output=True, text=True, timeout=240)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        runs[name] = read_metrics(tmp_path / name)
+    two, one = runs["two"], runs["one"]
+    assert [r["step"] for r in two] == [1, 2] and two[0]["groups"] == 4  # 2 prompts per rank, gathered
+    assert json.loads((tmp_path / "two" / "heldout_after.json").read_text())["n"] == 30  # 10 x 3, split
+    # step 1 by hand: pi_old = pi_theta (rho = 1), pi_ref = pi_theta (k3 = 0), rewards [1, 1, 0, 0] per group
+    # -> A = +-0.5 / (0.5 + eta); L = sum_{i,t} -min(pi_old / pi_gen, 2) A_i / (all response tokens)
+    model, tok = M.load_model(str(tiny), dtype=torch.float32), M.load_tokenizer(str(tiny))
+    cfg = R.Config(system_prompt="", example_user="")
+    problems = R.step_problems(R.load_prompts(str(digits)), 1, 4, seed=0)
+    num, tokens = 0.0, 0
+    for p in problems:
+        ids = tok.encode(R.prompt_text(p, tok, cfg))
+        for j in range(4):
+            resp = tok.encode(" " * (j % 3) + "</think> " + str((int(p["answer"]) + j // 2) % 10)) + [13]
+            logits = model(torch.tensor([ids + resp]))[0, len(ids) - 1:-1]  # (|o|, V)
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(resp)[:, None])[:, 0]  # (|o|,)
+            adv = (1.0 if j < 2 else -1.0) * 0.5 / (0.5 + 1e-6)
+            rho = (lp - lp.detach()).exp()  # 1, with the gradient of pi_theta
+            num = num + (-(lp.detach() + 2.0).exp().clamp(max=2.0) * rho * adv).sum()
+            tokens += len(resp)
+    loss = num / tokens
+    loss.backward()
+    grad_norm = math.sqrt(sum(float(q.grad.pow(2).sum()) for q in model.parameters() if q.grad is not None))
+    assert two[0]["loss"] == pytest.approx(float(loss), rel=1e-4)
+    assert two[0]["grad_norm"] == pytest.approx(grad_norm, rel=1e-3)
+    assert two[0]["trained_tokens"] == tokens
+    for a, b in zip(two, one):
+        assert a["trained"] and b["trained"]
+        for key in ("loss", "grad_norm", "kl", "trained_tokens", "is_weight_mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (key, a[key], b[key])
+    wa = M.load_model(str(tmp_path / "two" / "hf"), dtype=torch.float32).state_dict()
+    wb = M.load_model(str(tmp_path / "one" / "hf"), dtype=torch.float32).state_dict()
+    w0 = M.load_model(str(tiny), dtype=torch.float32).state_dict()
+    assert any(not torch.equal(wa[k], w0[k]) for k in wa)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
 
 
 def test_help_lists_flags():

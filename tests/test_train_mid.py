@@ -3,6 +3,7 @@ real runs as subprocesses (one process, and 2-process gloo torchrun): FSDP equal
 equals the uninterrupted run (same and different world size), a hybrid model trains, the export loads in
 transformers, non-finite steps stop the run."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -249,11 +250,18 @@ def test_packing_keeps_documents_apart_through_the_model(world):
 
 def test_lr_schedules():
     kw = dict(peak=1.0, warmup=10, total=100, min_ratio=0.1)
-    assert T.lr_at(0, **kw) == pytest.approx(0.1) and T.lr_at(9, **kw) == pytest.approx(1.0)
-    assert T.lr_at(99, **kw) == pytest.approx(0.1)  # cosine ends at 0.1 x peak
-    assert T.lr_at(54, **kw) == pytest.approx(0.55, abs=0.01)  # half way
-    assert T.lr_at(50, schedule="wsd", decay_frac=0.2, **kw) == 1.0 and T.lr_at(99, schedule="wsd", **kw) == pytest.approx(0.1)
+    # step k: k / warmup in the warmup, then cosine progress (k - warmup) / (total - warmup), as transformers
+    assert T.lr_at(0, **kw) == 0.0 and T.lr_at(9, **kw) == pytest.approx(0.9) and T.lr_at(10, **kw) == 1.0
+    assert T.lr_at(99, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))  # last step
+    assert T.lr_at(55, **kw) == pytest.approx(0.55)  # half way
+    assert T.lr_at(0, **{**kw, "warmup": 0}) == 1.0  # no warmup: the first step is the peak
+    assert T.lr_at(50, schedule="wsd", decay_frac=0.2, **kw) == 1.0
+    assert T.lr_at(80, schedule="wsd", **kw) == 1.0 and T.lr_at(99, schedule="wsd", **kw) == pytest.approx(1 - 0.9 * 19 / 20)
     assert T.lr_at(50, schedule="constant", **kw) == 1.0
+    transformers = pytest.importorskip("transformers")  # the reference definition, step by step
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = transformers.get_cosine_with_min_lr_schedule_with_warmup(opt, 10, 100, min_lr_rate=0.1)
+    assert [T.lr_at(k, **kw) for k in range(100)] == pytest.approx([f(k) for k in range(100) for f in ref.lr_lambdas])
     with pytest.raises(T.DataError, match="--schedule"):
         T.lr_at(50, schedule="cosin", **kw)
 
