@@ -641,3 +641,31 @@ def test_end_to_end_smollm2(tmp_path, smollm2):
     E.evaluate(cfg, model=model, tokenizer=tok)
     again = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert sorted(r["problem_id"] for r in again) == sorted(r["problem_id"] for r in lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multiple choice: the context / continuation split
+
+
+class _Bytes:
+    bos_id, eos_ids = 1, [2]
+
+    def encode(self, text, bos=False):
+        return [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids):
+        return bytes(i - 3 for i in ids).decode("utf-8")
+
+
+@pytest.mark.parametrize("context,continuation,want_ctx,want_cont", [
+    # lm-eval's _encode_pair: n_spaces = len(context) - len(context.rstrip()); that tail leads the continuation
+    ("Answer:\n", "yes", "Answer:", "\nyes"),
+    ("Answer:\n ", "yes", "Answer:", "\n yes"),
+    ("Answer: \t\n", " yes", "Answer:", " \t\n yes"),
+    ("Answer: ", "yes", "Answer:", " yes"),
+    ("Answer:", " yes", "Answer:", " yes"),
+])
+def test_encode_pair_moves_all_trailing_whitespace(context, continuation, want_ctx, want_cont):
+    tok = _Bytes()
+    ctx, cont = E.encode_pair(tok, context, continuation)
+    assert (tok.decode(ctx), tok.decode(cont)) == (want_ctx, want_cont)
