@@ -299,9 +299,28 @@ def test_pass_at_k_and_summary():
     assert res["aime24"]["pass@1"] == pytest.approx(62.5)
     assert res["aime24"]["pass@2"] == pytest.approx(100 * (0.5 + 1) / 2)
     assert res["aime24"]["se"] == pytest.approx(37.5)
-    assert res["Math"]["score"] == pytest.approx(62.5) and res["AVG"]["score"] == pytest.approx(62.5)
     assert "AVG" not in E.summarize(recs[:8])
     assert "| AVG |" in E.results_markdown(res)
+
+
+def test_paper_avg_is_the_mean_of_domain_means():
+    # PAPER.md (sec. 1, app. B): AVG = mean(Math, Code, Science); Math = mean(AIME24, AIME25, MATH500),
+    # Code = mean(LCB, CF), Science = GPQA. Unequal tasks, so a mean over tasks (43.75) or any other
+    # weighting gives a different number.
+    hits = {"aime24": ([1, 1, 1, 1], [1, 1, 1, 1]),  # 100
+            "aime25": ([1, 0, 0, 0], [0, 0, 0, 0]),  # 12.5
+            "math500": ([1, 1, 0, 0], [0, 0, 0, 0]),  # 25
+            "lcb": ([1, 1, 1, 0], [1, 0, 0, 0]),  # 50
+            "codeforces": ([0, 0, 0, 0], [0, 0, 0, 0]),  # 0
+            "gpqa": ([1, 1, 1, 1], [1, 1, 0, 0])}  # 75
+    recs = [{"task": t, "problem_id": f"p{j}", "sample": i, "correct": bool(h)}
+            for t, probs in hits.items() for j, row in enumerate(probs) for i, h in enumerate(row)]
+    res = E.summarize(recs)
+    assert [res[t]["score"] for t in hits] == pytest.approx([100, 12.5, 25, 50, 0, 75])
+    assert res["Math"]["score"] == pytest.approx((100 + 12.5 + 25) / 3)
+    assert res["Code"]["score"] == pytest.approx(25) and res["Science"]["score"] == pytest.approx(75)
+    assert res["AVG"]["score"] == pytest.approx(((100 + 12.5 + 25) / 3 + (50 + 0) / 2 + 75) / 3)  # 48.61
+    assert res["AVG"]["n"] == 12
 
 
 # ----------------------------------------------------------------------------------------------
