@@ -35,11 +35,13 @@ Retention (does mid-training / RL keep general ability?), in the same runner and
 A retention task with bad data (or a length the model cannot take) is recorded as an error in the results
 and the rest of the suite goes on.
 
-Sandbox (run_tests): a fresh temp dir (removed afterwards), a new session killed as a whole, a new
-network + PID namespace via `unshare` where the OS allows it (all processes die with it), setrlimit on
-address space, CPU time, file size (caps the output, which goes to files) and processes, and, when the
-evaluator runs as root, the program runs as `nobody` so it cannot touch files outside the temp dir.
-`SANDBOX` says which of these are active here.
+Sandbox (run_tests): a fresh temp dir (removed afterwards), a new session killed as a whole, new mount,
+network and PID namespaces via `unshare` where the OS allows it (all processes die with it; in the mount
+namespace the file system is read-only but for the temp dir, and /tmp, /var/tmp, /dev/shm are fresh
+private tmpfs, so nothing a program writes outlives it), setrlimit on address space, CPU time, file size
+(caps the output, which goes to files) and processes, and, when the evaluator runs as root, the program
+runs as `nobody`. Without a mount namespace (a RuntimeWarning says so) the network + PID namespaces and
+`nobody` remain, but /tmp, /var/tmp and /dev/shm are the host's. `SANDBOX` says which are active here.
 """
 from __future__ import annotations
 
@@ -547,25 +549,82 @@ def grade_choice(response: str, gold_letter: str, *, choices: dict | None = None
 # Code sandbox
 
 
+# Run inside the new mount namespace (as root there), before the limits and the change of user: every
+# writable mount made read-only (not /proc, /sys: tens of mounts, slow, and closed to nobody anyway),
+# fresh tmpfs on the world-writable /tmp, /var/tmp and /dev/shm (else shared with the host), the work
+# dir bound back in writable (through an fd, --no-canonicalize: the new /tmp hides its path) and made
+# the cwd (Popen's cwd is the old, now read-only mount), then exec. Mount points that mountinfo escapes
+# (spaces) stay as they are. unshare's default propagation (private) keeps all this off the host.
+_MOUNT_SCRIPT = r"""set -e
+exec 3<"$1"
+for mp in $(awk '$6 ~ /^rw/ && $5 !~ /^\/(proc|sys)(\/|$)/ {print $5}' /proc/self/mountinfo); do
+  mount -o remount,bind,ro "$mp" 2>/dev/null || :
+done
+for d in /tmp /var/tmp /dev/shm; do
+  if [ -d "$d" ]; then mount -t tmpfs -o mode=1777,nosuid,nodev,size=64m tmpfs "$d"; fi
+done
+mkdir -p "$1"
+mount --no-canonicalize --bind /proc/self/fd/3 "$1"
+mount -o remount,bind,rw "$1"
+cd "$1"
+exec 3<&-
+shift
+exec "$@"
+"""
+
+
+def _mount_wrapper_works(args: list, sh: str) -> bool:
+    """Whether `args` + the mount script runs, keeps a write to /tmp private and one to the work dir."""
+    work = tempfile.mkdtemp(prefix="eval_probe_")
+    mark = f"eval_probe_{os.getpid()}_{threading.get_ident()}"
+    try:
+        check = f': > "$1/ok" && : > /tmp/{mark} && : > /var/tmp/{mark}'
+        cmd = args + [sh, "-c", _MOUNT_SCRIPT, "sandbox", work, sh, "-c", check, "check", work]
+        done = subprocess.run(cmd, capture_output=True, timeout=20).returncode == 0
+        leaked = [d for d in ("/tmp", "/var/tmp") if os.path.exists(os.path.join(d, mark))]
+        for d in leaked:
+            os.remove(os.path.join(d, mark))
+        return done and os.path.exists(os.path.join(work, "ok")) and not leaked
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _probe_sandbox() -> dict:
-    info = {"unshare": False, "unshare_args": [], "run_as_nobody": False, "prlimit": None}
-    exe = shutil.which("unshare")
+    info = {"unshare": False, "private_mounts": False, "unshare_args": [], "sh": None, "run_as_nobody": False,
+            "prlimit": None}
+    exe, sh = shutil.which("unshare"), shutil.which("sh")
     if exe and sys.platform.startswith("linux"):
-        # as root: new network + PID namespaces; otherwise the same inside a new user namespace
-        for extra in ([], ["--user", "--map-root-user"]):
-            args = [exe] + extra + ["--net", "--pid", "--fork", "--kill-child"]
-            try:
-                if subprocess.run(args + ["true"], capture_output=True, timeout=10).returncode == 0:
-                    info.update(unshare=True, unshare_args=args)
+        # as root: new mount + network + PID namespaces; otherwise the same inside a new user namespace;
+        # failing the mount namespace, network + PID only (with a warning)
+        for mounts in (True, False):
+            for extra in ([], ["--user", "--map-root-user"]):
+                args = [exe] + extra + (["--mount"] if mounts else []) + ["--net", "--pid", "--fork", "--kill-child"]
+                args += ["--mount-proc"] if mounts else []
+                try:
+                    if mounts:
+                        works = sh is not None and _mount_wrapper_works(args, sh)
+                    else:
+                        works = subprocess.run(args + ["true"], capture_output=True, timeout=10).returncode == 0
+                except (OSError, subprocess.SubprocessError):
+                    works = False
+                if works:
+                    info.update(unshare=True, private_mounts=mounts, unshare_args=args, sh=sh)
                     break
-            except (OSError, subprocess.SubprocessError):
-                pass
+            if info["unshare"]:
+                break
+    if not info["private_mounts"]:
+        import warnings
+        warnings.warn("evaluate.run_tests: no private mount namespace here (unshare --mount failed); programs "
+                      "share /tmp, /var/tmp and /dev/shm with this machine", RuntimeWarning, stacklevel=3)
     info["prlimit"] = shutil.which("prlimit") if sys.platform.startswith("linux") else None
     info["run_as_nobody"] = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("setpriv") is not None
     return info
 
 
-SANDBOX = {}  # filled on first use: {"unshare": network + PID namespace, "run_as_nobody": ..., "prlimit": path}
+SANDBOX = {}  # filled on first use: {"unshare": network + PID namespace, "private_mounts": mount namespace
+#   (read-only file system, private /tmp /var/tmp /dev/shm), "run_as_nobody": ..., "prlimit": path}
 _SANDBOX_LOCK = threading.Lock()
 NOBODY = 65534
 OUTPUT_CAP = 16 << 20  # bytes of stdout / stderr / any file a program may write
@@ -578,8 +637,8 @@ def _sandbox_info() -> dict:
     return SANDBOX
 
 
-# The command: `unshare` (new network + PID namespaces) -> `prlimit` (CPU, address space, file size,
-# core, processes) -> `setpriv` (as root: become nobody) -> python. Without prlimit the same limits
+# The command: `unshare` (new mount + network + PID namespaces) -> `sh _MOUNT_SCRIPT` (private mounts)
+# -> `prlimit` (CPU, address space, file size, core, processes) -> `setpriv` (as root: become nobody) -> python. Without prlimit the same limits
 # are set in a preexec_fn (not fork-safe with threads in theory, hence prlimit first).
 def _rlimits(timeout_s: float, memory_mb: int, as_nobody: bool) -> dict:
     cpu = max(1, math.ceil(timeout_s))
@@ -613,6 +672,8 @@ def _run_one(program_file: str, stdin_data: str, workdir: str, timeout_s: float,
         cmd = [info["prlimit"]] + [f"--{k}={a}:{b}" for k, (a, b) in limits.items()] + ["--"] + cmd
     else:
         preexec = _preexec_limits(limits)
+    if info["private_mounts"]:
+        cmd = [info["sh"], "-c", _MOUNT_SCRIPT, "sandbox", workdir] + cmd
     if info["unshare"]:
         cmd = info["unshare_args"] + cmd
     paths = {k: os.path.join(workdir, k) for k in ("stdin", "stdout", "stderr")}

@@ -379,6 +379,43 @@ def test_sandbox_leaves_the_outside_alone(tmp_path):
     assert not {f for f in set(os.listdir(E.tempfile.gettempdir())) - before if f.startswith("eval_sandbox_")}
 
 
+def test_sandbox_keeps_its_files_to_itself(tmp_path):
+    # /tmp, /var/tmp and /dev/shm are world-writable and shared with the host: `nobody` alone does not
+    # stop a program leaving files there. Every place a program could reach must stay clean.
+    out_dir = tmp_path / "eval_out"  # stands for the evaluator's own --out folder
+    out_dir.mkdir()
+    out_dir.chmod(0o777)  # even a folder the program may write on the host
+    mark = f"leak_{os.getpid()}_{time.time_ns()}"
+    host_home = Path(os.path.expanduser("~"))
+    places = ["/tmp", "/var/tmp", "/dev/shm", str(host_home), str(out_dir)]
+    program = (f"import os\nplaces = {places!r} + [os.environ.get('HOME', '.'), os.path.dirname(os.getcwd())]\n"
+               f"for d in places:\n    try:\n        open(os.path.join(d, {mark!r}), 'w').write('x')\n"
+               "    except OSError:\n        pass\n"
+               "open('scratch', 'w').write('ok')\nassert open('scratch').read() == 'ok'\n"  # its own work dir works
+               "import tempfile\nwith tempfile.TemporaryFile() as f:\n    f.write(b'ok')\n")  # and a private /tmp
+    ok, reason, _ = _run(program, "pass")
+    assert ok, reason
+    parent = Path(E.tempfile.gettempdir())  # the work dir's parent on the host
+    left = sorted({str(Path(d) / mark) for d in places + [str(parent)] if (Path(d) / mark).exists()})
+    for f in left:
+        os.remove(f)
+    if not _mount_namespaces_work() and os.environ.get("CI") != "true":
+        pytest.skip(f"no mount namespace on this machine: the program's /tmp is the host's (leaked: {left})")
+    assert not left, f"the program left files on the host: {left}"
+    assert E.SANDBOX.get("private_mounts"), E.SANDBOX
+
+
+def _mount_namespaces_work() -> bool:  # asked of the OS directly, not of the code under test
+    for extra in ([], ["--user", "--map-root-user"]):
+        try:
+            cmd = ["unshare", *extra, "--mount", "--pid", "--fork", "sh", "-c", "mount -t tmpfs tmpfs /tmp"]
+            if subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0:
+                return True
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return False
+
+
 def test_sandbox_network():
     ok, reason, _ = _run("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=1)\n")
     if E.SANDBOX.get("unshare"):
