@@ -54,8 +54,10 @@ import json
 import math
 import os
 import pickle
+import queue
 import random
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -171,10 +173,18 @@ def _candidates(text: str) -> list:
         found.append((m.start(), m.group(1).strip()))
     for m in _ANSWER_IS.finditer(text):
         ans = m.group(1).strip()
+        while (inner := _ANSWER_IS.match(ans)) is not None:  # Minerva: "Final Answer: The final answer is $5$."
+            ans = inner.group(1).strip()
         if "\\boxed" in ans or "\\fbox" in ans:
             continue  # the boxed candidate covers it
-        ans = re.split(r"\.(?:\s|$)|\n", ans)[0].strip()  # up to the end of the sentence
-        ans = ans.strip("$ ").strip()
+        math_span = re.match(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", ans)
+        if math_span:  # "is $x^2 + 1$. I hope ...": the math itself, whatever follows it
+            ans = next(g for g in math_span.groups() if g is not None).strip()
+        else:
+            ans = re.split(r"\.(?:\s|$)|\n", ans)[0].strip()  # up to the end of the sentence
+            ans = ans.strip("$ ").strip()
+            if re.fullmatch(r"-?\d+,\d{1,2}", ans):  # decimal comma in prose, as Math-Verify reads it
+                ans = ans.replace(",", ".")
         if ans:
             found.append((m.start(), ans))
     return found
@@ -234,25 +244,31 @@ def _fix_fracs(s: str) -> str:
     return re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", s)
 
 
-def normalize_answer(s: str) -> str:
+def normalize_answer(s: str, *, keep_lhs: bool = False) -> str:
     """A canonical string form: no $, spaces, \\left/\\right, units in \\text{}, degrees, percent signs,
-    thousands separators or a leading "x ="."""
-    s = str(s).strip()
+    thousands separators ("14,916", "14{,}916"); "and" / "or" between answers become commas; a leading
+    "x =", "f(x) =" or "(p, q) =" goes unless `keep_lhs`."""
+    s = str(s).strip().replace("{,}", ",")
     s = s.replace("\n", " ").replace("\\$", "").replace("$", "").replace("π", "\\pi").replace("−", "-").replace("°", "")
     for cmd in ("\\displaystyle", "\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\qquad", "\\quad", "~"):
         s = s.replace(cmd, " " if cmd in ("\\quad", "\\qquad", "~") else "")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\dots", "").replace("\\ldots", "")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
+    s = s.replace("\\dots", "").replace("\\ldots", "")
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "", s).replace("\\circ", "")
     s = s.replace("\\%", "").replace("%", "").replace("\\$", "")
-    # a trailing unit in \text{} / \mbox{} after something else: "5\text{ cm}" -> "5"
-    m = re.match(r"^(.*\S)\s*\\(?:text|mbox|textrm|mathrm)\{[^{}]*\}\s*(\^\{?\d\}?)?\s*\.?$", s)
-    if m and not re.search(r"\\(?:text|mbox|textrm|mathrm)\{", m.group(1)) and re.search(r"[\d}]", m.group(1)):
+    # a trailing unit in \text{} / \textbf{} / \mbox{} after something else: "5\text{ cm}" -> "5"
+    unit = r"\\(?:text|textbf|mbox|textrm|mathrm)\{"
+    m = re.match(r"^(.*\S)\s*" + unit + r"[^{}]*\}\s*(\^\{?\d\}?)?\s*\.?$", s)
+    if m and not re.search(unit, m.group(1)) and re.search(r"[\d}]", m.group(1)):
         s = m.group(1)
     for cmd in ("text", "textbf", "mathrm", "mathbf", "textrm", "mbox", "textnormal", "operatorname", "mathit"):
         s = _unwrap(s, cmd)
     s = s.strip().rstrip(".").strip()
-    # a leading "x =" / "k=" / "\theta =" (a single name, not an equation with two sides of terms)
-    m = re.match(r"^\\?[a-zA-Z]{1,6}(?:_\{?\w+\}?)?\s*=\s*(.+)$", s)
+    s = re.sub(r"\s*,?\s+(?:and|or)\s+", ",", s)  # "2 and 3", "x=1, or x=2": a list of answers
+    # a leading "x =", "\theta =", "f(x) =", "(p, q) =": names only, not an equation with terms on both sides
+    name = r"\\?[a-zA-Z]{1,6}(?:_\{?\w+\}?)?"
+    lhs = rf"^(?:{name}(?:\({name}(?:,\s*{name})*\))?|\(\s*{name}(?:\s*,\s*{name})+\s*\))\s*=\s*(.+)$"
+    m = None if keep_lhs else re.match(lhs, s)
     if m and "=" not in m.group(1):
         s = m.group(1)
     # "18 dollars", "5 cm": a number followed by words only
@@ -299,14 +315,14 @@ def _split_top(s: str, sep: str = ","):
     return parts + [cur]
 
 
-_SYMPY_NAMES = {"sqrt", "pi", "log", "exp", "sin", "cos", "tan", "oo", "E", "I"}
+_SYMPY_NAMES = {"sqrt", "pi", "log", "exp", "sin", "cos", "tan", "sec", "csc", "cot", "oo", "E", "I"}
 
 
 def _latex_to_sympy_text(s: str):
     """A normalised LaTeX answer as text for sympy.parse_expr, or None if it has anything else."""
     s = s.replace("\\cdot", "*").replace("\\times", "*").replace("\\pi", " pi ").replace("\\infty", " oo ")
     s = s.replace("\\ln", " log").replace("\\log", " log").replace("\\exp", " exp")
-    for f in ("sin", "cos", "tan"):
+    for f in ("sin", "cos", "tan", "sec", "csc", "cot"):
         s = s.replace("\\" + f, " " + f)
     for _ in range(50):  # \frac{A}{B} -> ((A)/(B)); \sqrt[n]{A} -> ((A)**(1/(n))); \sqrt{A} -> sqrt(A)
         i = s.find("\\frac{")
@@ -349,8 +365,7 @@ class _Timeout(Exception):
 
 
 def _with_time_limit(fn, seconds: float):
-    """fn() under a wall-clock limit (SIGALRM in the main thread; elsewhere the pre-screened inputs of
-    the sympy path keep it short)."""
+    """fn() under a wall-clock limit: SIGALRM, so only in a main thread (the sympy helper's own)."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         return fn()
 
@@ -365,71 +380,225 @@ def _with_time_limit(fn, seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def _sympy_equal(a: str, b: str, timeout_s: float) -> bool:
+def _sympy_values(texts: list, points: int):
+    """Each expression's value at `points` shared random points of its free symbols (None if a value is not
+    finite); None if the texts do not parse or their symbols differ."""
+    import sympy
+    from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,
+                                            standard_transformations)
+    transforms = standard_transformations + (implicit_multiplication_application, convert_xor)
+    exprs = [parse_expr(t, transformations=transforms, evaluate=True) for t in texts]
+    if len({frozenset(e.free_symbols) for e in exprs}) != 1:
+        return None
+    free, rng, rows = exprs[0].free_symbols, random.Random(0), []
+    for _ in range(points if free else 1):  # numeric identity at random points (no simplify: it can hang)
+        subs = {x: sympy.Rational(rng.randint(2, 97), rng.randint(2, 13)) for x in free}
+        vals = [complex(e.evalf(30, subs=subs)) for e in exprs]
+        if not all(math.isfinite(v.real) and math.isfinite(v.imag) for v in vals):
+            return None
+        rows.append(vals)
+    return rows
+
+
+def _close(x: complex, y: complex) -> bool:
+    return abs(x - y) <= 1e-9 * max(1.0, abs(y))
+
+
+def _sympy_job(kind: str, args: list):
+    """The symbolic comparisons, run in the helper process: "equal" (a, b), "relation" (a, b, sign: +1 an
+    equation either way round or inequalities of one direction) and "rounded" (decimal, exact, places)."""
+    if kind == "equal":
+        rows = _sympy_values(args, 3)
+        return rows is not None and all(_close(a, b) for a, b in rows)
+    if kind == "relation":  # a = lhs - rhs of each: the same relation iff a / b is one constant (> 0 for <)
+        rows = _sympy_values(args[:2], 4)
+        if rows is None or any(abs(b) < 1e-12 for _, b in rows):
+            return False
+        ratios = [a / b for a, b in rows]
+        if not all(_close(r, ratios[0]) for r in ratios) or abs(ratios[0]) < 1e-12:
+            return False
+        return args[2] == 0 or (abs(ratios[0].imag) < 1e-12 and ratios[0].real > 0)
+    if kind == "rounded":  # a decimal shown to `places` digits vs the exact value, rounded the same way
+        rows = _sympy_values(args[:2], 1)
+        return rows is not None and abs(rows[0][0] - rows[0][1]) <= 0.5 * 10.0 ** -args[2] * (1 + 1e-9)
+    raise ValueError(kind)
+
+
+def _sympy_serve():
+    """The helper's loop: one JSON [kind, args, seconds] per line in, one JSON result per line out."""
+    import sympy  # noqa: F401 - imported once, before "ready"
+    print("ready", flush=True)
+    for line in sys.stdin:
+        kind, args, seconds = json.loads(line)
+        try:
+            out = bool(_with_time_limit(lambda: _sympy_job(kind, args), seconds))
+        except Exception:  # noqa: BLE001 - a parse error, an overflow or the time limit: not equal
+            out = False
+        print(json.dumps(out), flush=True)
+
+
+_HELPERS = queue.SimpleQueue()  # idle sympy helper processes, one per concurrent caller at most
+HELPER_START_S = 60.0  # a helper's start (python + sympy import), not counted in a comparison's limit
+
+
+def _helper_start():
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r}); "
+            f"import {Path(__file__).stem} as m; m._sympy_serve()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
+    ready, _, _ = select.select([proc.stdout], [], [], HELPER_START_S)
+    if not ready or proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        proc.wait()
+        raise RuntimeError("evaluate: the sympy helper process did not start")
+    return proc
+
+
+def _sympy_call(kind: str, args: list, timeout_s: float) -> bool:
+    """A symbolic comparison in a helper process, killed (and replaced on the next call) when it takes more
+    than timeout_s: SIGALRM cannot stop C code (9^{9^{9}}) nor reach threads other than the main one."""
     try:
-        import sympy
-        from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application,
-                                                parse_expr, standard_transformations)
-    except ImportError:
+        proc = _HELPERS.get_nowait()
+    except queue.Empty:
+        try:
+            proc = _helper_start()
+        except (OSError, RuntimeError):
+            return False
+    try:
+        proc.stdin.write(json.dumps([kind, args, timeout_s]) + "\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], timeout_s + 0.5)
+        line = proc.stdout.readline() if ready else ""
+    except (OSError, ValueError):
+        line = ""
+    if not line:  # over time or dead: the result is "not equal" and the helper goes
+        proc.kill()
+        proc.wait()
         return False
+    _HELPERS.put(proc)
+    return bool(json.loads(line))
+
+
+def _sympy_equal(a: str, b: str, timeout_s: float) -> bool:
     ta, tb = _latex_to_sympy_text(a), _latex_to_sympy_text(b)
     if ta is None or tb is None:
         return False
-    transforms = standard_transformations + (implicit_multiplication_application, convert_xor)
+    return _sympy_call("equal", [ta, tb], timeout_s)
 
-    def compare():
-        ea = parse_expr(ta, transformations=transforms, evaluate=True)
-        eb = parse_expr(tb, transformations=transforms, evaluate=True)
-        free = ea.free_symbols | eb.free_symbols
-        if ea.free_symbols != eb.free_symbols:
-            return False
-        rng = random.Random(0)
-        for _ in range(3 if free else 1):  # numeric identity at random points (no simplify: it can hang)
-            subs = {x: sympy.Rational(rng.randint(2, 97), rng.randint(2, 13)) for x in free}
-            va, vb = complex(ea.evalf(30, subs=subs)), complex(eb.evalf(30, subs=subs))
-            if not all(map(math.isfinite, (va.real, va.imag, vb.real, vb.imag))):
-                return False
-            if abs(va - vb) > 1e-9 * max(1.0, abs(vb)):
-                return False
-        return True
-    try:
-        return bool(_with_time_limit(compare, timeout_s))
-    except Exception:  # noqa: BLE001 - a parse error, an overflow or the time limit: not equal
+
+_RELATIONS = {"\\leq": "<=", "\\le": "<=", "\\geq": ">=", "\\ge": ">=", "\\lt": "<", "\\gt": ">", "≤": "<=",
+              "≥": ">=", "<=": "<=", ">=": ">=", "<": "<", ">": ">", "=": "="}
+_RELATION_RE = re.compile("|".join(re.escape(k) for k in sorted(_RELATIONS, key=len, reverse=True)))
+
+
+def _relation(s: str):
+    """(parts, ops) of a chain such as "x<=5" or "1<x<3" (ops normalised to <, <=, >, >=, =), or None."""
+    if len(_split_top(s)) > 1:
+        return None
+    parts, ops, last = [], [], 0
+    for m in _RELATION_RE.finditer(s):
+        parts.append(s[last:m.start()])
+        ops.append(_RELATIONS[m.group(0)])
+        last = m.end()
+    parts.append(s[last:])
+    return (parts, ops) if ops and all(parts) else None
+
+
+def _as_interval(rel):
+    """The interval of a one-variable inequality ("x>2", "2<=x<5", "5>=x"), as normalised LaTeX, or None."""
+    (parts, ops) = rel
+    if "=" in ops or not all(re.fullmatch(r"\\?[a-zA-Z]+", p) is None or p == parts[len(parts) // 2]
+                             for p in parts):
+        return None
+    if len(parts) == 2:
+        if re.fullmatch(r"\\?[a-zA-Z]", parts[1]) and not re.fullmatch(r"\\?[a-zA-Z]", parts[0]):
+            parts, ops = parts[::-1], [{"<": ">", "<=": ">=", ">": "<", ">=": "<="}[ops[0]]]
+        if not re.fullmatch(r"\\?[a-zA-Z]", parts[0]):
+            return None
+        op, v = ops[0], parts[1]
+        if op in ("<", "<="):
+            return f"(-\\infty,{v}" + (")" if op == "<" else "]")
+        return ("(" if op == ">" else "[") + f"{v},\\infty)"
+    if len(parts) == 3 and re.fullmatch(r"\\?[a-zA-Z]", parts[1]) and ops[0][0] == ops[1][0]:
+        lo, hi, (o1, o2) = (parts[0], parts[2], ops) if ops[0][0] == "<" else (parts[2], parts[0], ops[::-1])
+        return ("[" if o1.endswith("=") else "(") + f"{lo},{hi}" + ("]" if o2.endswith("=") else ")")
+    return None
+
+
+def _relations_equal(ra, rb, timeout_s: float) -> bool:
+    """Two single relations: the same kind (equation / inequality) and the same solutions, so a rescaled or
+    rearranged equation ("y=-\\frac12x+\\frac34" vs "2x+4y-3=0") or a flipped inequality agree."""
+    (pa, oa), (pb, ob) = ra, rb
+    if len(pa) != 2 or len(pb) != 2:
+        return len(pa) == len(pb) and oa == ob and all(math_equal(x, y, timeout_s=timeout_s) for x, y in zip(pa, pb))
+    flip = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "=": "="}
+    if oa[0] != ob[0] and flip[oa[0]] != ob[0]:
         return False
+    ta = [_latex_to_sympy_text(p) for p in pa]
+    tb = [_latex_to_sympy_text(p) for p in (pb if oa[0] == ob[0] else pb[::-1])]
+    if None in ta or None in tb:
+        return False
+    return _sympy_call("relation", [f"({ta[0]})-({ta[1]})", f"({tb[0]})-({tb[1]})", 0 if oa[0] == "=" else 1],
+                       timeout_s)
+
+
+def _plus_minus(s: str) -> str:
+    """"a\\pm b" -> "a+b,a-b" (and "\\pm b" -> "b,-b"): both answers, as a list."""
+    if "\\pm" not in s or len(_split_top(s)) > 1:
+        return s
+    a, b = s.split("\\pm", 1)
+    return f"{a}+{b},{a}-{b}" if a else f"{b},-{b}"
+
+
+def _is_decimal(s: str) -> bool:
+    return re.fullmatch(r"-?\d+\.\d+", s) is not None
 
 
 def math_equal(pred: str, gold: str, *, timeout_s: float = 2.0) -> bool:
-    """Whether two (extracted) answers are equivalent."""
-    a, b = normalize_answer(pred), normalize_answer(gold)
+    """Whether two (extracted) answers are equivalent. Every symbolic step runs in a helper process under
+    timeout_s (see _sympy_call)."""
+    ra, rb = normalize_answer(pred, keep_lhs=True), normalize_answer(gold, keep_lhs=True)
+    rel_a, rel_b = _relation(ra), _relation(rb)
+    if rel_a and rel_b and ("=" in rel_a[1]) == ("=" in rel_b[1]) and (
+            "=" not in rel_a[1] or normalize_answer(ra) == ra or normalize_answer(rb) == rb):
+        if ra == rb or _relations_equal(rel_a, rel_b, timeout_s):  # equations and inequalities, whole
+            return True
+    ia, ib = (_as_interval(r) if r else None for r in (rel_a, rel_b))
+    if ia or ib:  # "x > 2" and "(2, \infty)"
+        return math_equal(ia or ra, ib or rb, timeout_s=timeout_s) if not (ia and ib) else False
+    a, b = _plus_minus(normalize_answer(pred)), _plus_minus(normalize_answer(gold))
     if not a or not b:
         return False
     if a == b or a.casefold() == b.casefold():
         return True
     na, nb = _to_number(a), _to_number(b)
     if na is not None and nb is not None:
-        return na == nb
+        percent = any(c in pred for c in "%") or any(c in gold for c in "%")
+        return na == nb or percent and (na == nb / 100 or na / 100 == nb)  # 50% of the gold 0.5
     if na is not None and nb is None and re.fullmatch(r"-?[\d.]+", b):
         return False
+    for x, y in ((a, b), (b, a)):  # a decimal rounded to its shown places (>= 3) vs an exact non-decimal
+        if _is_decimal(x) and len(x.split(".")[1]) >= 3 and _to_number(y) is None:
+            ty = _latex_to_sympy_text(y)
+            if ty is not None and _sympy_call("rounded", [x, ty, len(x.split(".")[1])], timeout_s):
+                return True
     # unions, sets, tuples, intervals, bare lists
     if "\\cup" in a or "\\cup" in b:
         pa, pb = _split_top(a, "\\cup"), _split_top(b, "\\cup")
         return len(pa) == len(pb) > 1 and all(math_equal(x, y, timeout_s=timeout_s) for x, y in zip(pa, pb))
     sa, sb = _structure(a), _structure(b)
     if sa or sb:
-        if not (sa and sb) or len(sa[1]) != len(sb[1]):
+        if not (sa and sb):
             return False
         (ka, ea), (kb, eb) = sa, sb
-        if {ka, kb} & {"set", "list"}:  # sets and bare lists in any order
-            if {ka, kb} - {"set", "list"}:
-                return False
-            left = list(eb)
-            for x in ea:
-                j = next((j for j, y in enumerate(left) if math_equal(x, y, timeout_s=timeout_s)), None)
-                if j is None:
-                    return False
-                left.pop(j)
-            return True
-        if ka != kb:
+        if {ka, kb} & {"set", "list"} and {ka, kb} <= {"set", "list"}:  # sets (repeats allowed), any order
+            def covered(xs, ys):
+                return all(any(math_equal(x, y, timeout_s=timeout_s) for y in ys) for x in xs)
+            return covered(ea, eb) and covered(eb, ea)
+        if len(ea) != len(eb):
+            return False
+        if ka != kb and not ("list" in (ka, kb) and "()" in (ka, kb)):  # "3, 2" is the pair (3, 2)
             return False
         return all(math_equal(x, y, timeout_s=timeout_s) for x, y in zip(ea, eb))
     return _sympy_equal(a, b, timeout_s)
