@@ -173,10 +173,11 @@ def _candidates(text: str) -> list:
         found.append((m.start(), m.group(1).strip()))
     for m in _ANSWER_IS.finditer(text):
         ans = m.group(1).strip()
-        while (inner := _ANSWER_IS.match(ans)) is not None:  # Minerva: "Final Answer: The final answer is $5$."
+        while (inner := _ANSWER_IS.match(re.sub(r"^the\s+(?=final)", "", ans, flags=re.I))) is not None:  # Minerva: "Final Answer: The final answer is $5$."
             ans = inner.group(1).strip()
         if "\\boxed" in ans or "\\fbox" in ans:
             continue  # the boxed candidate covers it
+        ans = ans.replace("\\$", "")  # an escaped dollar sign is text, not a math delimiter
         math_span = re.match(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", ans)
         if math_span:  # "is $x^2 + 1$. I hope ...": the math itself, whatever follows it
             ans = next(g for g in math_span.groups() if g is not None).strip()
@@ -323,7 +324,7 @@ def _latex_to_sympy_text(s: str):
     s = s.replace("\\cdot", "*").replace("\\times", "*").replace("\\pi", " pi ").replace("\\infty", " oo ")
     s = s.replace("\\ln", " log").replace("\\log", " log").replace("\\exp", " exp")
     for f in ("sin", "cos", "tan", "sec", "csc", "cot"):
-        s = s.replace("\\" + f, " " + f)
+        s = s.replace("\\" + f, " " + f + " ")
     for _ in range(50):  # \frac{A}{B} -> ((A)/(B)); \sqrt[n]{A} -> ((A)**(1/(n))); \sqrt{A} -> sqrt(A)
         i = s.find("\\frac{")
         if i >= 0:
@@ -508,8 +509,7 @@ def _relation(s: str):
 def _as_interval(rel):
     """The interval of a one-variable inequality ("x>2", "2<=x<5", "5>=x"), as normalised LaTeX, or None."""
     (parts, ops) = rel
-    if "=" in ops or not all(re.fullmatch(r"\\?[a-zA-Z]+", p) is None or p == parts[len(parts) // 2]
-                             for p in parts):
+    if "=" in ops:
         return None
     if len(parts) == 2:
         if re.fullmatch(r"\\?[a-zA-Z]", parts[1]) and not re.fullmatch(r"\\?[a-zA-Z]", parts[0]):
@@ -575,11 +575,14 @@ def math_equal(pred: str, gold: str, *, timeout_s: float = 2.0) -> bool:
     na, nb = _to_number(a), _to_number(b)
     if na is not None and nb is not None:
         percent = any(c in pred for c in "%") or any(c in gold for c in "%")
-        return na == nb or percent and (na == nb / 100 or na / 100 == nb)  # 50% of the gold 0.5
+        if na == nb or percent and (na == nb / 100 or na / 100 == nb):  # 50% of the gold 0.5
+            return True
+        if not any(_is_decimal(x) and not re.fullmatch(r"-?\d+(?:\.\d+)?", y) for x, y in ((a, b), (b, a))):
+            return False  # else maybe a rounded decimal of a fraction, below
     if na is not None and nb is None and re.fullmatch(r"-?[\d.]+", b):
         return False
     for x, y in ((a, b), (b, a)):  # a decimal rounded to its shown places (>= 3) vs an exact non-decimal
-        if _is_decimal(x) and len(x.split(".")[1]) >= 3 and _to_number(y) is None:
+        if _is_decimal(x) and len(x.split(".")[1]) >= 3 and not re.fullmatch(r"-?\d+(?:\.\d+)?", y):
             ty = _latex_to_sympy_text(y)
             if ty is not None and _sympy_call("rounded", [x, ty, len(x.split(".")[1])], timeout_s):
                 return True
