@@ -16,6 +16,13 @@ Graders (public; train_rl.py uses them as rewards):
     run_tests(program, tests, timeout_s) -> bool  sandboxed subprocess; run_tests_detailed -> (passed, reason)
 With the paper's `<think> ... </think> answer` format only the text after `</think>` is graded
 (`strip_think`); a response whose think block never closes gets no credit.
+check_math agrees with Math-Verify (open-r1 / lighteval's grader) on 98.6% of tests/data/math_verify_cases.jsonl;
+`--grader math-verify` uses Math-Verify itself (if installed). Deliberate differences, against reward hacking
+or for plain correctness: only the last \\boxed counts (Math-Verify joins several into a set); no answer is
+taken from unmarked prose (Math-Verify takes the last number); an unparsable gold never rewards; "x > 2" and
+"(2, \\infty)" agree either way round (Math-Verify: only with the interval as gold); a decimal with >= 4 places
+counts when it is the exact gold rounded to those places (Math-Verify: 6); \\log_b x is not parsed. Every sympy
+step runs in a helper process killed after timeout_s (from any thread, C code included).
 
 Retention (does mid-training / RL keep general ability?), in the same runner and output files:
     general   mmlu (5-shot from dev), arc_challenge, arc_easy, hellaswag, winogrande, piqa: log-likelihood
@@ -108,6 +115,7 @@ class Config:
     max_length: int = 0  # long context: lengths 4096, 8192, ... up to this; 0 = the model's max_position_embeddings
     ruler_samples: int = 20  # long context: generated items per task and length (--limit overrides)
     haystack: str = ""  # long context: a text file of filler; "" = Python standard-library docstrings
+    grader: str = "prism"  # math grader: prism (check_math) or math-verify (the reference, if installed)
 
 
 TASKS = ("aime24", "aime25", "math500", "gpqa", "lcb", "codeforces", "gsm8k", "humaneval")
@@ -581,8 +589,8 @@ def math_equal(pred: str, gold: str, *, timeout_s: float = 2.0) -> bool:
             return False  # else maybe a rounded decimal of a fraction, below
     if na is not None and nb is None and re.fullmatch(r"-?[\d.]+", b):
         return False
-    for x, y in ((a, b), (b, a)):  # a decimal rounded to its shown places (>= 3) vs an exact non-decimal
-        if _is_decimal(x) and len(x.split(".")[1]) >= 3 and not re.fullmatch(r"-?\d+(?:\.\d+)?", y):
+    for x, y in ((a, b), (b, a)):  # a decimal rounded to its shown places (>= 4) vs an exact non-decimal
+        if _is_decimal(x) and len(x.split(".")[1]) >= 4 and not re.fullmatch(r"-?\d+(?:\.\d+)?", y):
             ty = _latex_to_sympy_text(y)
             if ty is not None and _sympy_call("rounded", [x, ty, len(x.split(".")[1])], timeout_s):
                 return True
@@ -630,6 +638,18 @@ def _balanced_inside(s: str) -> bool:
         if depth < 0:
             return False
     return depth == 0
+
+
+def math_verify_check(response: str, gold) -> bool:
+    """Math-Verify's verdict (gold read as LaTeX math, as lighteval does), for `--grader math-verify`."""
+    try:
+        from math_verify import parse, verify
+    except ImportError as e:
+        raise RuntimeError("--grader math-verify needs the math-verify package: pip install math-verify") from e
+    main = threading.current_thread() is threading.main_thread()  # its time limits use SIGALRM
+    limits = {} if main else {"parsing_timeout": None}
+    gold_parsed = parse("$" + parse_gold(gold) + "$", **limits)
+    return bool(verify(gold_parsed, parse(response, **limits), **({} if main else {"timeout_seconds": None})))
 
 
 def check_math(response: str, gold, *, think: bool = False, fallback: bool = False, timeout_s: float = 2.0) -> bool:
@@ -1327,7 +1347,14 @@ def grade(task: str, problem: dict, response: str, cfg: Config) -> dict:
     think = cfg.prompt_format == "think"
     try:
         if problem["kind"] == "math":
-            ok, pred, reason = grade_math(response, problem["gold"], think=think)
+            if cfg.grader not in ("prism", "math-verify"):
+                raise ValueError(f"--grader {cfg.grader!r}: expected prism or math-verify")
+            if cfg.grader == "math-verify":
+                text = strip_think(response) if think else response
+                ok = text is not None and math_verify_check(text, problem["gold"])
+                pred, reason = None, "math-verify: " + ("correct" if ok else "wrong or no answer")
+            else:
+                ok, pred, reason = grade_math(response, problem["gold"], think=think)
         else:
             ok, pred, reason = grade_choice(response, problem["gold"], choices=problem["choices"], think=think)
     except DataError as e:

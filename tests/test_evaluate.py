@@ -772,3 +772,14 @@ def test_check_math_agrees_with_math_verify():
             differ.append(f"{r['id']}: math-verify {ref}, gold {r['gold']!r}, response ...{r['response'][-50:]!r}")
     print(f"{len(rows) - len(differ)}/{len(rows)} agree; differ:\n" + "\n".join(differ))
     assert len(differ) <= 0.05 * len(rows), "\n".join(differ)
+
+
+def test_grader_option():
+    pytest.importorskip("math_verify")
+    prob = {"kind": "math", "gold": "\\frac{1}{2}"}
+    for grader in ("prism", "math-verify"):
+        cfg = E.Config(grader=grader, prompt_format="plain")
+        assert E.grade("math500", prob, "The answer is $\\boxed{0.5}$.", cfg)["correct"]
+        assert not E.grade("math500", prob, "The answer is $\\boxed{0.6}$.", cfg)["correct"]
+    with pytest.raises(ValueError, match="--grader"):
+        E.grade("math500", prob, "\\boxed{1}", E.Config(grader="nope"))
