@@ -16,15 +16,24 @@ Graders (public; train_rl.py uses them as rewards):
     run_tests(program, tests, timeout_s) -> bool  sandboxed subprocess; run_tests_detailed -> (passed, reason)
 With the paper's `<think> ... </think> answer` format only the text after `</think>` is graded
 (`strip_think`); a response whose think block never closes gets no credit.
+check_math agrees with Math-Verify (open-r1 / lighteval's grader) on 98.6% of tests/data/math_verify_cases.jsonl;
+`--grader math-verify` uses Math-Verify itself (if installed). Deliberate differences, against reward hacking
+or for plain correctness: only the last \\boxed counts (Math-Verify joins several into a set); no answer is
+taken from unmarked prose (Math-Verify takes the last number); an unparsable gold never rewards; "x > 2" and
+"(2, \\infty)" agree either way round (Math-Verify: only with the interval as gold); a decimal with >= 4 places
+counts when it is the exact gold rounded to those places (Math-Verify: 6); \\log_b x is not parsed. Every sympy
+step runs in a helper process killed after timeout_s (from any thread, C code included).
 
 Retention (general ability, perplexity, long context, and the side-by-side report of several checkpoints)
 lives in retention.py, which runs its tasks through this file's runner.
 
-Sandbox (run_tests): a fresh temp dir (removed afterwards), a new session killed as a whole, a new
-network + PID namespace via `unshare` where the OS allows it (all processes die with it), setrlimit on
-address space, CPU time, file size (caps the output, which goes to files) and processes, and, when the
-evaluator runs as root, the program runs as `nobody` so it cannot touch files outside the temp dir.
-`SANDBOX` says which of these are active here.
+Sandbox (run_tests): a fresh temp dir (removed afterwards), a new session killed as a whole, new mount,
+network and PID namespaces via `unshare` where the OS allows it (all processes die with it; in the mount
+namespace the file system is read-only but for the temp dir, and /tmp, /var/tmp, /dev/shm are fresh
+private tmpfs, so nothing a program writes outlives it), setrlimit on address space, CPU time, file size
+(caps the output, which goes to files) and processes, and, when the evaluator runs as root, the program
+runs as `nobody`. Without a mount namespace (a RuntimeWarning says so) the network + PID namespaces and
+`nobody` remain, but /tmp, /var/tmp and /dev/shm are the host's. `SANDBOX` says which are active here.
 """
 from __future__ import annotations
 
@@ -37,8 +46,10 @@ import json
 import math
 import os
 import pickle
+import queue
 import random
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -80,6 +91,7 @@ class Config:
     dtype: str = "auto"  # float32, bfloat16, or auto (bf16 on GPU, fp32 on CPU)
     out: str = "out/eval"  # folder for samples.jsonl, results.json, results.md
     progress: bool = True  # tqdm bars
+    grader: str = "prism"  # math grader: prism (check_math) or math-verify (the reference, if installed)
 
 
 TASKS = ("aime24", "aime25", "math500", "gpqa", "lcb", "codeforces", "gsm8k", "humaneval")
@@ -144,10 +156,19 @@ def _candidates(text: str) -> list:
         found.append((m.start(), m.group(1).strip()))
     for m in _ANSWER_IS.finditer(text):
         ans = m.group(1).strip()
+        while (inner := _ANSWER_IS.match(re.sub(r"^the\s+(?=final)", "", ans, flags=re.I))) is not None:  # Minerva: "Final Answer: The final answer is $5$."
+            ans = inner.group(1).strip()
         if "\\boxed" in ans or "\\fbox" in ans:
             continue  # the boxed candidate covers it
-        ans = re.split(r"\.(?:\s|$)|\n", ans)[0].strip()  # up to the end of the sentence
-        ans = ans.strip("$ ").strip()
+        ans = ans.replace("\\$", "")  # an escaped dollar sign is text, not a math delimiter
+        math_span = re.match(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", ans)
+        if math_span:  # "is $x^2 + 1$. I hope ...": the math itself, whatever follows it
+            ans = next(g for g in math_span.groups() if g is not None).strip()
+        else:
+            ans = re.split(r"\.(?:\s|$)|\n", ans)[0].strip()  # up to the end of the sentence
+            ans = ans.strip("$ ").strip()
+            if re.fullmatch(r"-?\d+,\d{1,2}", ans):  # decimal comma in prose, as Math-Verify reads it
+                ans = ans.replace(",", ".")
         if ans:
             found.append((m.start(), ans))
     return found
@@ -207,25 +228,31 @@ def _fix_fracs(s: str) -> str:
     return re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", s)
 
 
-def normalize_answer(s: str) -> str:
+def normalize_answer(s: str, *, keep_lhs: bool = False) -> str:
     """A canonical string form: no $, spaces, \\left/\\right, units in \\text{}, degrees, percent signs,
-    thousands separators or a leading "x ="."""
-    s = str(s).strip()
+    thousands separators ("14,916", "14{,}916"); "and" / "or" between answers become commas; a leading
+    "x =", "f(x) =" or "(p, q) =" goes unless `keep_lhs`."""
+    s = str(s).strip().replace("{,}", ",")
     s = s.replace("\n", " ").replace("\\$", "").replace("$", "").replace("π", "\\pi").replace("−", "-").replace("°", "")
     for cmd in ("\\displaystyle", "\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\qquad", "\\quad", "~"):
         s = s.replace(cmd, " " if cmd in ("\\quad", "\\qquad", "~") else "")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\dots", "").replace("\\ldots", "")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
+    s = s.replace("\\dots", "").replace("\\ldots", "")
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "", s).replace("\\circ", "")
     s = s.replace("\\%", "").replace("%", "").replace("\\$", "")
-    # a trailing unit in \text{} / \mbox{} after something else: "5\text{ cm}" -> "5"
-    m = re.match(r"^(.*\S)\s*\\(?:text|mbox|textrm|mathrm)\{[^{}]*\}\s*(\^\{?\d\}?)?\s*\.?$", s)
-    if m and not re.search(r"\\(?:text|mbox|textrm|mathrm)\{", m.group(1)) and re.search(r"[\d}]", m.group(1)):
+    # a trailing unit in \text{} / \textbf{} / \mbox{} after something else: "5\text{ cm}" -> "5"
+    unit = r"\\(?:text|textbf|mbox|textrm|mathrm)\{"
+    m = re.match(r"^(.*\S)\s*" + unit + r"[^{}]*\}\s*(\^\{?\d\}?)?\s*\.?$", s)
+    if m and not re.search(unit, m.group(1)) and re.search(r"[\d}]", m.group(1)):
         s = m.group(1)
     for cmd in ("text", "textbf", "mathrm", "mathbf", "textrm", "mbox", "textnormal", "operatorname", "mathit"):
         s = _unwrap(s, cmd)
     s = s.strip().rstrip(".").strip()
-    # a leading "x =" / "k=" / "\theta =" (a single name, not an equation with two sides of terms)
-    m = re.match(r"^\\?[a-zA-Z]{1,6}(?:_\{?\w+\}?)?\s*=\s*(.+)$", s)
+    s = re.sub(r"\s*,?\s+(?:and|or)\s+", ",", s)  # "2 and 3", "x=1, or x=2": a list of answers
+    # a leading "x =", "\theta =", "f(x) =", "(p, q) =": names only, not an equation with terms on both sides
+    name = r"\\?[a-zA-Z]{1,6}(?:_\{?\w+\}?)?"
+    lhs = rf"^(?:{name}(?:\({name}(?:,\s*{name})*\))?|\(\s*{name}(?:\s*,\s*{name})+\s*\))\s*=\s*(.+)$"
+    m = None if keep_lhs else re.match(lhs, s)
     if m and "=" not in m.group(1):
         s = m.group(1)
     # "18 dollars", "5 cm": a number followed by words only
@@ -272,15 +299,15 @@ def _split_top(s: str, sep: str = ","):
     return parts + [cur]
 
 
-_SYMPY_NAMES = {"sqrt", "pi", "log", "exp", "sin", "cos", "tan", "oo", "E", "I"}
+_SYMPY_NAMES = {"sqrt", "pi", "log", "exp", "sin", "cos", "tan", "sec", "csc", "cot", "oo", "E", "I"}
 
 
 def _latex_to_sympy_text(s: str):
     """A normalised LaTeX answer as text for sympy.parse_expr, or None if it has anything else."""
     s = s.replace("\\cdot", "*").replace("\\times", "*").replace("\\pi", " pi ").replace("\\infty", " oo ")
     s = s.replace("\\ln", " log").replace("\\log", " log").replace("\\exp", " exp")
-    for f in ("sin", "cos", "tan"):
-        s = s.replace("\\" + f, " " + f)
+    for f in ("sin", "cos", "tan", "sec", "csc", "cot"):
+        s = s.replace("\\" + f, " " + f + " ")
     for _ in range(50):  # \frac{A}{B} -> ((A)/(B)); \sqrt[n]{A} -> ((A)**(1/(n))); \sqrt{A} -> sqrt(A)
         i = s.find("\\frac{")
         if i >= 0:
@@ -322,8 +349,7 @@ class _Timeout(Exception):
 
 
 def _with_time_limit(fn, seconds: float):
-    """fn() under a wall-clock limit (SIGALRM in the main thread; elsewhere the pre-screened inputs of
-    the sympy path keep it short)."""
+    """fn() under a wall-clock limit: SIGALRM, so only in a main thread (the sympy helper's own)."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         return fn()
 
@@ -338,71 +364,227 @@ def _with_time_limit(fn, seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def _sympy_equal(a: str, b: str, timeout_s: float) -> bool:
+def _sympy_values(texts: list, points: int):
+    """Each expression's value at `points` shared random points of its free symbols (None if a value is not
+    finite); None if the texts do not parse or their symbols differ."""
+    import sympy
+    from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,
+                                            standard_transformations)
+    transforms = standard_transformations + (implicit_multiplication_application, convert_xor)
+    exprs = [parse_expr(t, transformations=transforms, evaluate=True) for t in texts]
+    if len({frozenset(e.free_symbols) for e in exprs}) != 1:
+        return None
+    free, rng, rows = exprs[0].free_symbols, random.Random(0), []
+    for _ in range(points if free else 1):  # numeric identity at random points (no simplify: it can hang)
+        subs = {x: sympy.Rational(rng.randint(2, 97), rng.randint(2, 13)) for x in free}
+        vals = [complex(e.evalf(30, subs=subs)) for e in exprs]
+        if not all(math.isfinite(v.real) and math.isfinite(v.imag) for v in vals):
+            return None
+        rows.append(vals)
+    return rows
+
+
+def _close(x: complex, y: complex) -> bool:
+    return abs(x - y) <= 1e-9 * max(1.0, abs(y))
+
+
+def _sympy_job(kind: str, args: list):
+    """The symbolic comparisons, run in the helper process: "equal" (a, b), "relation" (a, b, sign: +1 an
+    equation either way round or inequalities of one direction) and "rounded" (decimal, exact, places)."""
+    if kind == "equal":
+        rows = _sympy_values(args, 3)
+        return rows is not None and all(_close(a, b) for a, b in rows)
+    if kind == "relation":  # a = lhs - rhs of each: the same relation iff a / b is one constant (> 0 for <)
+        rows = _sympy_values(args[:2], 4)
+        if rows is None or any(abs(b) < 1e-12 for _, b in rows):
+            return False
+        ratios = [a / b for a, b in rows]
+        if not all(_close(r, ratios[0]) for r in ratios) or abs(ratios[0]) < 1e-12:
+            return False
+        return args[2] == 0 or (abs(ratios[0].imag) < 1e-12 and ratios[0].real > 0)
+    if kind == "rounded":  # a decimal shown to `places` digits vs the exact value, rounded the same way
+        rows = _sympy_values(args[:2], 1)
+        return rows is not None and abs(rows[0][0] - rows[0][1]) <= 0.5 * 10.0 ** -args[2] * (1 + 1e-9)
+    raise ValueError(kind)
+
+
+def _sympy_serve():
+    """The helper's loop: one JSON [kind, args, seconds] per line in, one JSON result per line out."""
+    import sympy  # noqa: F401 - imported once, before "ready"
+    print("ready", flush=True)
+    for line in sys.stdin:
+        kind, args, seconds = json.loads(line)
+        try:
+            out = bool(_with_time_limit(lambda: _sympy_job(kind, args), seconds))
+        except Exception:  # noqa: BLE001 - a parse error, an overflow or the time limit: not equal
+            out = False
+        print(json.dumps(out), flush=True)
+
+
+_HELPERS = queue.SimpleQueue()  # idle sympy helper processes, one per concurrent caller at most
+HELPER_START_S = 60.0  # a helper's start (python + sympy import), not counted in a comparison's limit
+
+
+def _helper_start():
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r}); "
+            f"import {Path(__file__).stem} as m; m._sympy_serve()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
+    ready, _, _ = select.select([proc.stdout], [], [], HELPER_START_S)
+    if not ready or proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        proc.wait()
+        raise RuntimeError("evaluate: the sympy helper process did not start")
+    return proc
+
+
+def _sympy_call(kind: str, args: list, timeout_s: float) -> bool:
+    """A symbolic comparison in a helper process, killed (and replaced on the next call) when it takes more
+    than timeout_s: SIGALRM cannot stop C code (9^{9^{9}}) nor reach threads other than the main one."""
     try:
-        import sympy
-        from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application,
-                                                parse_expr, standard_transformations)
-    except ImportError:
+        proc = _HELPERS.get_nowait()
+    except queue.Empty:
+        try:
+            proc = _helper_start()
+        except (OSError, RuntimeError):
+            return False
+    try:
+        proc.stdin.write(json.dumps([kind, args, timeout_s]) + "\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], timeout_s + 0.5)
+        line = proc.stdout.readline() if ready else ""
+    except (OSError, ValueError):
+        line = ""
+    if not line:  # over time or dead: the result is "not equal" and the helper goes
+        proc.kill()
+        proc.wait()
         return False
+    _HELPERS.put(proc)
+    return bool(json.loads(line))
+
+
+def _sympy_equal(a: str, b: str, timeout_s: float) -> bool:
     ta, tb = _latex_to_sympy_text(a), _latex_to_sympy_text(b)
     if ta is None or tb is None:
         return False
-    transforms = standard_transformations + (implicit_multiplication_application, convert_xor)
+    return _sympy_call("equal", [ta, tb], timeout_s)
 
-    def compare():
-        ea = parse_expr(ta, transformations=transforms, evaluate=True)
-        eb = parse_expr(tb, transformations=transforms, evaluate=True)
-        free = ea.free_symbols | eb.free_symbols
-        if ea.free_symbols != eb.free_symbols:
-            return False
-        rng = random.Random(0)
-        for _ in range(3 if free else 1):  # numeric identity at random points (no simplify: it can hang)
-            subs = {x: sympy.Rational(rng.randint(2, 97), rng.randint(2, 13)) for x in free}
-            va, vb = complex(ea.evalf(30, subs=subs)), complex(eb.evalf(30, subs=subs))
-            if not all(map(math.isfinite, (va.real, va.imag, vb.real, vb.imag))):
-                return False
-            if abs(va - vb) > 1e-9 * max(1.0, abs(vb)):
-                return False
-        return True
-    try:
-        return bool(_with_time_limit(compare, timeout_s))
-    except Exception:  # noqa: BLE001 - a parse error, an overflow or the time limit: not equal
+
+_RELATIONS = {"\\leq": "<=", "\\le": "<=", "\\geq": ">=", "\\ge": ">=", "\\lt": "<", "\\gt": ">", "≤": "<=",
+              "≥": ">=", "<=": "<=", ">=": ">=", "<": "<", ">": ">", "=": "="}
+_RELATION_RE = re.compile("|".join(re.escape(k) for k in sorted(_RELATIONS, key=len, reverse=True)))
+
+
+def _relation(s: str):
+    """(parts, ops) of a chain such as "x<=5" or "1<x<3" (ops normalised to <, <=, >, >=, =), or None."""
+    if len(_split_top(s)) > 1:
+        return None
+    parts, ops, last = [], [], 0
+    for m in _RELATION_RE.finditer(s):
+        parts.append(s[last:m.start()])
+        ops.append(_RELATIONS[m.group(0)])
+        last = m.end()
+    parts.append(s[last:])
+    return (parts, ops) if ops and all(parts) else None
+
+
+def _as_interval(rel):
+    """The interval of a one-variable inequality ("x>2", "2<=x<5", "5>=x"), as normalised LaTeX, or None."""
+    (parts, ops) = rel
+    if "=" in ops:
+        return None
+    if len(parts) == 2:
+        if re.fullmatch(r"\\?[a-zA-Z]", parts[1]) and not re.fullmatch(r"\\?[a-zA-Z]", parts[0]):
+            parts, ops = parts[::-1], [{"<": ">", "<=": ">=", ">": "<", ">=": "<="}[ops[0]]]
+        if not re.fullmatch(r"\\?[a-zA-Z]", parts[0]):
+            return None
+        op, v = ops[0], parts[1]
+        if op in ("<", "<="):
+            return f"(-\\infty,{v}" + (")" if op == "<" else "]")
+        return ("(" if op == ">" else "[") + f"{v},\\infty)"
+    if len(parts) == 3 and re.fullmatch(r"\\?[a-zA-Z]", parts[1]) and ops[0][0] == ops[1][0]:
+        lo, hi, (o1, o2) = (parts[0], parts[2], ops) if ops[0][0] == "<" else (parts[2], parts[0], ops[::-1])
+        return ("[" if o1.endswith("=") else "(") + f"{lo},{hi}" + ("]" if o2.endswith("=") else ")")
+    return None
+
+
+def _relations_equal(ra, rb, timeout_s: float) -> bool:
+    """Two single relations: the same kind (equation / inequality) and the same solutions, so a rescaled or
+    rearranged equation ("y=-\\frac12x+\\frac34" vs "2x+4y-3=0") or a flipped inequality agree."""
+    (pa, oa), (pb, ob) = ra, rb
+    if len(pa) != 2 or len(pb) != 2:
+        return len(pa) == len(pb) and oa == ob and all(math_equal(x, y, timeout_s=timeout_s) for x, y in zip(pa, pb))
+    flip = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "=": "="}
+    if oa[0] != ob[0] and flip[oa[0]] != ob[0]:
         return False
+    ta = [_latex_to_sympy_text(p) for p in pa]
+    tb = [_latex_to_sympy_text(p) for p in (pb if oa[0] == ob[0] else pb[::-1])]
+    if None in ta or None in tb:
+        return False
+    return _sympy_call("relation", [f"({ta[0]})-({ta[1]})", f"({tb[0]})-({tb[1]})", 0 if oa[0] == "=" else 1],
+                       timeout_s)
+
+
+def _plus_minus(s: str) -> str:
+    """"a\\pm b" -> "a+b,a-b" (and "\\pm b" -> "b,-b"): both answers, as a list."""
+    if "\\pm" not in s or len(_split_top(s)) > 1:
+        return s
+    a, b = s.split("\\pm", 1)
+    return f"{a}+{b},{a}-{b}" if a else f"{b},-{b}"
+
+
+def _is_decimal(s: str) -> bool:
+    return re.fullmatch(r"-?\d+\.\d+", s) is not None
 
 
 def math_equal(pred: str, gold: str, *, timeout_s: float = 2.0) -> bool:
-    """Whether two (extracted) answers are equivalent."""
-    a, b = normalize_answer(pred), normalize_answer(gold)
+    """Whether two (extracted) answers are equivalent. Every symbolic step runs in a helper process under
+    timeout_s (see _sympy_call)."""
+    ra, rb = normalize_answer(pred, keep_lhs=True), normalize_answer(gold, keep_lhs=True)
+    rel_a, rel_b = _relation(ra), _relation(rb)
+    if rel_a and rel_b and ("=" in rel_a[1]) == ("=" in rel_b[1]) and (
+            "=" not in rel_a[1] or normalize_answer(ra) == ra or normalize_answer(rb) == rb):
+        if ra == rb or _relations_equal(rel_a, rel_b, timeout_s):  # equations and inequalities, whole
+            return True
+    ia, ib = (_as_interval(r) if r else None for r in (rel_a, rel_b))
+    if ia or ib:  # "x > 2" and "(2, \infty)"
+        return math_equal(ia or ra, ib or rb, timeout_s=timeout_s) if not (ia and ib) else False
+    a, b = _plus_minus(normalize_answer(pred)), _plus_minus(normalize_answer(gold))
     if not a or not b:
         return False
     if a == b or a.casefold() == b.casefold():
         return True
     na, nb = _to_number(a), _to_number(b)
     if na is not None and nb is not None:
-        return na == nb
+        percent = any(c in pred for c in "%") or any(c in gold for c in "%")
+        if na == nb or percent and (na == nb / 100 or na / 100 == nb):  # 50% of the gold 0.5
+            return True
+        if not any(_is_decimal(x) and not re.fullmatch(r"-?\d+(?:\.\d+)?", y) for x, y in ((a, b), (b, a))):
+            return False  # else maybe a rounded decimal of a fraction, below
     if na is not None and nb is None and re.fullmatch(r"-?[\d.]+", b):
         return False
+    for x, y in ((a, b), (b, a)):  # a decimal rounded to its shown places (>= 4) vs an exact non-decimal
+        if _is_decimal(x) and len(x.split(".")[1]) >= 4 and not re.fullmatch(r"-?\d+(?:\.\d+)?", y):
+            ty = _latex_to_sympy_text(y)
+            if ty is not None and _sympy_call("rounded", [x, ty, len(x.split(".")[1])], timeout_s):
+                return True
     # unions, sets, tuples, intervals, bare lists
     if "\\cup" in a or "\\cup" in b:
         pa, pb = _split_top(a, "\\cup"), _split_top(b, "\\cup")
         return len(pa) == len(pb) > 1 and all(math_equal(x, y, timeout_s=timeout_s) for x, y in zip(pa, pb))
     sa, sb = _structure(a), _structure(b)
     if sa or sb:
-        if not (sa and sb) or len(sa[1]) != len(sb[1]):
+        if not (sa and sb):
             return False
         (ka, ea), (kb, eb) = sa, sb
-        if {ka, kb} & {"set", "list"}:  # sets and bare lists in any order
-            if {ka, kb} - {"set", "list"}:
-                return False
-            left = list(eb)
-            for x in ea:
-                j = next((j for j, y in enumerate(left) if math_equal(x, y, timeout_s=timeout_s)), None)
-                if j is None:
-                    return False
-                left.pop(j)
-            return True
-        if ka != kb:
+        if {ka, kb} & {"set", "list"} and {ka, kb} <= {"set", "list"}:  # sets (repeats allowed), any order
+            def covered(xs, ys):
+                return all(any(math_equal(x, y, timeout_s=timeout_s) for y in ys) for x in xs)
+            return covered(ea, eb) and covered(eb, ea)
+        if len(ea) != len(eb):
+            return False
+        if ka != kb and not ("list" in (ka, kb) and "()" in (ka, kb)):  # "3, 2" is the pair (3, 2)
             return False
         return all(math_equal(x, y, timeout_s=timeout_s) for x, y in zip(ea, eb))
     return _sympy_equal(a, b, timeout_s)
@@ -431,6 +613,18 @@ def _balanced_inside(s: str) -> bool:
         if depth < 0:
             return False
     return depth == 0
+
+
+def math_verify_check(response: str, gold) -> bool:
+    """Math-Verify's verdict (gold read as LaTeX math, as lighteval does), for `--grader math-verify`."""
+    try:
+        from math_verify import parse, verify
+    except ImportError as e:
+        raise RuntimeError("--grader math-verify needs the math-verify package: pip install math-verify") from e
+    main = threading.current_thread() is threading.main_thread()  # its time limits use SIGALRM
+    limits = {} if main else {"parsing_timeout": None}
+    gold_parsed = parse("$" + parse_gold(gold) + "$", **limits)
+    return bool(verify(gold_parsed, parse(response, **limits), **({} if main else {"timeout_seconds": None})))
 
 
 def check_math(response: str, gold, *, think: bool = False, fallback: bool = False, timeout_s: float = 2.0) -> bool:
@@ -522,25 +716,82 @@ def grade_choice(response: str, gold_letter: str, *, choices: dict | None = None
 # Code sandbox
 
 
+# Run inside the new mount namespace (as root there), before the limits and the change of user: every
+# writable mount made read-only (not /proc, /sys: tens of mounts, slow, and closed to nobody anyway),
+# fresh tmpfs on the world-writable /tmp, /var/tmp and /dev/shm (else shared with the host), the work
+# dir bound back in writable (through an fd, --no-canonicalize: the new /tmp hides its path) and made
+# the cwd (Popen's cwd is the old, now read-only mount), then exec. Mount points that mountinfo escapes
+# (spaces) stay as they are. unshare's default propagation (private) keeps all this off the host.
+_MOUNT_SCRIPT = r"""set -e
+exec 3<"$1"
+for mp in $(awk '$6 ~ /^rw/ && $5 !~ /^\/(proc|sys)(\/|$)/ {print $5}' /proc/self/mountinfo); do
+  mount -o remount,bind,ro "$mp" 2>/dev/null || :
+done
+for d in /tmp /var/tmp /dev/shm; do
+  if [ -d "$d" ]; then mount -t tmpfs -o mode=1777,nosuid,nodev,size=64m tmpfs "$d"; fi
+done
+mkdir -p "$1"
+mount --no-canonicalize --bind /proc/self/fd/3 "$1"
+mount -o remount,bind,rw "$1"
+cd "$1"
+exec 3<&-
+shift
+exec "$@"
+"""
+
+
+def _mount_wrapper_works(args: list, sh: str) -> bool:
+    """Whether `args` + the mount script runs, keeps a write to /tmp private and one to the work dir."""
+    work = tempfile.mkdtemp(prefix="eval_probe_")
+    mark = f"eval_probe_{os.getpid()}_{threading.get_ident()}"
+    try:
+        check = f': > "$1/ok" && : > /tmp/{mark} && : > /var/tmp/{mark}'
+        cmd = args + [sh, "-c", _MOUNT_SCRIPT, "sandbox", work, sh, "-c", check, "check", work]
+        done = subprocess.run(cmd, capture_output=True, timeout=20).returncode == 0
+        leaked = [d for d in ("/tmp", "/var/tmp") if os.path.exists(os.path.join(d, mark))]
+        for d in leaked:
+            os.remove(os.path.join(d, mark))
+        return done and os.path.exists(os.path.join(work, "ok")) and not leaked
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _probe_sandbox() -> dict:
-    info = {"unshare": False, "unshare_args": [], "run_as_nobody": False, "prlimit": None}
-    exe = shutil.which("unshare")
+    info = {"unshare": False, "private_mounts": False, "unshare_args": [], "sh": None, "run_as_nobody": False,
+            "prlimit": None}
+    exe, sh = shutil.which("unshare"), shutil.which("sh")
     if exe and sys.platform.startswith("linux"):
-        # as root: new network + PID namespaces; otherwise the same inside a new user namespace
-        for extra in ([], ["--user", "--map-root-user"]):
-            args = [exe] + extra + ["--net", "--pid", "--fork", "--kill-child"]
-            try:
-                if subprocess.run(args + ["true"], capture_output=True, timeout=10).returncode == 0:
-                    info.update(unshare=True, unshare_args=args)
+        # as root: new mount + network + PID namespaces; otherwise the same inside a new user namespace;
+        # failing the mount namespace, network + PID only (with a warning)
+        for mounts in (True, False):
+            for extra in ([], ["--user", "--map-root-user"]):
+                args = [exe] + extra + (["--mount"] if mounts else []) + ["--net", "--pid", "--fork", "--kill-child"]
+                args += ["--mount-proc"] if mounts else []
+                try:
+                    if mounts:
+                        works = sh is not None and _mount_wrapper_works(args, sh)
+                    else:
+                        works = subprocess.run(args + ["true"], capture_output=True, timeout=10).returncode == 0
+                except (OSError, subprocess.SubprocessError):
+                    works = False
+                if works:
+                    info.update(unshare=True, private_mounts=mounts, unshare_args=args, sh=sh)
                     break
-            except (OSError, subprocess.SubprocessError):
-                pass
+            if info["unshare"]:
+                break
+    if not info["private_mounts"]:
+        import warnings
+        warnings.warn("evaluate.run_tests: no private mount namespace here (unshare --mount failed); programs "
+                      "share /tmp, /var/tmp and /dev/shm with this machine", RuntimeWarning, stacklevel=3)
     info["prlimit"] = shutil.which("prlimit") if sys.platform.startswith("linux") else None
     info["run_as_nobody"] = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("setpriv") is not None
     return info
 
 
-SANDBOX = {}  # filled on first use: {"unshare": network + PID namespace, "run_as_nobody": ..., "prlimit": path}
+SANDBOX = {}  # filled on first use: {"unshare": network + PID namespace, "private_mounts": mount namespace
+#   (read-only file system, private /tmp /var/tmp /dev/shm), "run_as_nobody": ..., "prlimit": path}
 _SANDBOX_LOCK = threading.Lock()
 NOBODY = 65534
 OUTPUT_CAP = 16 << 20  # bytes of stdout / stderr / any file a program may write
@@ -553,8 +804,8 @@ def _sandbox_info() -> dict:
     return SANDBOX
 
 
-# The command: `unshare` (new network + PID namespaces) -> `prlimit` (CPU, address space, file size,
-# core, processes) -> `setpriv` (as root: become nobody) -> python. Without prlimit the same limits
+# The command: `unshare` (new mount + network + PID namespaces) -> `sh _MOUNT_SCRIPT` (private mounts)
+# -> `prlimit` (CPU, address space, file size, core, processes) -> `setpriv` (as root: become nobody) -> python. Without prlimit the same limits
 # are set in a preexec_fn (not fork-safe with threads in theory, hence prlimit first).
 def _rlimits(timeout_s: float, memory_mb: int, as_nobody: bool) -> dict:
     cpu = max(1, math.ceil(timeout_s))
@@ -588,6 +839,8 @@ def _run_one(program_file: str, stdin_data: str, workdir: str, timeout_s: float,
         cmd = [info["prlimit"]] + [f"--{k}={a}:{b}" for k, (a, b) in limits.items()] + ["--"] + cmd
     else:
         preexec = _preexec_limits(limits)
+    if info["private_mounts"]:
+        cmd = [info["sh"], "-c", _MOUNT_SCRIPT, "sandbox", workdir] + cmd
     if info["unshare"]:
         cmd = info["unshare_args"] + cmd
     paths = {k: os.path.join(workdir, k) for k in ("stdin", "stdout", "stderr")}
@@ -1064,7 +1317,14 @@ def grade(task: str, problem: dict, response: str, cfg: Config) -> dict:
     think = cfg.prompt_format == "think"
     try:
         if problem["kind"] == "math":
-            ok, pred, reason = grade_math(response, problem["gold"], think=think)
+            if cfg.grader not in ("prism", "math-verify"):
+                raise ValueError(f"--grader {cfg.grader!r}: expected prism or math-verify")
+            if cfg.grader == "math-verify":
+                text = strip_think(response) if think else response
+                ok = text is not None and math_verify_check(text, problem["gold"])
+                pred, reason = None, "math-verify: " + ("correct" if ok else "wrong or no answer")
+            else:
+                ok, pred, reason = grade_math(response, problem["gold"], think=think)
         else:
             ok, pred, reason = grade_choice(response, problem["gold"], choices=problem["choices"], think=think)
     except DataError as e:

@@ -438,10 +438,11 @@ def bigbench_items(name: str, cfg: Config, shots: int = 0) -> list:
 # Scoring
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple:
-    """(context ids, continuation ids) as lm-evaluation-harness splits them: trailing spaces of the context
-    move to the continuation, the continuation's ids are those of context + continuation after the
-    context's own. An empty context is the BOS (else EOS) token."""
-    n = len(context) - len(context.rstrip(" "))
+    """(context ids, continuation ids) as lm-evaluation-harness splits them: all trailing whitespace of the
+    context (spaces, newlines, tabs: its `context.rstrip()`) moves to the continuation, the continuation's
+    ids are those of context + continuation after the context's own. An empty context is the BOS (else
+    EOS) token."""
+    n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
     if not context:

@@ -420,3 +420,31 @@ def test_smollm2_data_parallel_torchrun(smollm2, tmp_path):
     b = {(x["task"], x["problem_id"]): x["logprobs"] for x in map(json.loads, (tmp_path / "two" / "samples.jsonl").read_text().splitlines())}
     assert a.keys() == b.keys() and all(x == pytest.approx(b[k], abs=1e-3) for k, x in a.items())
     assert not list((tmp_path / "two").glob("samples.rank*.jsonl"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Multiple choice: the context / continuation split
+
+
+class _Bytes:
+    bos_id, eos_ids = 1, [2]
+
+    def encode(self, text, bos=False):
+        return [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids):
+        return bytes(i - 3 for i in ids).decode("utf-8")
+
+
+@pytest.mark.parametrize("context,continuation,want_ctx,want_cont", [
+    # lm-eval's _encode_pair: n_spaces = len(context) - len(context.rstrip()); that tail leads the continuation
+    ("Answer:\n", "yes", "Answer:", "\nyes"),
+    ("Answer:\n ", "yes", "Answer:", "\n yes"),
+    ("Answer: \t\n", " yes", "Answer:", " \t\n yes"),
+    ("Answer: ", "yes", "Answer:", " yes"),
+    ("Answer:", " yes", "Answer:", " yes"),
+])
+def test_encode_pair_moves_all_trailing_whitespace(context, continuation, want_ctx, want_cont):
+    tok = _Bytes()
+    ctx, cont = R.encode_pair(tok, context, continuation)
+    assert (tok.decode(ctx), tok.decode(cont)) == (want_ctx, want_cont)
