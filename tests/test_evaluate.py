@@ -234,8 +234,15 @@ THINK_CHOICE_CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def sympy_helper_started():
+    """The first symbolic comparison starts the helper process (imports sympy: seconds on a busy machine);
+    the time bound below is about each comparison, not that start-up."""
+    E.check_math("\\boxed{\\frac{1}{2}}", "0.5")
+
+
 @pytest.mark.parametrize("response,gold,verdict", MATH_CASES)
-def test_check_math(response, gold, verdict):
+def test_check_math(response, gold, verdict, sympy_helper_started):
     t0 = time.perf_counter()
     assert E.check_math(response, gold) is verdict
     assert time.perf_counter() - t0 < 5
