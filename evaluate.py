@@ -426,9 +426,11 @@ HELPER_START_S = 60.0  # a helper's start (python + sympy import), not counted i
 
 
 def _helper_start():
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = (f"import sys; sys.path.insert(0, {here!r}); "
-            f"import {Path(__file__).stem} as m; m._sympy_serve()")
+    # the helper runs only the functions it needs: importing this file would import torch (seconds)
+    import inspect
+    parts = ["import json, math, random, signal, sys, threading"] + [inspect.getsource(f) for f in (
+        _Timeout, _with_time_limit, _sympy_values, _close, _sympy_job, _sympy_serve)] + ["_sympy_serve()"]
+    code = "\n\n".join(parts)
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
     ready, _, _ = select.select([proc.stdout], [], [], HELPER_START_S)
