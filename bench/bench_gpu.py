@@ -63,6 +63,7 @@ class Config:
     train_steps: int = 20  # steps per model (the first 3 are warm-up, not timed)
     train_seq: int = 4096  # tokens per sequence
     train_batch: int = 4  # sequences per step
+    decode_batches: str = "1,64"  # comma-separated decode batch sizes
     decode_new: int = 128  # new tokens per decode run
     decode_prompt: int = 128  # prompt tokens
     rl_prompts: int = 8  # GRPO prompts per step
@@ -85,7 +86,7 @@ def parse_args(argv=None) -> Config:
         p.error(f"--parts: unknown {sorted(unknown)}; choose from {','.join(PARTS)}")
     if cfg.dry_run:  # tiny everything
         cfg.seqlens, cfg.tokens, cfg.ssd_tokens = "64", 128, "96"
-        cfg.train_steps, cfg.train_seq, cfg.train_batch = 4, 64, 2
+        cfg.train_steps, cfg.train_seq, cfg.train_batch, cfg.decode_batches = 2, 64, 2, "1,4"
         cfg.decode_new, cfg.decode_prompt, cfg.rl_prompts, cfg.rl_group, cfg.rl_new = 4, 8, 2, 2, 8
     return cfg
 
@@ -278,7 +279,7 @@ def part_decode(cfg):
     name = torch.cuda.get_device_name() if dev == "cuda" else ""
     bw = next((v for k, v in HBM_BYTES_S.items() if k in name), None)
     rows = []
-    for batch in (1, 64):
+    for batch in [int(b) for b in cfg.decode_batches.split(",")]:
         g = torch.Generator().manual_seed(batch)
         prompts = torch.randint(3, model.config.vocab_size, (batch, cfg.decode_prompt), generator=g).tolist()
         limit = f"HBM limit {batch * bw / weight_bytes:,.0f} tok/s" if bw else "HBM limit n/a"
