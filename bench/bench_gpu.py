@@ -260,7 +260,8 @@ def part_train(cfg):
     d = T.setup_distributed("cuda" if torch.cuda.is_available() and not cfg.dry_run else "cpu")
     rows = []
     try:
-        for label, raw in (("Llama 1B", llama_1b(cfg.dry_run)), ("Nemotron-H-shaped hybrid", nemotron_h(cfg.dry_run))):
+        for label, raw in (("Llama 1B", llama_1b(cfg.dry_run)),
+                           ("Nemotron-H-shaped hybrid", nemotron_h(cfg.dry_run))):
             try:
                 rows.append(train_steps(random_model(raw, d.device), d, cfg, label))
             except Exception as e:  # noqa: BLE001  (the other model still runs)
@@ -339,7 +340,8 @@ def main(argv=None):
         # CPU: interpreted kernels at tiny shapes in fp32, wall-clock timing instead of CUDA events
         BK.DEVICE, BK.DTYPE, BK.COMPILE_BASELINE, BK._time = "cpu", torch.float32, False, _wall_ms
         BK.CHECKS = [("dry causal d32 gqa2", 1, 4, 2, 40, 40, 32, dict(causal=True)),
-                     ("dry docs+window d16", 1, 2, 1, 40, 40, 16, dict(causal=True, window=9, doc_ids=((20, 15), 5)))]
+                     ("dry docs+window d16", 1, 2, 1, 40, 40, 16,
+                      dict(causal=True, window=9, doc_ids=((20, 15), 5)))]
         BK.SSD_CHECKS = [("dry docs + h0", 1, 40, 2, 16, 1, 8, 16, "hp", (9, 30), True)]
         BK.SSD_SHAPE = dict(h=2, p=16, g=1, n=8, chunk=16)
     elif not torch.cuda.is_available():

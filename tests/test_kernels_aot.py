@@ -25,7 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = {80: 166912, 90: 232448}  # compute capability -> max dynamic shared memory per block (A100, H100)
 FORWARD = {"_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_dt_kernel", "_chunk_state_kernel",
-           "_state_pass_kernel", "_chunk_scan_kernel", "_step_kernel"}  # run in inference: no spills
+           "_state_pass_kernel", "_chunk_scan_kernel", "_step_kernel"}  # inference (+ the tiny delta): no spills
 # Forward spills known and bounded (bytes of spill stores), to be timed on a GPU (python -m bench gpu, the
 # "docs + window" row): with causal + window + documents together the forward inlines nine copies of its
 # block step and ptxas spills a few words at d <= 128 (causal + documents alone, the training path, does
@@ -84,11 +84,14 @@ def _bind(fn, args, kwargs, target):
 
 def attention_cases(full=False):
     """Every choice `attention` dispatches on: head dim, causal, window, documents, dtype. CI compiles the
-    cover set: each padded head dim's tile config (64, 128, 256; 80 and 96 pad to 128) in bf16 with the
-    heaviest code (causal + window + documents); `full` compiles the whole product (~1 GPU-less hour on
-    2 cores, minutes on 16: before a GPU session)."""
+    cover set: each padded head dim's tile config (64, 128, 256) in bf16 with the heaviest code (causal +
+    window + documents) and the training path (causal + documents); 80 and 96 (padded to 128) in fp16
+    without masks; fp32 at 128. `full` compiles the whole product (~1 hour on 2 cores, minutes on 16)."""
     if not full:
-        return [dict(d=d, causal=True, window=32, docs=True, dtype="bfloat16") for d in (64, 128, 256)]
+        return ([dict(d=d, causal=True, window=w, docs=True, dtype="bfloat16") for d in (64, 128, 256)
+                 for w in (32, None)]
+                + [dict(d=d, causal=False, window=None, docs=False, dtype="float16") for d in (80, 96)]
+                + [dict(d=128, causal=True, window=None, docs=False, dtype="float32")])
     return [dict(d=d, causal=c, window=w, docs=doc, dtype=dt) for d, c, w, doc, dt in
             itertools.product(HEAD_DIMS, (True, False), (None, 32), (False, True), DTYPES)]
 
@@ -98,8 +101,10 @@ def ssd_cases(full=False):
     chunk 64); with and without seq_idx, initial states, D (h,) / (h, p) / none, dt_bias + softplus,
     in every input dtype; the decode step with its own flags. CI: the Nemotron-H shape, every flag on."""
     if not full:
-        return ([dict(p=64, n=128, chunk=256, seq=True, init=True, D="hp", bias=True, dtype="bfloat16")],
-                [dict(p=64, n=128, D="hp", bias=True, dtype="bfloat16")])
+        return ([dict(p=64, n=128, chunk=256, seq=True, init=True, D="hp", bias=True, dtype="bfloat16"),
+                 dict(p=32, n=64, chunk=64, seq=False, init=False, D="h", bias=False, dtype="float16")],
+                [dict(p=64, n=128, D="hp", bias=True, dtype="bfloat16"),
+                 dict(p=32, n=64, D=None, bias=False, dtype="float16")])
     shapes = [dict(p=64, n=128, chunk=128), dict(p=64, n=128, chunk=256), dict(p=32, n=64, chunk=64)]
     scan = [dict(shape, seq=s, init=i, D=D, bias=b, dtype=dt) for shape in shapes
             for s, i, D, b, dt in itertools.product((False, True), (False, True), (None, "h", "hp"),
@@ -133,7 +138,8 @@ def record(only=None, full=False):
             for c in attention_cases(full):
                 dt = getattr(torch, c["dtype"])
                 b, hq, hkv, t = 2, 4, 2, 64  # GQA; the sizes do not change the constexprs
-                q, k, v = fake(b, hq, t, c["d"], dtype=dt), fake(b, hkv, t, c["d"], dtype=dt), fake(b, hkv, t, c["d"], dtype=dt)
+                q = fake(b, hq, t, c["d"], dtype=dt)
+                k, v = fake(b, hkv, t, c["d"], dtype=dt), fake(b, hkv, t, c["d"], dtype=dt)
                 kdoc = (torch.arange(t).div(20, rounding_mode="floor").expand(b, t).to(torch.int32)
                         .contiguous().as_subclass(FakeCuda)) if c["docs"] else None
                 label[0] = "attention " + " ".join(f"{k}={v}" for k, v in c.items())
@@ -151,8 +157,8 @@ def record(only=None, full=False):
                 D = {None: None, "h": fake(h, dtype=torch.float32), "hp": fake(h, p, dtype=torch.float32)}[c["D"]]
                 bias = fake(h, dtype=torch.float32) if c["bias"] else None
                 h0 = fake(b, h, p, n, dtype=torch.float32) if c["init"] else None
-                seg = S._segments(torch.arange(l).div(100, rounding_mode="floor").expand(b, l)).as_subclass(FakeCuda) \
-                    if c["seq"] else None
+                docs = torch.arange(l).div(100, rounding_mode="floor").expand(b, l)  # 3 documents
+                seg = S._segments(docs).as_subclass(FakeCuda) if c["seq"] else None
                 label[0] = "ssd " + " ".join(f"{k}={v}" for k, v in c.items())
                 ctx = _Ctx()
                 y, final = S._SSDScan.forward(ctx, x, dtv, A_, B, C, D, bias, h0, seg, c["chunk"], c["bias"], 0.0,
