@@ -72,7 +72,8 @@ class Config:
 
 
 def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench gpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, field in Config.__dataclass_fields__.items():
         flag = "--" + name.replace("_", "-")
         if field.type in (bool, "bool"):
