@@ -302,6 +302,9 @@ def findings(results):
 def test_kernels_compile_for_a100_and_h100(tmp_path):
     """Compile errors, shared memory over the per-block limit, forward spills: fail. Backward spills:
     printed (slower, not wrong)."""
+    import pytest
+
+    pytest.importorskip("triton")  # CPU-only installs without triton: nothing to compile
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # nothing cached between runs
     cmd = [sys.executable, os.path.abspath(__file__), "--json", str(tmp_path / "aot.json")]
