@@ -8,11 +8,12 @@ a benchmark's flags. Each prints a markdown table naming the machine and the dat
     train_mid   one FSDP training step vs transformers wrapped the same way
     rl          one GRPO step (rollout, update) vs a TRL-like transformers loop
     kernels     the Triton kernels vs torch SDPA / the PyTorch scan (a CUDA GPU)
+    gpu         one GPU session: kernel correctness + speed, train_mid MFU, decode, an RL step (--dry-run: CPU)
 """
 import runpy
 import sys
 
-NAMES = ("model", "hybrid", "evaluate", "retention", "train_mid", "rl", "kernels")
+NAMES = ("model", "hybrid", "evaluate", "retention", "train_mid", "rl", "kernels", "gpu")
 
 
 def main():

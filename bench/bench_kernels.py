@@ -91,6 +91,7 @@ def _grads(fn, q, k, v, do, **kw):
 
 
 DEVICE = "cuda"
+DTYPE = torch.bfloat16  # the checked and timed dtype (bench_gpu --dry-run: fp32, the interpreter's bf16 is wrong)
 CHECKS = [  # name, b, hq, hkv, t, s, d, kwargs (doc_ids as (lengths, padding))
     ("causal d128 gqa8", 2, 16, 2, 1000, 1000, 128, dict(causal=True)),
     ("full d64 gqa2", 1, 4, 2, 777, 777, 64, dict(causal=False)),
@@ -119,7 +120,7 @@ def correctness(cfg):
         k, v = (torch.randn(b, hkv, s, d, device=dev, generator=g) for _ in range(2))
         kw = dict(kw, scale=0.9 * d ** -0.5, window=kw.get("window"), doc_ids=kw.get("doc_ids"))
         exact = _grads(naive, *(x.double() for x in (q, k, v, do)), **kw)
-        xs = [x.bfloat16() for x in (q, k, v, do)]
+        xs = [x.to(DTYPE) for x in (q, k, v, do)]
         torch_bf16 = _grads(A.attention_reference, *xs, **kw)
         kernel = _grads(A.attention, *xs, **kw)
         cells, ok = [], True
@@ -191,9 +192,9 @@ def timing(cfg):
         for s in [int(x) for x in cfg.seqlens.split(",")]:
             b = max(1, cfg.tokens // s)
             g = torch.Generator(device=DEVICE).manual_seed(0)
-            q = torch.randn(b, hq, s, d, device=DEVICE, dtype=torch.bfloat16, generator=g, requires_grad=True)
-            k = torch.randn(b, hkv, s, d, device=DEVICE, dtype=torch.bfloat16, generator=g, requires_grad=True)
-            v = torch.randn(b, hkv, s, d, device=DEVICE, dtype=torch.bfloat16, generator=g, requires_grad=True)
+            q = torch.randn(b, hq, s, d, device=DEVICE, dtype=DTYPE, generator=g, requires_grad=True)
+            k = torch.randn(b, hkv, s, d, device=DEVICE, dtype=DTYPE, generator=g, requires_grad=True)
+            v = torch.randn(b, hkv, s, d, device=DEVICE, dtype=DTYPE, generator=g, requires_grad=True)
             do = torch.randn_like(q)
             flops = 4 * b * s * s * hq * d / 2  # causal
             # SDPA baselines get K/V already expanded to every query head (outside the timing):
@@ -220,6 +221,8 @@ def fmt(x):
 # ----------------------------------------------------------------------------------------------
 
 NEMOTRON_H_8B = dict(h=128, p=64, g=8, n=128, chunk=128)  # mamba_num_heads, mamba_head_dim, n_groups, state
+SSD_SHAPE = NEMOTRON_H_8B  # the timed shape (bench_gpu --dry-run: a tiny one)
+COMPILE_BASELINE = True  # time torch.compile'd mamba.ssd_scan too (bench_gpu --dry-run: off, ~1 min of CPU)
 SSD_CHECKS = [  # name, b, l, h, p, g, n, chunk, D kind, document cut points or None, initial state
     ("nemotron 8b shapes, l not /128", 1, 1000, 128, 64, 8, 128, 128, "h", None, False),
     ("docs + h0, g=1, D (h, p)", 2, 777, 8, 64, 1, 64, 64, "hp", (100, 256, 500), True),
@@ -261,7 +264,7 @@ def ssd_correctness(cfg):
         if cuts is not None:
             pos = torch.arange(l, device=DEVICE)
             seq_idx = sum((pos >= c).long() for c in cuts)[None].repeat(b, 1)
-        bf = {k: (t.bfloat16() if t is not None and k not in ("A", "dt_bias") else t) for k, t in v.items()}
+        bf = {k: (t.to(DTYPE) if t is not None and k not in ("A", "dt_bias") else t) for k, t in v.items()}
         exact = _ssd_grads(mamba.ssd_scan, {k: (t.float() if t is not None else None) for k, t in bf.items()},
                            chunk, seq_idx, use_h0)
         torch_bf16 = _ssd_grads(mamba.ssd_scan, bf, chunk, seq_idx, use_h0)
@@ -288,8 +291,9 @@ def _ssd_impls():
     import mamba
     from kernels import ssd as S
 
-    impls = {"ours (Triton)": S.ssd_scan, "mamba.ssd_scan eager": mamba.ssd_scan,
-             "mamba.ssd_scan compiled": torch.compile(mamba.ssd_scan, dynamic=False)}
+    impls = {"ours (Triton)": S.ssd_scan, "mamba.ssd_scan eager": mamba.ssd_scan}
+    if COMPILE_BASELINE:
+        impls["mamba.ssd_scan compiled"] = torch.compile(mamba.ssd_scan, dynamic=False)
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
         impls["mamba_ssm combined"] = mamba_chunk_scan_combined
@@ -300,7 +304,7 @@ def _ssd_impls():
 
 def ssd_timing(cfg):
     """Rows (tokens, batch, impl, fwd ms, fwd+bwd ms, GB/s fwd, GB/s fwd+bwd, TFLOP/s fwd, TFLOP/s fwd+bwd)."""
-    s = NEMOTRON_H_8B
+    s = SSD_SHAPE
     h, p, g, n, Q = s["h"], s["p"], s["g"], s["n"], s["chunk"]
     os.environ["PRISM_SSD"] = "triton"
     rows = []
@@ -309,7 +313,7 @@ def ssd_timing(cfg):
         b = max(1, tokens // L)
         T = b * L
         v = ssd_inputs(b, L, h, p, g, n, "h", DEVICE)
-        bf = {k: (t.bfloat16() if k not in ("A", "dt_bias") else t) for k, t in v.items()}
+        bf = {k: (t.to(DTYPE) if k not in ("A", "dt_bias") else t) for k, t in v.items()}
         leaves = [bf[k].requires_grad_() for k in ("x", "dt", "B", "C")] + [v["A"].requires_grad_()]
         flops = 2 * T * (g * Q * n + h * Q * p / 2 + 2 * h * p * n)
         io_fwd = 2 * (2 * T * h * p + T * h + 2 * T * g * n)  # bf16: x, y, dt, B, C
@@ -360,14 +364,14 @@ def ssd_section(cfg):
 def main():
     cfg = parse_args()
     if cfg.only not in ("all", "attention", "ssd"):
-        sys.exit(f"kernels/bench.py: --only must be all, attention or ssd; got {cfg.only!r}")
+        sys.exit(f"python -m bench kernels: --only must be all, attention or ssd; got {cfg.only!r}")
     if not torch.cuda.is_available():
-        sys.exit("kernels/bench.py: needs a CUDA GPU (torch.cuda.is_available() is False); the CPU "
+        sys.exit("python -m bench kernels: needs a CUDA GPU (torch.cuda.is_available() is False); the CPU "
                  "checks are `python -m pytest tests/test_attention.py`")
     try:
         import triton
     except ImportError:
-        sys.exit("kernels/bench.py: needs triton (pip install 'triton>=3.6,<3.10')")
+        sys.exit("python -m bench kernels: needs triton (pip install 'triton>=3.6,<3.10')")
     card = torch.cuda.get_device_name()
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
