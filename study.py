@@ -55,7 +55,7 @@ class Config:
     out: str = "out/study"  # study folder: one subfolder per stage, REPORT.md, results.json, PNGs
     scale: str = "default"  # tiny (CI, ~2 min) | default (~1 h on a 2-core CPU) | gpu (an 8-GPU node); sets the fields below unless given
     model: str = M.DEFAULT_MODEL  # base model: folder, hub id, or the built-in SmolLM2-135M-Instruct
-    base_shrink: str = ""  # "L,H": a random model with L layers and hidden size H from the base's config (tiny); "" = the model as is
+    base_shrink: str = ""  # "L,H": a random model (L layers, hidden size H, EOS made likely) from the base's config and tokenizer (tiny); "" = the model as is
     torchrun: int = 0  # N > 0: training and evaluation scripts run under torchrun --standalone --nproc_per_node N
     device: str = "auto"  # in-process stages (RL-task evaluation, analysis): cpu, cuda, or auto
     mid_steps: int = 20  # mid-training optimizer steps per mixture (the same token budget for both)
@@ -94,7 +94,7 @@ SCALES = {  # what each --scale sets (fields given on the command line win)
     "default": {},
     "tiny": dict(base_shrink="2,64", mid_steps=2, mid_seq_len=64, mid_batch_size=2, mid_warmup=0,
                  mid_export_every=1, rl_steps=2, rl_save_every=1, rl_group_size=4, rl_prompts_per_step=2,
-                 rl_max_new_tokens=8, rl_lr=1e-3, rl_args="--repetition-ngram 1 --demo-eval 4",
+                 rl_max_new_tokens=8, rl_lr=1e-3, rl_args="--demo-eval 4",
                  eval_bigbench="strategyqa", eval_mc_limit=4, eval_gsm8k=2, eval_max_new_tokens=8,
                  eval_ruler_items=1, eval_ruler_length=256, eval_ppl_tokens=512, eval_rl_samples=1,
                  cka_prompts=6, cka_max_tokens=16, cka_bootstrap=3, landscape_grid=2, landscape_problems=2,
@@ -216,6 +216,13 @@ def stage_base(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
     for p in net.parameters():  # small random weights: the model is random, but its logits are tame
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.02)
+    # a long EOS embedding (tied to the head) makes stopping likely at some positions and not others, so GRPO's
+    # stop penalty varies within a group and RL makes real updates even though nothing is ever correct
+    emb = net.model.embed_tokens.weight
+    with torch.no_grad():
+        for i in M.load_tokenizer(src).eos_ids:
+            v = torch.randn(emb.shape[1])
+            emb[i] = 7.0 * v / v.norm()
     M.save_model(net.float(), folder / "hf", tokenizer_from=src)
     return {"path": str(folder / "hf"), "shrunk_from": str(src)}
 
@@ -593,7 +600,8 @@ def plots(out: Path, labels: list, rows: list, an: dict, cfg: Config, stamp: str
     panels = [("RL task accuracy (%)", lambda k: _value(rows, "rl_task", k)),
               ("GSM8K (%)", lambda k: _value(rows, "gsm8k", k)),
               ("BIG-bench mean (%)", lambda k: _mean_rows(rows, bb_tasks, k)),
-              ("RULER needle (%)", lambda k: _value(rows, "ruler_niah_single", k))]
+              ("RULER needle (%)", lambda k: _value(rows, next((r["task"] for r in rows
+                                                                if r["task"].startswith("ruler_")), ""), k))]
     ppl = [r["task"] for r in rows if r["task"].startswith("ppl:")]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(16, 3.8))
     for ax, (name, get) in zip(axes, panels):
@@ -797,7 +805,8 @@ DEFAULT_MINUTES = {"tiny": 2, "default": 60, "gpu": 600}  # planned wall time of
 
 def _eta(cfg: Config, measured: float, budget_done: float, budget_left: float) -> str:
     """Time left: the planned per-stage shares, rescaled by how long the finished stages took against plan."""
-    per_share = measured / budget_done if budget_done > 0.02 else 60 * DEFAULT_MINUTES.get(cfg.scale, 60)
+    plan = 60 * DEFAULT_MINUTES.get(cfg.scale, 60)  # seconds per unit of share, before anything is measured
+    per_share = measured / budget_done if budget_done >= 0.15 else plan  # a few short stages say little
     return f"about {_hms(per_share * budget_left)} left"
 
 
@@ -811,8 +820,9 @@ def parse_args(argv=None) -> Config:
     parser = argparse.ArgumentParser(description="The PRISM study end to end: base -> mid-training -> GRPO -> "
                                                  "evaluation -> analysis -> REPORT.md (see the module docstring).")
     cfg, args = M.parse_config(Config, argv, parser=parser)
-    if cfg.scale not in SCALES:
-        parser.error(f"--scale {cfg.scale!r}: expected one of {', '.join(SCALES)}")
+    if cfg.scale not in SCALES:  # one line and exit code 2, like every bad input
+        print(f"study.py: error: --scale {cfg.scale!r}: expected one of {', '.join(SCALES)}", file=sys.stderr)
+        sys.exit(2)
     given = {k for k, v in vars(args).items() if v is not None}
     return dataclasses.replace(cfg, **{k: v for k, v in SCALES[cfg.scale].items() if k not in given})
 
