@@ -209,8 +209,8 @@ def stage_base(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
         raise M.DataError(f"--base-shrink {cfg.base_shrink!r}: expected L,H (layers, hidden size)") from None
     raw = M.read_json(src / "config.json")
     heads = max(1, hidden // 16)
-    raw.update(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=heads,
-               num_key_value_heads=max(1, heads // 2), head_dim=16, max_position_embeddings=1024)
+    raw.update(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
+               num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=16, max_position_embeddings=1024)
     torch.manual_seed(0)
     net = M.CausalLM(M.config_from_hf(raw))
     for p in net.parameters():  # small random weights: the model is random, but its logits are tame
@@ -324,7 +324,8 @@ def stage_merge(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
     return {"path": str(path)}
 
 
-EVAL_MODELS = (("base", "base"), ("mid", "mid_mc"), ("rl_base", "rl_base"), ("rl_mid", "rl_mc"), ("merge", "merge"))
+EVAL_MODELS = (("base", "base"), ("mid", "mid_mc"), ("rl_base", "rl_base"), ("rl_mid", "rl_mc"),
+               ("merge", "merge"))  # (label in the table, the stage that made it)
 
 
 def stage_eval(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
@@ -356,7 +357,7 @@ def stage_eval(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
                  "--out", folder / "reasoning"]
     run_script("retention.py", reasoning, cfg, folder / "log.txt")
     return {"models": dict(models), "rl_task": rl_task,
-            "retention": [str(folder / "general" / "retention.json"), str(folder / "reasoning" / "retention.json")]}
+            "retention": [str(folder / sub / "retention.json") for sub in ("general", "reasoning")]}
 
 
 def stage_analysis(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
@@ -381,7 +382,7 @@ def stage_analysis(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
                         "bf16": _change_summary(run("weights", [bf16[a], bf16[b]], f"weights/{sub}_bf16"))}
     sim_mid = run("similarity", [P["base"], P["mid_math"], P["mid_mc"]], "similarity/mid_math_vs_mid_mc")
     # RL-from-base vs RL-from-mid updates start from different weights; halfway merges put both on one base:
-    # (rl_base + mid)/2 - (base + mid)/2 = (rl_base - base)/2 and (base + rl_mc)/2 - (base + mid)/2 = (rl_mc - mid)/2
+    # (rl_base + mid)/2 - (base + mid)/2 = (rl_base - base)/2, (base + rl_mc)/2 - (base + mid)/2 = (rl_mc - mid)/2
     h0 = A.merge(P["base"], P["mid_mc"], 0.5, tmp / "half_base_mid")
     h1 = A.merge(P["rl_base"], P["mid_mc"], 0.5, tmp / "half_rlbase_mid")
     h2 = A.merge(P["base"], P["rl_mc"], 0.5, tmp / "half_base_rlmc")
@@ -405,7 +406,8 @@ def stage_analysis(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
     if not cfg.keep_checkpoints:
         shutil.rmtree(tmp, ignore_errors=True)
     result = {"weights": weights,
-              "similarity": {"mid_math_vs_mid_mc": _sim_summary(sim_mid), "rl_base_vs_rl_mc": _sim_summary(sim_rl)},
+              "similarity": {"mid_math_vs_mid_mc": _sim_summary(sim_mid),
+                             "rl_base_vs_rl_mc": _sim_summary(sim_rl)},
               "trajectory": traj, "cka": cka,
               "landscape": {"a": land["a"], "b": land["b"], "pass_rate": land["pass_rate"]}}
     M.write_json(folder / "analysis.json", result)
@@ -504,7 +506,8 @@ def findings(ev: dict, an: dict, rows: list, labels: list, cfg: Config) -> list:
     out.append({"finding": "RL from the base moves little; RL after mid-training moves more",
                 "paper": "base -> RL: AIME ~0; base -> mid -> RL: AVG 29-42 (from < 12)",
                 "ours": (f"RL-task held-out accuracy: base {_fmt2(acc['base'])} -> RL {_fmt2(acc['rl_base'])} "
-                         f"({_fmtd(g_base)}); mid {_fmt2(acc['mid'])} -> RL {_fmt2(acc['rl_mid'])} ({_fmtd(g_mid)})"),
+                         f"({_fmtd(g_base)}); mid {_fmt2(acc['mid'])} -> RL {_fmt2(acc['rl_mid'])} "
+                         f"({_fmtd(g_mid)})"),
                 "verdict": HOLDS if s > 0 else FAILS if s < 0 else UNMEASURABLE,
                 "note": "verdict on the final accuracies RL-from-mid vs RL-from-base (2 SE)"})
 
@@ -554,7 +557,8 @@ def findings(ev: dict, an: dict, rows: list, labels: list, cfg: Config) -> list:
                 "ours": f"min over layers mid vs RL {m:.5f} (layer {ck['mid_vs_rl']['min_layer']}); "
                         f"base vs mid {ck['base_vs_mid']['min_cka']:.5f}",
                 "verdict": UNMEASURABLE if m is None or not math.isfinite(m) else HOLDS if m >= 0.998 else FAILS,
-                "note": f"{ck['mid_vs_rl']['prompts']} prompts (math, code, RL task), mean-pooled; holds = >= 0.998"})
+                "note": f"{ck['mid_vs_rl']['prompts']} prompts (math, code, RL task), mean-pooled; "
+                        "holds = >= 0.998"})
 
     general = [r["task"] for r in rows if r["group"] in ("General", "Long context")]
     costs, repairs = [], []
@@ -705,8 +709,9 @@ def stage_report(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
              "## The paper's findings here", "",
              "| finding | paper | ours | verdict |", "|---|---|---|---|"]
     lines += [f"| {f['finding']} | {f['paper']} | {f['ours']} | **{f['verdict']}** ({f['note']}) |" for f in fs]
-    lines += ["", "Caveats: a 135M model (the paper: 3B-24B), minutes of mid-training on ~10^5 tokens (the paper: "
-              "~27B) and a handful of GRPO steps at a 40x larger learning rate (the paper: 1,000 steps at 5e-7); "
+    tokens = cfg.mid_steps * cfg.mid_batch_size * cfg.mid_seq_len * max(1, cfg.torchrun)
+    lines += ["", f"Caveats: a small model (the paper: 3B-24B), {tokens:,} mid-training tokens per mixture (the "
+              f"paper: ~27B) and {cfg.rl_steps} GRPO steps at lr {cfg.rl_lr:g} (the paper: 1,000 steps at 5e-7); "
               "small evaluation sets, so the standard errors are wide and a verdict needs a difference beyond "
               "2 SE (deltas use independent-error SEs, conservative for these paired items). A verdict is "
               "computed from the numbers by the rule in its row, not written by hand.", "",
