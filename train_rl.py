@@ -94,7 +94,7 @@ class Config:
     eval_temperature: float = -1.0  # held-out sampling temperature; < 0 = --temperature
     gen_batch: int = 64  # sequences per generate() call
     pack_tokens: int = 0  # training rows: sequences packed into rows of up to this many tokens; 0 = one per row (CPU: attention with a dense document mask costs more than padding)
-    micro_rows: int = 32  # rows per forward/backward pass (gradient accumulation over the rest)
+    micro_rows: int = 8  # rows per forward/backward pass (gradient accumulation over the rest; activations scale with it)
     logprob_chunk: int = 1024  # tokens per chunk through the lm_head (no (tokens x vocab) fp32 tensor at once)
     filter_k: int = 16  # filter: samples per prompt for the pass rate
     filter_math: str = "1-1"  # filter: kept numbers of correct samples (lo-hi) for math. Paper: exactly 1 of 16
