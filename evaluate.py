@@ -1509,7 +1509,7 @@ def start_run(cfg: Config, tasks: list, model=None, tokenizer=None, settings_of=
 
 
 def _task_of(record_task: str, tasks: list) -> str | None:
-    """The --tasks entry a sample record belongs to (retention names results ruler_vt@4096, ppl:NAME=PATH -> NAME)."""
+    """The --tasks entry a sample record belongs to (retention's results: ruler_vt@4096; ppl:NAME=PATH -> NAME)."""
     for t in tasks:
         if record_task in (t, t[4:].split("=", 1)[0] if t.startswith("ppl:") else t) \
                 or record_task.split("@", 1)[0] == t:
@@ -1518,8 +1518,8 @@ def _task_of(record_task: str, tasks: list) -> str | None:
 
 
 def reasoning_settings(task: str, cfg: Config, tokenizer) -> dict:
-    """What shapes a reasoning task's samples (and their grades): resuming into --out with other values would mix
-    two runs. The number of samples and --limit only add samples, so they are not part of it."""
+    """What shapes a reasoning task's samples (and their grades): resuming into --out with other values
+    would mix two runs. The number of samples and --limit only add samples, so they are not part of it."""
     import hashlib
     _, temperature, top_p = _sample_settings(task, cfg)
     template = getattr(tokenizer, "chat_template", None) or ""
@@ -1535,8 +1535,8 @@ def reasoning_settings(task: str, cfg: Config, tokenizer) -> dict:
 
 
 def check_settings(out: Path, settings: dict, done: dict, overwrite: bool) -> set:
-    """Tasks whose earlier samples in `out` were made with other settings (settings.json): a DataError naming the
-    changes, or with --overwrite the set of tasks whose old samples are to be dropped."""
+    """Tasks whose earlier samples in `out` were made with other settings (settings.json): a DataError naming
+    the changes, or with --overwrite the set of tasks whose old samples are to be dropped."""
     saved = M.read_json(out / "settings.json") if (out / "settings.json").is_file() else {}
     saved = {k: v for k, v in saved.items() if isinstance(v, dict)}
     have = {_task_of(r["task"], list(settings)) for r in done.values()}
@@ -1546,8 +1546,8 @@ def check_settings(out: Path, settings: dict, done: dict, overwrite: bool) -> se
         now = json.loads(json.dumps(now))  # as it would be read back
         if task in have and before != now:
             stale.add(task)
-            diff = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in now if before.get(k) != now.get(k)) \
-                if before else "settings not recorded"
+            diff = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}"
+                             for k in now if before.get(k) != now.get(k)) if before else "settings not recorded"
             changes.append(f"{task} ({diff})")
     if stale and not overwrite:
         raise DataError(f"{out}: earlier samples were made with other settings: {'; '.join(changes)}; pass "

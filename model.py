@@ -1358,7 +1358,7 @@ class DataError(ValueError):
 
 
 class ModelNotFound(DataError, FileNotFoundError):
-    """A model name that is neither a folder nor a model on the hub (callers catching FileNotFoundError still do)."""
+    """A model name that is neither a folder nor a model on the hub (`except FileNotFoundError` still catches it)."""
 
 
 def run_main(fn, script: str, out=None):
