@@ -214,17 +214,7 @@ def paired_blocks(ckpts: list, name: str):
 # ----------------------------------------------------------------------------------------------
 # Checkpoint names in plots and logs
 
-def run_name(path) -> str:
-    """A checkpoint's name: its folder's last part, or the run's folder above it when that part is `hf` (the
-    training scripts export to RUN/hf, so out/mid/hf and out/rl/hf are "mid" and "rl", not both "hf");
-    RUN/hf-stepN (extra exports) is "RUN stepN". A hub id keeps its last part."""
-    p = Path(str(path))
-    if p.name in ("", ".", "..") or (p.name.startswith("hf") and p.parent.name in ("", ".", "..")):
-        p = p.resolve()  # "." or a bare "hf" inside the run folder: the real folder names
-    m = re.fullmatch(r"hf(?:-(step\d+))?", p.name)
-    if m and p.parent.name:
-        return p.parent.name + (f" {m.group(1)}" if m.group(1) else "")
-    return p.name or str(path)
+run_name = M.run_name  # a checkpoint's name: out/mid/hf is "mid" (model.py, shared with the trainers)
 
 
 def checkpoint_labels(cfg, paths: list) -> list:
@@ -1031,12 +1021,8 @@ def parse_args(argv=None) -> tuple:
 
 
 def main(argv=None):
-    cfg, command, paths = parse_args(argv)
-    try:
-        return run(cfg, command, paths)
-    except AnalyzeError as e:
-        print(f"analyze.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cfg, command, paths = M.run_main(lambda: parse_args(argv), "analyze.py")
+    return M.run_main(lambda: run(cfg, command, paths), "analyze.py", out=getattr(cfg, "out", None))
 
 
 if __name__ == "__main__":

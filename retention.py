@@ -58,6 +58,14 @@ class Config(E.Config):
     haystack: str = ""  # long context: a text file of filler; "" = Python standard-library docstrings
     out: str = "out/retention"  # folder for samples.jsonl, results.json, results.md (and the report's files)
 
+    def check(self):
+        """evaluate.py's flag checks and retention's own, before any file is read or a model loaded."""
+        super().check()
+        for name, lo in (("mc_batch_tokens", 1), ("ppl_window", 0), ("ppl_stride", 0), ("ppl_max_tokens", 0),
+                         ("max_length", 0), ("ruler_samples", 1)):
+            if getattr(self, name) < lo:
+                raise DataError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected an integer >= {lo}")
+
 
 # ----------------------------------------------------------------------------------------------
 # General ability: log-likelihood multiple choice, scored the way lm-evaluation-harness scores it
@@ -301,10 +309,14 @@ def download_bigbench(version: str = "1.0.0") -> Path:
     BIGBENCH_CACHE.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".part")
     digest = hashlib.sha256()
+    print(f"[retention] downloading {files[0]['url']} -> {target}")
     with urllib.request.urlopen(files[0]["url"], timeout=60) as r, open(tmp, "wb") as out:
-        while chunk := r.read(1 << 20):
-            digest.update(chunk)
-            out.write(chunk)
+        size = int(r.headers.get("Content-Length") or 0) or None  # ~350 MB: a bar, not silence
+        with M.progress(total=size, desc="bigbench archive", unit="B") as bar:
+            while chunk := r.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+                bar.update(len(chunk))
     if digest.hexdigest() != files[0]["hashes"]["sha256"]:
         tmp.unlink()
         raise DataError(f"{files[0]['url']}: sha256 mismatch; try again")
@@ -1146,7 +1158,7 @@ def evaluate(cfg: Config, model=None, tokenizer=None) -> dict:
     """Run the suite of cfg.tasks (retention tasks, and reasoning ones through evaluate.py); writes
     samples.jsonl, results.json, results.md into cfg.out; returns the results (rank 0; {} elsewhere)."""
     tasks = expand_tasks(cfg)
-    run = E.start_run(cfg, tasks, model, tokenizer)
+    run = E.start_run(cfg, tasks, model, tokenizer, settings_of=task_settings)
     wanted, errors = {}, {}  # result name -> (ids, samples per problem); result name -> error message
     for task in tasks:
         if task in E.TASKS:
@@ -1171,6 +1183,24 @@ def evaluate(cfg: Config, model=None, tokenizer=None) -> dict:
     results.update(summarize_retention([r for r in records if "kind" in r]))
     results.update({name: {"error": msg} for name, msg in errors.items()})
     return E.write_results(run, results)
+
+
+def task_settings(task: str, cfg: Config, tokenizer) -> dict:
+    """What shapes a task's records (E.start_run refuses to mix records made with other values): the model and
+    seed always; multiple choice: shots; perplexity: the files, window, stride, token cap; long context: filler
+    and chat. --mc-batch-tokens only batches the same sums and is left out."""
+    if task in E.TASKS:
+        return E.reasoning_settings(task, cfg, tokenizer)
+    model = Path(cfg.model).expanduser()
+    out = {"model": str(model.resolve()) if model.is_dir() else cfg.model, "seed": cfg.seed}
+    if task.startswith("ppl:"):
+        out.update(source=task.split("=", 1)[1], ppl_window=cfg.ppl_window, ppl_stride=cfg.ppl_stride,
+                   ppl_max_tokens=cfg.ppl_max_tokens)
+    elif task in RULER_TASKS:
+        out.update(haystack=cfg.haystack, chat=cfg.chat)
+    else:
+        out.update(num_fewshot=cfg.num_fewshot, data=cfg.data, bigbench_archive=cfg.bigbench_archive)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1328,12 +1358,13 @@ def parse_args(argv=None) -> Config:
 
 
 def main(argv=None):
-    try:
-        cfg = parse_args(argv)
+    cfg = M.run_main(lambda: parse_args(argv), "retention.py")
+
+    def run():
+        cfg.check()
         retention_report(cfg) if cfg.models else evaluate(cfg)
-    except DataError as e:
-        print(f"retention.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+    M.run_main(run, "retention.py", out=cfg.out)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ class Config:
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     seed: int = 0  # data order and initialisation of anything random
     save_every: int = 15  # steps between DCP checkpoints; 0 = only at the end
-    keep_checkpoints: int = 2  # complete checkpoints kept (older ones removed)
+    keep_checkpoints: int = 1  # complete checkpoints kept (older ones removed; 0 = all). One is ~1.6 GB for 135M
     async_save: bool = False  # write checkpoints in the background (torch.distributed.checkpoint.async_save)
     export_every: int = 0  # steps between extra HF exports to OUT/hf-stepN; 0 = only the final OUT/hf
     export_dtype: str = "auto"  # HF export dtype: auto (the base checkpoint's), bfloat16, float32
@@ -104,6 +104,75 @@ class Config:
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     log_every: int = 1  # steps between log lines
     progress: bool = True  # progress bars for data preparation
+
+    def check(self):
+        """Every flag's range, before any data is prepared or a model loaded (a DataError names the flag)."""
+        check_ranges(self, ints={"steps": 1 if self.tokens <= 0 else 0, "seq_len": 1, "batch_size": 1,
+                                 "grad_accum": 1, "warmup": 0, "save_every": 0, "keep_checkpoints": 0,
+                                 "export_every": 0, "eval_every": 0, "eval_tokens": 0, "prepare_workers": 1,
+                                 "max_bad_steps": 1, "log_every": 1},
+                     floats={"tokens": (0, None), "lr": (0, None), "min_lr_ratio": (0, 1), "decay_frac": (0, 1),
+                             "beta1": (0, 1), "beta2": (0, 1), "eps": (0, None), "weight_decay": (0, None),
+                             "grad_clip": (0, None), "heldout_frac": (0, 1)},
+                     choices={"schedule": ("cosine", "linear", "wsd", "constant"),
+                              "activation_checkpointing": ("off", "block", "selective"),
+                              "param_dtype": ("auto", "bfloat16", "float32"),
+                              "export_dtype": ("auto", "bfloat16", "float16", "float32"),
+                              "device": ("auto", "cpu", "cuda")})
+        if self.lr <= 0 or self.eps <= 0:
+            raise DataError(f"--lr {self.lr:g} / --eps {self.eps:g}: expected numbers > 0")
+
+
+def check_ranges(cfg, *, ints: dict = {}, floats: dict = {}, choices: dict = {}):
+    """Flag checks shared by train_mid and train_rl: ints {field: minimum}, floats {field: (lo, hi)} inclusive
+    (None = unbounded), choices {field: allowed values}; the first violation is a DataError naming the flag."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    for name, lo in ints.items():
+        v = getattr(cfg, name)
+        if v < lo:
+            raise DataError(f"{flag(name)} {v}: expected an integer >= {lo}")
+    for name, (lo, hi) in floats.items():
+        v = getattr(cfg, name)
+        if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            want = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+            raise DataError(f"{flag(name)} {v:g}: expected a number {want}")
+    for name, allowed in choices.items():
+        v = getattr(cfg, name)
+        if v not in allowed:
+            raise DataError(f"{flag(name)} {v!r}: expected one of {', '.join(allowed)}")
+
+
+def check_resumed_config(cfg, altering: tuple, log, script: str):
+    """--resume: compare the latest checkpoint's saved config with this run's before any work. A changed
+    setting in `altering` (it would mix two runs) is a DataError naming each change; other changes (--steps
+    extended, logging and save cadence, parallel layout) are named in a note."""
+    latest = latest_checkpoint(Path(cfg.out) / "checkpoints") if cfg.resume else None
+    if latest is None:
+        return
+    saved = M.read_json(latest / "extra.json").get("config", {})
+    now = asdict(cfg)
+    changed = {k: (saved[k], v) for k, v in now.items()
+               if k in saved and saved[k] != v and k not in ("resume", "out")}  # a moved run folder is fine
+    text = lambda ks: ", ".join(f"--{k.replace('_', '-')} {changed[k][0]!r} -> {changed[k][1]!r}"  # noqa: E731
+                                for k in ks)
+    bad = [k for k in changed if k in altering]
+    if bad:
+        raise DataError(f"{latest}: --resume with changed settings that alter the run ({text(bad)}); pass the "
+                        f"checkpoint's values or start a new run with another --out")
+    if changed:
+        log(f"[{script}] note: resuming {latest} with changed settings ({text(changed)})")
+
+
+def latest_checkpoint(folder: Path):
+    """The newest complete checkpoint (step_N with extra.json, not .tmp) in `folder`, or None."""
+    done = sorted(p for p in Path(folder).glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+                  and (p / "extra.json").is_file())
+    return done[-1] if done else None
+
+
+# --resume: settings whose change would mix two different runs (the rest only warn)
+RESUME_ALTERING = ("model", "data", "seq_len", "lr", "min_lr_ratio", "warmup", "schedule", "decay_frac", "beta1",
+                   "beta2", "eps", "weight_decay", "grad_clip", "seed", "heldout_frac", "param_dtype")
 
 
 DataError = M.DataError  # bad data, a bad flag value: one line and exit code 2
@@ -642,9 +711,7 @@ class Checkpointer:
         self._async_group = dist.new_group(backend="gloo") if async_save else None
 
     def latest(self):
-        done = sorted(p for p in self.dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-                      and (p / "extra.json").is_file())
-        return done[-1] if done else None
+        return latest_checkpoint(self.dir)
 
     def save(self, step: int, model: nn.Module, optimizer, extra: dict):
         import torch.distributed.checkpoint as dcp
@@ -1018,6 +1085,7 @@ def _train(cfg: Config, d: Dist) -> dict:
 
 def _start(cfg: Config, d: Dist) -> Run:
     """Seeds, data, the sharded model and optimizer, and the latest checkpoint when resuming."""
+    check_resumed_config(cfg, RESUME_ALTERING, print if d.main else (lambda *a: None), "train_mid")
     out = Path(cfg.out)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -1058,7 +1126,7 @@ def _start(cfg: Config, d: Dist) -> Run:
     resumed = _resume(run)
     run.metrics = MetricsLog(out / "metrics.jsonl", d, resume_step=run.start_step if resumed else None)
     run.evals = MetricsLog(out / "eval.jsonl", d, resume_step=run.start_step if resumed else None)
-    run.log(f"[train_mid] {base.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+    run.log(f"[train_mid] {M.run_name(base)}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
             f"{d.world} rank(s) on {d.device.type}, mesh {cfg.mesh or d.world}, {total_steps} steps x "
             f"{global_rows} sequences x {cfg.seq_len} tokens = {total_steps * tokens_per_step / 1e6:.2f}M tokens; "
             f"sources " + ", ".join(f"{s.name} {s.weight:g} ({t.tokens / 1e6:.2f}M tokens)"
@@ -1193,7 +1261,7 @@ def _finish(run: Run, step: int, losses: list) -> dict:
                 f"{k.removeprefix('heldout/')} {records[0][k]:.4f} -> {records[-1][k]:.4f}"
                 for k in records[0] if k.startswith("heldout/") and records[0][k] is not None))
         png = plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "lr", "grad_norm", "tokens_per_s"],
-                           f"mid-training {run.base.name} ({d.world} x {d.device.type}, {time.strftime('%Y-%m-%d')})",
+                           f"mid-training {M.run_name(run.base)} ({d.world} x {d.device.type}, {time.strftime('%Y-%m-%d')})",
                            overlay_path=out / "eval.jsonl", overlay_title="held-out loss per source")
         run.log(f"[train_mid] wrote {out / 'hf'} (Hugging Face folder), {out / 'metrics.jsonl'}"
                 + (f", {png}" if png else ""))
@@ -1220,7 +1288,9 @@ def main(argv=None):
     parser.add_argument("command", nargs="?", default="train", choices=["train", "prepare"],
                         help="train (default) or prepare: only tokenize the mixture's sources")
     cfg, args = M.parse_config(Config, argv, parser=parser)
-    try:
+
+    def run():
+        cfg.check()
         if args.command == "prepare":
             sources, folders = prepare(cfg)
             for s, f in zip(sources, folders):
@@ -1228,13 +1298,13 @@ def main(argv=None):
                 print(f"{s.name}: {f} ({sum(x['tokens'] for x in index['shards']) / 1e6:.2f}M train tokens, "
                       f"{index['documents']['train']} + {index['documents']['heldout']} held-out documents)")
             return None
-        return train(cfg)
-    except DataError as e:
-        print(f"train_mid.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingStopped as e:
-        print(f"train_mid.py: stopped: {e}", file=sys.stderr)
-        sys.exit(3)
+        try:
+            return train(cfg)
+        except TrainingStopped as e:
+            print(f"train_mid.py: stopped: {e}", file=sys.stderr)
+            sys.exit(3)
+
+    return M.run_main(run, "train_mid.py", out=cfg.out)
 
 
 if __name__ == "__main__":

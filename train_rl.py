@@ -94,7 +94,7 @@ class Config:
     eval_temperature: float = -1.0  # held-out sampling temperature; < 0 = --temperature
     gen_batch: int = 64  # sequences per generate() call
     pack_tokens: int = 0  # training rows: sequences packed into rows of up to this many tokens; 0 = one per row (CPU: attention with a dense document mask costs more than padding)
-    micro_rows: int = 32  # rows per forward/backward pass (gradient accumulation over the rest)
+    micro_rows: int = 8  # rows per forward/backward pass (gradient accumulation over the rest; activations scale with it)
     logprob_chunk: int = 1024  # tokens per chunk through the lm_head (no (tokens x vocab) fp32 tensor at once)
     filter_k: int = 16  # filter: samples per prompt for the pass rate
     filter_math: str = "1-1"  # filter: kept numbers of correct samples (lo-hi) for math. Paper: exactly 1 of 16
@@ -104,18 +104,17 @@ class Config:
     code_workers: int = 4  # code rewards: programs graded in parallel
     seed: int = 0  # prompt order and sampling
     save_every: int = 0  # steps between DCP checkpoints; 0 = only at the end
-    keep_checkpoints: int = 2  # complete checkpoints kept
+    keep_checkpoints: int = 1  # complete checkpoints kept (0 = all)
     resume: bool = False  # continue from the latest complete checkpoint in OUT/checkpoints
     mesh: str = ""  # "" = FSDP over all ranks; "RxS" = HSDP
-    activation_checkpointing: str = "off"  # off | block | selective
+    activation_checkpointing: str = "block"  # off | block | selective; block: recomputed in backward (less memory)
     compile: bool = False  # torch.compile each decoder block
     device: str = "auto"  # cpu, cuda, or auto
     param_dtype: str = "auto"  # compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32
     progress: bool = False  # tqdm bars for generation
 
 
-class DataError(ValueError):
-    """A prompts file in the wrong schema, or a bad setting."""
+DataError = M.DataError  # a prompts file in the wrong schema, a bad setting: one line and exit code 2
 
 
 DOMAINS = ("math", "science", "code")
@@ -212,10 +211,7 @@ def load_prompts(spec: str, *, log=print) -> list:
         for f in files:
             if not f.exists():
                 raise DataError(f"--prompts: {f} does not exist")
-            try:
-                records = E.read_records(f)
-            except E.DataError as e:
-                raise DataError(str(e)) from None
+            records = E.read_records(f)
             for path, row, rec in records:
                 try:
                     problems.append(to_problem(rec, f"{path}: record {row}"))
@@ -623,6 +619,37 @@ def _root_forward(model, d):
     T.reshard(model)
 
 
+def check_config(cfg: Config):
+    """Every flag's range, before any prompt is read or a model loaded (a DataError names the flag)."""
+    T.check_ranges(cfg, ints={"steps": 1, "group_size": 2, "prompts_per_step": 1, "max_new_tokens": 1, "warmup": 0,
+                              "minibatches": 1, "ppo_epochs": 1, "ref_update_every": 0, "repetition_ngram": 1,
+                              "demo_max": 1, "demo_eval": 1, "eval_samples": 1, "gen_batch": 1, "pack_tokens": 0,
+                              "micro_rows": 1, "logprob_chunk": 1, "filter_k": 1, "code_workers": 1,
+                              "save_every": 0, "keep_checkpoints": 0},
+                   floats={"temperature": (0, None), "top_p": (0, 1), "lr": (0, None), "min_lr_ratio": (0, 1),
+                           "weight_decay": (0, None), "grad_clip": (0, None), "eps_low": (0, 1),
+                           "eps_high": (0, None), "beta": (0, None), "ref_alpha": (0, 1), "is_cap": (0, None),
+                           "eta": (0, None), "code_timeout_s": (0, None)},
+                   choices={"overlong": ("penalty", "mask"), "loss_norm": ("batch", "group"),
+                            "activation_checkpointing": ("off", "block", "selective"),
+                            "param_dtype": ("auto", "bfloat16", "float32"), "device": ("auto", "cpu", "cuda")})
+    if cfg.temperature <= 0 or cfg.top_p <= 0:
+        raise DataError(f"--temperature {cfg.temperature:g} / --top-p {cfg.top_p:g}: GRPO samples; expected > 0")
+    _band(cfg.filter_math, cfg.filter_k, "filter-math")
+    _band(cfg.filter_other, cfg.filter_k, "filter-other")
+    _check(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+
+
+# --resume: settings whose change would mix two different runs (the rest, such as --steps, only warn)
+RESUME_ALTERING = ("model", "prompts", "group_size", "prompts_per_step", "max_new_tokens", "temperature", "top_p",
+                   "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "minibatches", "ppo_epochs",
+                   "eps_low", "eps_high", "beta", "ref_alpha", "ref_update_every", "is_cap", "eta", "std_ddof",
+                   "loss_norm", "dr_grpo", "drop_zero_variance", "format_bonus", "stop_penalty",
+                   "repetition_penalty", "repetition_ngram", "overlong", "math_fallback", "system_prompt",
+                   "example_user", "example_answer", "think_instruction", "demo_max", "demo_eval", "seed",
+                   "param_dtype")
+
+
 def _check(cfg: Config, world: int):
     if cfg.prompts_per_step % world:
         raise DataError(f"--prompts-per-step {cfg.prompts_per_step} must be a multiple of the {world} ranks")
@@ -722,10 +749,11 @@ def _train(cfg: Config, d) -> dict:
 def _setup(cfg: Config, d) -> Run:
     """Prompts, tokenizer, the sharded policy and reference, optimizer; resumes from the latest checkpoint."""
     _check(cfg, d.world)
+    log = print if d.main else (lambda *a, **k: None)
+    T.check_resumed_config(cfg, RESUME_ALTERING, log, "train_rl")  # before any work
     out = Path(cfg.out)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-    log = print if d.main else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed + d.rank)
     random.seed(cfg.seed + d.rank)
 
@@ -771,7 +799,7 @@ def _setup(cfg: Config, d) -> Run:
     metrics = T.MetricsLog(out / "metrics.jsonl", d, resume_step=start_step if latest is not None else None)
 
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"[train_rl] {base.name}: {n_params / 1e6:.1f}M parameters, {d.world} rank(s) on {d.device.type}; task "
+    log(f"[train_rl] {M.run_name(base)}: {n_params / 1e6:.1f}M parameters, {d.world} rank(s) on {d.device.type}; task "
         f"{task}: {len(problems)} prompts, {len(heldout)} held out; {cfg.steps} steps x {cfg.prompts_per_step} "
         f"prompts x {cfg.group_size} responses, <= {cfg.max_new_tokens} new tokens, lr {cfg.lr:g}, "
         f"beta {cfg.beta:g}")
@@ -954,6 +982,7 @@ def log_phase(run: Run, step: int, lr: float, outs: list, scores: list, batch: d
     record["gen_tok_s"] = record["gen_tokens"] / max(record["gen_s"], 1e-9)
     record["train_tok_s"] = record["train_tokens"] / max(record["train_s"], 1e-9)
     record["step_s"] = time.perf_counter() - t_step
+    record["memory_gb"] = peak_memory_gb(d)
     run.metrics.write(record)
     kl = f"{record['kl']:.4f}" if record["kl"] is not None else "-"
     run.log(f"[train_rl] step {step}/{cfg.steps} reward {record['reward']:.3f} (correct "
@@ -961,8 +990,19 @@ def log_phase(run: Run, step: int, lr: float, outs: list, scores: list, batch: d
             f"rep {record['reward/repetition']:.2f}) acc {record['accuracy']:.2f} len {record['response_len']:.1f} "
             f"kl {kl} groups {record['groups'] - record['groups_dropped']}/{record['groups']} | gen "
             f"{record['gen_s']:.1f}s {record['gen_tok_s']:.0f} tok/s | train {record['train_s']:.1f}s "
-            f"{record['train_tok_s']:.0f} tok/s")
+            f"{record['train_tok_s']:.0f} tok/s | mem {record['memory_gb']:.2f}GB")
     return record
+
+
+def peak_memory_gb(d) -> float:
+    """The peak memory so far, largest over ranks: max_memory_allocated on CUDA, peak RSS (ru_maxrss) on CPU."""
+    import resource
+    if d.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(d.device) / 1e9
+    else:  # ru_maxrss is in KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return _allreduce([peak], d, dist.ReduceOp.MAX)[0]
+
 
 
 def heldout_eval(run: Run, when: str) -> dict:
@@ -995,7 +1035,7 @@ def _finish(run: Run, summary: dict, step: int) -> dict:
     if d.main:
         png = T.plot_metrics(out / "metrics.jsonl", out / "rl.png",
                              ["reward", "accuracy", "response_len", "kl", "entropy", "clip_frac", "grad_norm"],
-                             f"GRPO {run.base.name}")
+                             f"GRPO {M.run_name(run.base)}")
         run.log(f"[train_rl] wrote {out / 'hf'}, {out / 'metrics.jsonl'}" + (f", {png}" if png else ""))
     return summary
 
@@ -1053,22 +1093,19 @@ def load_reference(ref, path: Path):
 def main(argv=None):
     import argparse
     argv = list(sys.argv[1:] if argv is None else argv)
-    for i, a in enumerate(argv):  # a bare --resume means --resume true
-        if a == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            argv.insert(i + 1, "true")
-            break
     parser = argparse.ArgumentParser(description="GRPO on verifiable rewards (see the module docstring for "
                                                  "torchrun commands and the paper's settings).")
     parser.add_argument("command", nargs="?", default="train", choices=["train", "filter"],
                         help="train (default) or filter: keep the prompts in a pass-rate band (--filter-*)")
     cfg, args = M.parse_config(Config, argv, parser=parser)
-    try:
+
+    def run():
+        check_config(cfg)
         if args.command == "filter":
             return pass_rate_filter(cfg)
         return train(cfg)
-    except (DataError, E.DataError, T.DataError) as e:
-        print(f"train_rl.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+    return M.run_main(run, "train_rl.py", out=cfg.out)
 
 
 if __name__ == "__main__":

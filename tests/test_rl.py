@@ -348,8 +348,9 @@ def test_tiny_model_learns_trivial_task(tiny, digits, tmp_path):
     recs = read_metrics(tmp_path / "learn")
     assert [r["step"] for r in recs] == list(range(1, 13))
     for key in ("reward", "response_len", "kl", "entropy", "clip_frac", "is_weight_mean", "grad_norm", "gen_tok_s",
-                "train_tok_s", "reward/format", "reward/stop", "accuracy/math", "groups_dropped"):
+                "train_tok_s", "reward/format", "reward/stop", "accuracy/math", "groups_dropped", "memory_gb"):
         assert key in recs[0], key
+    assert all(0 < r["memory_gb"] < 1e3 for r in recs)  # peak RSS on CPU, finite
     assert (tmp_path / "learn" / "hf" / "model.safetensors").is_file() and (tmp_path / "learn" / "rl.png").is_file()
     M.load_model(str(tmp_path / "learn" / "hf"), dtype=torch.float32)
 

