@@ -2302,7 +2302,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 class Int8Linear(nn.Module):
     """Weight-only int8 linear layer for generation (gpt-fast's): W ≈ scales[:, None] * W_int8, one scale per
-    output channel (max |w| / 127). Activations stay in `compute_dtype`."""
+    output channel (max |w| / 127). Inputs and outputs in `compute_dtype`; on CPU the matmul runs ATen's
+    int8-weight kernel on bf16 activations (its fp32 variant is several times slower than an fp32 matmul)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -2310,16 +2311,18 @@ class Int8Linear(nn.Module):
         scales = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
         self.register_buffer("weight", torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8))
         self.compute_dtype = w.dtype
-        self.register_buffer("scales", scales.to(w.dtype))
+        self.register_buffer("scales", scales.to(torch.bfloat16 if w.device.type == "cpu" else w.dtype))
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
-        if x.device.type == "cpu":  # oneDNN/ATen's int8-weight kernel: no dequantised copy of W
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        N, K = self.weight.shape
+        if x.device.type == "cpu" and K % 64 == 0 and N % 16 == 0:  # ATen's int8-weight kernel (it crashed on
+            # some odd shapes in torch 2.13, e.g. K = 50): no dequantised copy of W
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
         else:  # inductor fuses the conversion into the matmul's prologue when compiled
-            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], -1)
@@ -2404,19 +2407,14 @@ def _has_moe(model: CausalLM) -> bool:
     return any(isinstance(m, (GraniteMoE, NemotronHMoE)) for m in model.modules())
 
 
-# compile=None (auto) compiles the decode step when the work is this many row-steps or more on CPU (warm-up
-# ~20-60 s for a 100M model on 2 cores, cached per process); always on CUDA. See BENCHMARKS.md / README.
-AUTO_COMPILE_CPU_WORK = 1 << 62
-
-
-def _use_compile(compile, model: CausalLM, batch: int, max_new_tokens: int, device) -> bool:
+def _use_compile(compile, model: CausalLM, device) -> bool:
+    """compile=None (auto): on CUDA only. Measured on this project's 2-core CPU (SmolLM2-135M, fp32): inductor's
+    warm-up takes ~110 s and the compiled step was no faster than the eager one (the matmuls are library calls
+    either way), so CPU stays eager unless asked. Never in auto for MoE (routing syncs with the host: graph
+    breaks) or FSDP-wrapped models (their blocks may be compiled already)."""
     if compile is not None:
         return bool(compile)
-    if _has_moe(model) or _is_fsdp(model):  # MoE routing syncs with the host (graph breaks); FSDP: eager
-        return False
-    if torch.device(device).type == "cuda":
-        return True
-    return batch * max_new_tokens >= AUTO_COMPILE_CPU_WORK
+    return torch.device(device).type == "cuda" and not _has_moe(model) and not _is_fsdp(model)
 
 
 @torch.no_grad()
@@ -2426,9 +2424,9 @@ def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature
     """Batched generation for prompts of any lengths: left padding, a cache allocated once at the batch's
     maximum length, an eager prefill, then one-token decode steps of fixed shapes (CausalLM.static_step).
 
-    compile: torch.compile the decode step (inductor; CUDA graphs on CUDA). None = auto: on CUDA, and on CPU
-        when batch * max_new_tokens >= AUTO_COMPILE_CPU_WORK; never for MoE or FSDP models in auto. A
-        compiled step never recompiles within a call: finished rows stay in the batch, masked.
+    compile: torch.compile the decode step (inductor; CUDA graphs on CUDA). None = auto: on CUDA unless the
+        model has MoE layers or is FSDP-wrapped; off on CPU (see _use_compile). A compiled step never
+        recompiles within a call: finished rows stay in the batch, masked.
         Eager steps instead drop finished rows whenever the live rows fit half the batch (power-of-two sizes).
     fuse: q/k/v and gate/up in one matmul each (prepare_generation); None = on unless FSDP-wrapped.
     quantize: None, "bf16" or "int8" weights for this generation only (prepare_generation).
@@ -2451,7 +2449,7 @@ def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature
     generator = torch.Generator(device=device).manual_seed(seed)
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
 
-    compiled = _use_compile(compile, model, B, max_new_tokens, device)
+    compiled = _use_compile(compile, model, device)
     step = _compiled_step(device) if compiled else _static_step
     cache = model.allocate_cache(B, T0 + max_new_tokens)
     if compiled and torch.device(device).type == "cuda":  # CUDA graphs replay on fixed addresses
