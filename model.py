@@ -2328,6 +2328,21 @@ class Int8Linear(nn.Module):
         return y.view(*shape[:-1], -1)
 
 
+class TransposedLinear(nn.Module):
+    """y = x @ W^T + b with W^T stored contiguous (in, out): on CPU, fp32 matmuls of a few rows run ~2x faster
+    from this layout than F.linear's (out, in) (measured, oneDNN/MKL on this project's Xeon)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)  # (in, out)
+        self.bias = linear.bias
+        self.compute_dtype = linear.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight_t
+        return y if self.bias is None else y + self.bias
+
+
 def _is_fsdp(model: nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -2362,7 +2377,8 @@ GENERATION_FP32 = ("A_log", "D", "dt_bias", "e_score_correction_bias") + NEMOTRO
 def prepare_generation(model: CausalLM, *, fuse: bool = True, quantize: str | None = None) -> CausalLM:
     """A generation-only copy of `model` that shares its weights (the model, its parameter names and what
     save_model writes are unchanged): q/k/v and gate/up projections fused into one matmul each (new tensors,
-    built from the current weights), and optionally the weights in bf16 (`quantize="bf16"`) or weight-only
+    built from the current weights) and, on CPU in fp32, every linear weight stored transposed
+    (TransposedLinear; a second copy of the weights for the copy's lifetime), and optionally the weights in bf16 (`quantize="bf16"`) or weight-only
     int8 with per-channel scales (`quantize="int8"`, every nn.Linear including lm_head; the embedding and the
     small mixer tensors stay as they are). Build it again after the weights change. An FSDP-wrapped model is
     returned as it is (its parameters are gathered per call; fusing would copy them): no fusion there, and
@@ -2393,13 +2409,18 @@ def prepare_generation(model: CausalLM, *, fuse: bool = True, quantize: str | No
             m.gate_up_proj = _fused_linear([m.gate_proj, m.up_proj])
             del m.gate_proj, m.up_proj
     if quantize == "int8":
-        for m in list(gm.modules()):
-            for cname, child in list(m._modules.items()):
-                if type(child) is nn.Linear:
-                    m._modules[cname] = Int8Linear(child)
-            for attr in ("qkv_proj", "gate_up_proj"):
-                if type(getattr(m, attr, None)) is nn.Linear:
-                    setattr(m, attr, Int8Linear(getattr(m, attr)))
+        replace = Int8Linear
+    elif fuse and model.model.embed_tokens.weight.device.type == "cpu" and quantize is None:
+        replace = lambda lin: TransposedLinear(lin) if lin.weight.dtype == torch.float32 else lin  # noqa: E731
+    else:
+        return gm
+    for m in list(gm.modules()):
+        for cname, child in list(m._modules.items()):
+            if type(child) is nn.Linear:
+                m._modules[cname] = replace(child)
+        for attr in ("qkv_proj", "gate_up_proj"):
+            if type(getattr(m, attr, None)) is nn.Linear:
+                setattr(m, attr, replace(getattr(m, attr)))
     return gm
 
 
@@ -2475,7 +2496,7 @@ def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature
         hit = torch.isin(token, stop) & ~done
         n_new[rows] = torch.where(hit, t + 1, n_new[rows])
         done = done | hit
-        if t % sync_every == sync_every - 1 or B == 1:
+        if t % sync_every == sync_every - 1:
             live = int((~done).sum())
             if live == 0:
                 break
