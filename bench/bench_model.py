@@ -2,6 +2,7 @@
 
     python -m bench model                     # ~100M-parameter Llama config + the real SmolLM2-135M
     python -m bench model --only smollm2 --dtype bfloat16 --device cuda
+    python -m bench model --only smollm2 --gen-only --threads 1 --quantize none bf16 int8 --compile off
 
 Forward+backward: one training step's forward and backward (no optimizer) on a (batch, seq) batch.
 Generation: greedy decoding of `new_tokens` tokens after a `prompt_len`-token prompt, tokens/s counted
