@@ -588,6 +588,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = None  # generation copies only (prepare_generation): [q; k; v] in one matrix
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -598,15 +599,24 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: "Context", cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.qkv_proj is not None:  # one matmul for q, k and v
+            kv = self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, Hq, T, D), (B, Hkv, T, D)
         if self.use_rope:
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        if cache is None or ctx.cache_start == 0:  # training, or prefill of an empty cache
+        if ctx.slot is not None:  # static decode step: fill slot `slot`, attend over the whole cache, masked
+            cache.k.index_copy_(2, ctx.slot, k)
+            cache.v.index_copy_(2, ctx.slot, v)
+            out = cached_attention(q, cache.k, cache.v, ctx.cached_mask(self.window), scale=self.scale)
+        elif cache is None or ctx.cache_start == 0:  # training, or prefill of an empty cache
             out = attention(q, k, v, scale=self.scale, window=self.window, doc_ids=ctx.doc_ids)
             if cache is not None:
                 cache.k[:, :, :T] = k
@@ -628,8 +638,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = None  # generation copies only (prepare_generation): [gate; up] in one matrix
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -910,10 +924,13 @@ class DecodeCache:
 class Context:
     """What every layer needs for one forward call: RoPE tables, document ids, cache masks."""
 
-    def __init__(self, cos, sin, doc_ids, cache: DecodeCache | None, dtype: torch.dtype):
+    def __init__(self, cos, sin, doc_ids, cache: DecodeCache | None, dtype: torch.dtype, slot=None):
         self.cos, self.sin, self.doc_ids = cos, sin, doc_ids  # (B, T, D), (B, T, D), (B, T) or None
         self.cache, self.dtype = cache, dtype
-        self.cache_start = 0 if cache is None else cache.length
+        # static decode (CausalLM.static_step): slot (1,) long tensor, the cache slot of the one new token;
+        # the cache's length is then never read (a Python int would specialise a compiled step per step)
+        self.slot = slot
+        self.cache_start = slot if slot is not None else 0 if cache is None else cache.length
         self._masks = {}
 
     def cached_mask(self, window: int | None) -> torch.Tensor:
@@ -921,9 +938,10 @@ class Context:
         j <= its slot, within the window) and -inf elsewhere; built once per forward, shared by the layers."""
         if window not in self._masks:
             T = self.doc_ids.shape[1]
-            end = self.cache_start + T
-            q_slot = torch.arange(self.cache_start, end, device=self.doc_ids.device)
-            k_slot = torch.arange(end, device=self.doc_ids.device)
+            device = self.doc_ids.device
+            end = self.cache.max_len if self.slot is not None else self.cache_start + T  # static: every slot
+            q_slot = self.cache_start + torch.arange(T, device=device)
+            k_slot = torch.arange(end, device=device)
             allowed = (k_slot[None, :] <= q_slot[:, None])[None] & (
                 self.cache.doc_ids[:, None, :end] == self.doc_ids[:, :, None])
             if window is not None:
@@ -1004,9 +1022,28 @@ class CausalLM(nn.Module):
             cache.next_position = positions[:, -1] + 1
         return self.model.norm(x)
 
+    def static_step(self, token, doc_ids, cache: DecodeCache, slot, inv_freq) -> torch.Tensor:
+        """One new token per row, every shape fixed for the whole generation (what generate compiles):
+        token, doc_ids (B, 1); slot (1,) long, the cache slot the token fills; inv_freq (D/2,) RoPE
+        frequencies. Attention reads all cache.max_len slots under a mask; no host sync. -> (B, V) logits."""
+        positions = cache.next_position[:, None]  # (B, 1)
+        x = self.model.embed_tokens(token) * self.config.embedding_multiplier  # (B, 1, hidden)
+        cos = sin = None
+        if self.config.use_rope:
+            freqs = positions[..., None].float() * inv_freq  # (B, 1, D/2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cache.doc_ids.index_copy_(1, slot, doc_ids)
+        ctx = Context(cos, sin, doc_ids, cache, x.dtype, slot=slot)
+        for layer, layer_cache in zip(self.model.layers, cache.layers):
+            x = layer(x, ctx, layer_cache)
+        cache.next_position.add_(1)
+        return self.logits(self.model.norm(x)[:, -1])
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden is fp32 when the residual stream is (mamba2's residual_in_fp32) while lm_head may be bf16
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)) / self.config.logits_scaling
+        dtype = getattr(self.lm_head, "compute_dtype", None) or self.lm_head.weight.dtype  # Int8Linear: its scales'
+        return self.lm_head(hidden.to(dtype)) / self.config.logits_scaling
 
     def forward(self, input_ids, doc_ids=None, cache: DecodeCache | None = None, *, labels=None,
                 temperature: float = 1.0, return_entropy: bool = False, chunk_tokens: int = 2048):
@@ -1262,11 +1299,13 @@ class Sample:
     logprobs: list  # log-probability of each new token under the distribution it was drawn from
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator) -> tuple:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator, rows=None, batch=None) -> tuple:
     """(B, V) logits -> (B,) tokens and their (B,) log-probs, without a host sync.
 
     Greedy (temperature 0) reports log-probs under the model's unscaled distribution; sampling reports
-    them under the temperature-scaled, top-p-truncated distribution the token was drawn from.
+    them under the temperature-scaled, top-p-truncated distribution the token was drawn from. With `rows`
+    (B,) and `batch`, the noise is drawn for all `batch` original rows and row i uses that of rows[i], so a
+    row's sample does not depend on which other rows are still in the batch.
     """
     logits = logits.float()
     if temperature == 0:
@@ -1279,23 +1318,174 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         drop = torch.zeros_like(logprobs, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
         logprobs = torch.log_softmax(logprobs.masked_fill(drop, -math.inf), dim=-1)
     # Gumbel-max with exponential noise: argmax(p / E), E ~ Exp(1), samples from p
-    noise = torch.empty_like(logprobs).exponential_(generator=generator)
+    if rows is None:
+        noise = torch.empty_like(logprobs).exponential_(generator=generator)
+    else:
+        noise = logprobs.new_empty(batch, logprobs.shape[-1]).exponential_(generator=generator)[rows]
     token = (logprobs - noise.log()).argmax(dim=-1)
     return token, logprobs.gather(-1, token[:, None])[:, 0]
 
 
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear layer for generation (gpt-fast's): W ≈ scales[:, None] * W_int8, one scale per
+    output channel (max |w| / 127). Inputs and outputs in `compute_dtype`; on CPU the matmul runs ATen's
+    int8-weight kernel on bf16 activations (its fp32 variant is several times slower than an fp32 matmul)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        scales = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+        self.register_buffer("weight", torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.compute_dtype = w.dtype
+        self.register_buffer("scales", scales.to(torch.bfloat16 if w.device.type == "cpu" else w.dtype))
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (N, in)
+        N, K = self.weight.shape
+        if x.device.type == "cpu" and K % 64 == 0 and N % 16 == 0:  # ATen's int8-weight kernel (it crashed on
+            # some odd shapes in torch 2.13, e.g. K = 50): no dequantised copy of W
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
+        else:  # inductor fuses the conversion into the matmul's prologue when compiled
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], -1)
+
+
+class TransposedLinear(nn.Module):
+    """y = x @ W^T + b with W^T stored contiguous (in, out): on CPU, fp32 matmuls of a few rows run ~2x faster
+    from this layout than F.linear's (out, in) (measured, oneDNN/MKL on this project's Xeon)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)  # (in, out)
+        self.bias = linear.bias
+        self.compute_dtype = linear.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight_t
+        return y if self.bias is None else y + self.bias
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _shallow_clone(module: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every parameter and buffer tensor; replacing a submodule or a
+    parameter of the copy leaves the original untouched."""
+    import copy
+    clone = copy.copy(module)
+    clone._parameters, clone._buffers = dict(module._parameters), dict(module._buffers)
+    clone._modules = {k: None if m is None else _shallow_clone(m) for k, m in module._modules.items()}
+    return clone
+
+
+def _fused_linear(linears: list) -> nn.Linear:
+    """One nn.Linear whose output is the outputs of `linears` concatenated (a new weight, rows stacked)."""
+    w = torch.cat([lin.weight.detach() for lin in linears])
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=linears[0].bias is not None, device="meta")
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in linears]), requires_grad=False)
+    return fused
+
+
+GENERATION_FP32 = ("A_log", "D", "dt_bias", "e_score_correction_bias") + NEMOTRON_FP32_KEYS  # kept fp32 in "bf16"
+
+
+def prepare_generation(model: CausalLM, *, fuse: bool = True, quantize: str | None = None) -> CausalLM:
+    """A generation-only copy of `model` that shares its weights (the model, its parameter names and what
+    save_model writes are unchanged): q/k/v and gate/up projections fused into one matmul each (new tensors,
+    built from the current weights) and, on CPU in fp32, every linear weight stored transposed
+    (TransposedLinear; a second copy of the weights for the copy's lifetime), and optionally the weights in bf16 (`quantize="bf16"`) or weight-only
+    int8 with per-channel scales (`quantize="int8"`, every nn.Linear including lm_head; the embedding and the
+    small mixer tensors stay as they are). Build it again after the weights change. An FSDP-wrapped model is
+    returned as it is (its parameters are gathered per call; fusing would copy them): no fusion there, and
+    quantize raises."""
+    if quantize not in (None, "bf16", "int8"):
+        raise ValueError(f"prepare_generation: quantize must be None, 'bf16' or 'int8', got {quantize!r}")
+    if getattr(model, "generation_copy", False):
+        return model
+    if _is_fsdp(model):
+        if quantize is not None:
+            raise ValueError("prepare_generation: quantize is not supported on an FSDP-wrapped model")
+        return model
+    gm = _shallow_clone(model)
+    gm.generation_copy = True
+    if quantize == "bf16":
+        done = {}
+        for name, m in gm.named_modules():
+            for pname, p in list(m._parameters.items()):
+                if p is not None and p.dtype == torch.float32 and not f"{name}.{pname}".endswith(GENERATION_FP32):
+                    if id(p) not in done:  # tied weights stay tied
+                        done[id(p)] = nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+                    m._parameters[pname] = done[id(p)]
+    for m in list(gm.modules()):
+        if fuse and isinstance(m, Attention):
+            m.qkv_proj = _fused_linear([m.q_proj, m.k_proj, m.v_proj])
+            del m.q_proj, m.k_proj, m.v_proj
+        elif fuse and isinstance(m, MLP):
+            m.gate_up_proj = _fused_linear([m.gate_proj, m.up_proj])
+            del m.gate_proj, m.up_proj
+    if quantize == "int8":
+        replace = Int8Linear
+    elif fuse and model.model.embed_tokens.weight.device.type == "cpu" and quantize is None:
+        replace = lambda lin: TransposedLinear(lin) if lin.weight.dtype == torch.float32 else lin  # noqa: E731
+    else:
+        return gm
+    for m in list(gm.modules()):
+        for cname, child in list(m._modules.items()):
+            if type(child) is nn.Linear:
+                m._modules[cname] = replace(child)
+        for attr in ("qkv_proj", "gate_up_proj"):
+            if type(getattr(m, attr, None)) is nn.Linear:
+                setattr(m, attr, replace(getattr(m, attr)))
+    return gm
+
+
+def _has_moe(model: CausalLM) -> bool:
+    return any(isinstance(m, (GraniteMoE, NemotronHMoE)) for m in model.modules())
+
+
+def _use_compile(compile, model: CausalLM, device) -> bool:
+    """compile=None (auto): on CUDA only. Measured on this project's 2-core CPU (SmolLM2-135M, fp32): inductor's
+    warm-up takes ~110 s and the compiled step was no faster than the eager one (the matmuls are library calls
+    either way), so CPU stays eager unless asked. Never in auto for MoE (routing syncs with the host: graph
+    breaks) or FSDP-wrapped models (their blocks may be compiled already)."""
+    if compile is not None:
+        return bool(compile)
+    return torch.device(device).type == "cuda" and not _has_moe(model) and not _is_fsdp(model)
+
+
 @torch.no_grad()
 def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, stop_ids=(), seed: int = 0, compile: bool = False,
-             progress: bool = False) -> list:
-    """Batched generation for prompts of any lengths: left padding, a cache allocated once, prefill,
-    then one-token decode steps. Rows that hit a stop token leave the batch."""
+             top_p: float = 1.0, stop_ids=(), seed: int = 0, compile: bool | None = None,
+             progress: bool = False, fuse: bool | None = None, quantize: str | None = None) -> list:
+    """Batched generation for prompts of any lengths: left padding, a cache allocated once at the batch's
+    maximum length, an eager prefill, then one-token decode steps of fixed shapes (CausalLM.static_step).
+
+    compile: torch.compile the decode step (inductor; CUDA graphs on CUDA). None = auto: on CUDA unless the
+        model has MoE layers or is FSDP-wrapped; off on CPU (see _use_compile). A compiled step never
+        recompiles within a call: finished rows stay in the batch, masked.
+        Eager steps instead drop finished rows whenever the live rows fit half the batch (power-of-two sizes).
+    fuse: q/k/v and gate/up in one matmul each (prepare_generation); None = on unless FSDP-wrapped.
+    quantize: None, "bf16" or "int8" weights for this generation only (prepare_generation).
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"generate: need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1; got "
                          f"{max_new_tokens}, {temperature}, {top_p}")
-    device = model.lm_head.weight.device
+    if fuse or quantize is not None or (fuse is None and not _is_fsdp(model)):
+        model = prepare_generation(model, fuse=fuse is not False, quantize=quantize)
+    device = model.model.embed_tokens.weight.device
     B, T0 = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.zeros(B, T0, dtype=torch.long)
     doc_ids = torch.full((B, T0), -1, dtype=torch.long)  # left padding: id -1
@@ -1306,41 +1496,81 @@ def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature
     generator = torch.Generator(device=device).manual_seed(seed)
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
 
+    compiled = _use_compile(compile, model, device)
+    step = _compiled_step(device) if compiled else _static_step
     cache = model.allocate_cache(B, T0 + max_new_tokens)
-    step = _decode_step_compiled if compile else _decode_step
+    if compiled and torch.device(device).type == "cuda":  # CUDA graphs replay on fixed addresses
+        for t in _cache_tensors(cache):
+            torch._dynamo.mark_static_address(t)
     logits = model.logits(model.hidden_states(input_ids, doc_ids, cache)[:, -1])  # (B, V): last slot is real
+    slot = torch.tensor([T0], device=device)  # the cache slot of the next token
+    dynamic_rope = (model.config.rope_scaling or {}).get("rope_type") == "dynamic"
     out_tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     out_logprobs = torch.zeros(B, max_new_tokens, device=device)
-    n_new = torch.full((B,), max_new_tokens, dtype=torch.long)  # per original row, filled when it stops
-    rows = torch.arange(B, device=device)  # original index of each live row
+    n_new = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # per original row
+    rows = torch.arange(B, device=device)  # original index of each cache row
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # per cache row: a stop token came
     one_doc = torch.zeros(B, 1, dtype=torch.long, device=device)
+    sync_every = 1 if torch.device(device).type == "cpu" else 8  # host syncs to stop early / compact
     bar = _progress(max_new_tokens, progress)
     for t in range(max_new_tokens):
-        token, logprob = sample_next(logits, temperature, top_p, generator)
+        token, logprob = sample_next(logits, temperature, top_p, generator, rows, B)
         out_tokens[rows, t], out_logprobs[rows, t] = token, logprob
         bar.update(1)
         if t == max_new_tokens - 1:
             break
-        finished = torch.isin(token, stop)
-        if finished.any():  # one host sync per step: finished rows leave the batch
-            n_new[rows[finished].cpu()] = t + 1
-            live = (~finished).nonzero()[:, 0]
-            if live.numel() == 0:
+        hit = torch.isin(token, stop) & ~done
+        n_new[rows] = torch.where(hit, t + 1, n_new[rows])
+        done = done | hit
+        if t % sync_every == sync_every - 1:
+            live = int((~done).sum())
+            if live == 0:
                 break
-            rows, token = rows[live], token[live]
-            cache.keep(live)
-            one_doc = one_doc[: live.numel()]
-        logits = step(model, token[:, None], one_doc, cache)
+            if not compiled and live <= len(rows) // 2:  # compact to the next power of two
+                size = 1 << (live - 1).bit_length()
+                keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:size - live, 0]])
+                rows, token, done, one_doc = rows[keep], token[keep], done[keep], one_doc[:size]
+                cache.keep(keep)
+        inv_freq = model.inv_freq
+        if dynamic_rope:  # NTK base grows with the longest sequence (one host sync per step)
+            inv_freq = rope_inv_freq(model.config, int(cache.next_position.max()) + 1).to(device)
+        logits = step(model, token[:, None], one_doc, cache, slot, inv_freq)
+        slot += 1
     bar.close()
-    tokens, logprobs = out_tokens.cpu(), out_logprobs.cpu()
+    tokens, logprobs, n_new = out_tokens.cpu(), out_logprobs.cpu(), n_new.cpu()
     return [Sample(tokens[i, :n_new[i]].tolist(), logprobs[i, :n_new[i]].tolist()) for i in range(B)]
 
 
+def _cache_tensors(cache: DecodeCache) -> list:
+    out = [cache.doc_ids, cache.next_position]
+    for c in cache.layers:
+        if isinstance(c, KVCache):
+            out += [c.k, c.v]
+        elif c is not None:
+            out += [c.conv_state, c.ssm_state]
+    return out
+
+
+def _static_step(model: CausalLM, token, doc_ids, cache: DecodeCache, slot, inv_freq) -> torch.Tensor:
+    return model.static_step(token, doc_ids, cache, slot, inv_freq)  # (B, V)
+
+
+_COMPILED_STEPS = {}
+
+
+def _compiled_step(device):
+    """The decode step under torch.compile, built once per device type: inductor with fixed shapes;
+    mode reduce-overhead (CUDA graphs) on CUDA."""
+    kind = torch.device(device).type
+    if kind not in _COMPILED_STEPS:
+        mode = "reduce-overhead" if kind == "cuda" else None
+        _COMPILED_STEPS[kind] = torch.compile(_static_step, mode=mode, dynamic=False)
+    return _COMPILED_STEPS[kind]
+
+
 def _decode_step(model: CausalLM, token: torch.Tensor, doc_ids: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+    """The dynamic-length decode step (the cache's filled slots only), kept for comparison."""
     return model.logits(model.hidden_states(token, doc_ids, cache)[:, -1])  # (B, V)
-
-
-_decode_step_compiled = torch.compile(_decode_step, dynamic=True)
 
 
 def _progress(total: int, enabled: bool):

@@ -7,6 +7,7 @@ Both sides get the same token ids (the project's tokenizer), left padding, the s
 are graded by evaluate.check_math; times include generation and grading, not loading.
 """
 import argparse
+import os
 import platform
 import time
 from datetime import date
@@ -44,7 +45,12 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=192, help="new tokens per response at most")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="model.generate's compile")
+    p.add_argument("--quantize", choices=["none", "bf16", "int8"], default="none", help="generation weights")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import transformers
 
     problems, source = E.load_task("gsm8k", E.Config(offline=True))
@@ -67,8 +73,10 @@ def main():
                 correct += E.check_math(tok.decode([t for t in new if t not in stop]), q["gold"])
         return time.perf_counter() - t, correct
 
+    compile = {"auto": None, "on": True, "off": False}[args.compile]
+    quantize = None if args.quantize == "none" else args.quantize
     ours_batch = lambda batch: [s.tokens for s in M.generate(ours, batch, max_new_tokens=args.max_new_tokens,
-                                                             stop_ids=stop)]
+                                                             stop_ids=stop, compile=compile, quantize=quantize)]
     hf_batch = lambda batch: hf_generate_batch(hf, batch, args.max_new_tokens, stop, args.device)
     run(lambda batch: ours_batch(batch[:1])), run(lambda batch: hf_batch(batch[:1]))  # warm-up
     t_hf, c_hf = run(hf_batch)
@@ -76,7 +84,8 @@ def main():
 
     hardware = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
     print(f"\nGSM8K ({source}), {len(problems)} problems, batch {args.batch_size}, greedy, <= {args.max_new_tokens} "
-          f"new tokens; {hardware}, {args.dtype}, {date.today()}\n")
+          f"new tokens; {hardware}, {args.dtype}, compile {args.compile}, weights {args.quantize}, "
+          f"load average {os.getloadavg()[0]:.1f}, {date.today()}\n")
     print("| side | problems/s | correct | ratio |")
     print("|---|---:|---:|---:|")
     print(f"| transformers generate loop | {len(problems) / t_hf:.3f} | {c_hf}/{len(problems)} | 1.00x |")

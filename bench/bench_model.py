@@ -2,13 +2,18 @@
 
     python -m bench model                     # ~100M-parameter Llama config + the real SmolLM2-135M
     python -m bench model --only smollm2 --dtype bfloat16 --device cuda
+    python -m bench model --only smollm2 --gen-only --threads 1 --quantize none bf16 int8 --compile off
 
 Forward+backward: one training step's forward and backward (no optimizer) on a (batch, seq) batch.
 Generation: greedy decoding of `new_tokens` tokens after a `prompt_len`-token prompt, tokens/s counted
 over all rows, transformers' `generate` with its default dynamic cache and `eos_token_id=None`.
-Prints a markdown table; ratio > 1 means model.py is faster.
+Prints a markdown table; ratio > 1 means model.py is faster. "of limit" puts model.py's generation rate
+against this machine's limit measured in the same run: per decode step, max(bytes of weights read /
+measured copy bandwidth, FLOPs / measured matmul rate) (see machine_limits); --quantize bf16/int8 read
+fewer bytes, --compile on/off/auto picks model.generate's compile.
 """
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -18,6 +23,9 @@ from datetime import date
 import torch
 
 import model as M
+
+
+COMPILE = {"auto": None, "on": True, "off": False}
 
 
 def timed_pair(fn_a, fn_b, repeats: int, device: str) -> tuple:
@@ -35,6 +43,45 @@ def timed_pair(fn_a, fn_b, repeats: int, device: str) -> tuple:
                 torch.cuda.synchronize()
             out.append(time.perf_counter() - t)
     return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _best_time(fn, device, repeats=5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def machine_limits(device: str, dtype) -> dict:
+    """Copy bandwidth (bytes read + written per second, 256 MB buffers) and matmul rate (FLOP/s of a
+    2048^3 matmul in `dtype`), best of a few runs: the two ceilings of a decode step."""
+    src = torch.empty(64 * 1024 ** 2, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = _best_time(lambda: dst.copy_(src), device)
+    bandwidth = 2 * src.numel() * 4 / t
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    t = _best_time(lambda: a @ a, device)
+    return {"bandwidth": bandwidth, "flops": 2 * 2048 ** 3 / t}
+
+
+def step_limit(model, batch: int, limits: dict, quantize: str | None) -> float:
+    """Tokens/s at the machine's limit for a decode step of `batch` rows: every matmul weight read once
+    (the embedding table only when it doubles as lm_head), 2 FLOPs per weight per row."""
+    n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    n_matmul = n + (model.model.embed_tokens.weight.numel() if model.config.tie_word_embeddings else 0)
+    width = {"int8": 1, "bf16": 2}.get(quantize, model.model.embed_tokens.weight.element_size())
+    seconds = max(n_matmul * width / limits["bandwidth"], 2 * batch * n_matmul / limits["flops"])
+    return batch / seconds
 
 
 def build_pair(name: str, folder: str, dtype, device):
@@ -56,7 +103,7 @@ def random_llama_folder(tmp: str) -> str:
     return tmp
 
 
-def bench(label, hf, ours, args, device, rows):
+def bench(label, hf, ours, args, device, rows, limits):
     vocab = ours.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
 
@@ -66,12 +113,14 @@ def bench(label, hf, ours, args, device, rows):
             fn(m, ids).float().logsumexp(-1).mean().backward()
         return run
 
-    ours.train()
-    t_hf, t_ours = timed_pair(step(hf, lambda m, x: m(x).logits), step(ours, lambda m, x: m(x)), args.repeats, device)
-    tokens = args.batch * args.seq
-    rows.append((label, f"fwd+bwd {args.batch}x{args.seq}", tokens / t_hf, tokens / t_ours))
-    print(rows[-1], flush=True)
-    ours.eval()
+    if not args.gen_only:
+        ours.train()
+        t_hf, t_ours = timed_pair(step(hf, lambda m, x: m(x).logits), step(ours, lambda m, x: m(x)), args.repeats,
+                                  device)
+        tokens = args.batch * args.seq
+        rows.append((label, f"fwd+bwd {args.batch}x{args.seq}", tokens / t_hf, tokens / t_ours, None))
+        print(rows[-1], flush=True)
+        ours.eval()
 
     for batch in args.gen_batches:
         prompts = torch.randint(0, vocab, (batch, args.prompt_len), device=device)
@@ -83,13 +132,19 @@ def bench(label, hf, ours, args, device, rows):
                                   min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
             assert out.shape[1] == args.prompt_len + new
 
-        def ours_generate():
-            M.generate(ours, prompts.tolist(), max_new_tokens=new, compile=args.compile)
+        for quantize in args.quantize:
+            q = None if quantize == "none" else quantize
+            gm = M.prepare_generation(ours, quantize=q)  # built once, as a caller generating repeatedly would
 
-        t_hf, t_ours = timed_pair(hf_generate, ours_generate, args.repeats, device)
-        rows.append((label, f"greedy generate b={batch}, {args.prompt_len}+{new}", batch * new / t_hf,
-                     batch * new / t_ours))
-        print(rows[-1], flush=True)
+            def ours_generate():
+                M.generate(gm, prompts.tolist(), max_new_tokens=new, compile=COMPILE[args.compile])
+
+            t_hf, t_ours = timed_pair(hf_generate, ours_generate, args.repeats, device)
+            rate = batch * new / t_ours
+            rows.append((label, f"greedy generate b={batch}, {args.prompt_len}+{new}, weights {quantize}, "
+                                f"compile {args.compile}", batch * new / t_hf, rate,
+                         rate / step_limit(ours, batch, limits, q)))
+            print(rows[-1], flush=True)
 
 
 CHAT_QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "What is 17 * 23?",
@@ -116,13 +171,14 @@ def bench_chat(label, hf, ours, tok, args, device, rows):
         produced.append(sum(next((i + 1 for i, t in enumerate(r) if t in stop), len(r)) for r in rows))
 
     def ours_generate():
-        produced.append(sum(len(s.tokens) for s in M.generate(ours, prompts, max_new_tokens=new, stop_ids=stop)))
+        produced.append(sum(len(s.tokens) for s in M.generate(ours, prompts, max_new_tokens=new, stop_ids=stop,
+                                                              compile=COMPILE[args.compile])))
 
     t_hf, t_ours = timed_pair(hf_generate, ours_generate, args.repeats, device)
     hf_tokens, ours_tokens = produced[0], produced[1]
     assert hf_tokens == ours_tokens, (hf_tokens, ours_tokens)  # the same greedy answers on both sides
     rows.append((label, f"chat b={len(prompts)}, greedy, stop at EOS, <= {new} new ({ours_tokens} produced)",
-                 hf_tokens / t_hf, ours_tokens / t_ours))
+                 hf_tokens / t_hf, ours_tokens / t_ours, None))
     print(rows[-1], flush=True)
 
 
@@ -138,30 +194,41 @@ def main():
     p.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8], help="generation batch sizes")
     p.add_argument("--repeats", type=int, default=4, help="timed repetitions (median reported)")
     p.add_argument("--chat-new-tokens", type=int, default=256, help="SmolLM2 chat workload: new tokens at most")
-    p.add_argument("--compile", action="store_true", help="torch.compile model.py's decode step")
+    p.add_argument("--compile", choices=list(COMPILE), default="auto",
+                   help="model.generate's compile: auto (None), on, off")
+    p.add_argument("--quantize", nargs="+", choices=["none", "bf16", "int8"], default=["none"],
+                   help="generation weights (model.prepare_generation), one row each")
+    p.add_argument("--gen-only", action="store_true", help="generation rows only (no fwd+bwd, no chat)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
+    limits = machine_limits(args.device, dtype)
+    print(f"machine: copy bandwidth {limits['bandwidth'] / 1e9:.1f} GB/s, matmul {limits['flops'] / 1e9:.0f} "
+          f"GFLOP/s ({args.dtype})", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "random100m"):
             hf, ours, label = build_pair("Llama random", random_llama_folder(tmp), dtype, args.device)
-            bench(label, hf, ours, args, args.device, rows)
+            bench(label, hf, ours, args, args.device, rows, limits)
             del hf, ours
         if args.only in (None, "smollm2"):
             hf, ours, label = build_pair("SmolLM2", str(M.resolve_model_path(M.DEFAULT_MODEL)), dtype, args.device)
-            bench(label, hf, ours, args, args.device, rows)
-            bench_chat(label, hf, ours, M.load_tokenizer(M.DEFAULT_MODEL), args, args.device, rows)
+            bench(label, hf, ours, args, args.device, rows, limits)
+            if not args.gen_only:
+                bench_chat(label, hf, ours, M.load_tokenizer(M.DEFAULT_MODEL), args, args.device, rows)
 
     hardware = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"\n{hardware}, {args.dtype}, torch {torch.__version__}, {date.today()}\n")
-    print("| model | workload | transformers tok/s | model.py tok/s | ratio |")
-    print("|---|---|---:|---:|---:|")
-    for label, work, hf_tps, ours_tps in rows:
-        print(f"| {label} | {work} | {hf_tps:,.0f} | {ours_tps:,.0f} | {ours_tps / hf_tps:.2f}x |")
+    print(f"copy bandwidth {limits['bandwidth'] / 1e9:.1f} GB/s, matmul {limits['flops'] / 1e9:.0f} GFLOP/s, "
+          f"load average {os.getloadavg()[0]:.1f}\n")
+    print("| model | workload | transformers tok/s | model.py tok/s | ratio | of limit |")
+    print("|---|---|---:|---:|---:|---:|")
+    for label, work, hf_tps, ours_tps, frac in rows:
+        share = "" if frac is None else f"{frac:.0%}"
+        print(f"| {label} | {work} | {hf_tps:,.0f} | {ours_tps:,.0f} | {ours_tps / hf_tps:.2f}x | {share} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,138 @@
+"""model.generate's static decode path on every dense and hybrid family (tiny random configs of
+test_model / test_hybrid, fp32): greedy tokens and log-probs against a full forward per new token (ours and
+transformers'), ragged prompts with rows stopping at different steps, seeded sampling independent of which
+rows are still live, the compiled step without recompiles, and the generation-only copy (fusion, bf16, int8)."""
+import pytest
+import torch
+
+import model as M
+import test_hybrid as hybrid
+import test_model as dense
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAMILIES = [("dense", f) for f in dense.FAMILIES] + [("hybrid", v) for v in hybrid.VARIANTS]
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [21, 22, 23, 24, 25, 26, 27, 28], [29, 30, 31]]
+NEW = 12
+
+
+def build(kind, name, tmp_path_factory):
+    torch.manual_seed(0)
+    if kind == "dense":
+        hf = transformers.AutoModelForCausalLM.from_config(dense.tiny_config(name), dtype=torch.float32).eval()
+        with torch.no_grad():
+            for pname, p in hf.named_parameters():
+                if pname.endswith("norm.weight") or pname.endswith(".bias"):
+                    p.add_(0.1 * torch.randn_like(p))
+    else:
+        cfg, _ = hybrid.tiny_config(name)
+        hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        hybrid.randomize(hf, seed=hybrid.VARIANTS.index(name))
+    folder = tmp_path_factory.mktemp(name)
+    hf.save_pretrained(folder)
+    return hf, M.load_model(str(folder), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=[n for _, n in FAMILIES])
+def pair(request, tmp_path_factory):
+    return build(*request.param, tmp_path_factory)
+
+
+def full_forward_greedy(forward, prompt, n, stop=()):
+    """Greedy decoding by a full forward over the whole sequence for every new token (no cache):
+    (tokens, log-probs), ending at a stop token."""
+    ids, tokens, logprobs = torch.tensor([prompt]), [], []
+    with torch.no_grad():
+        for _ in range(n):
+            lp = torch.log_softmax(forward(ids)[0, -1].float(), dim=-1)
+            tok = int(lp.argmax())
+            tokens.append(tok)
+            logprobs.append(lp[tok].item())
+            if tok in stop:
+                break
+            ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
+    return tokens, logprobs
+
+
+def stop_at_different_steps(samples):
+    """A stop token that ends the rows at different steps (some rows may never meet it)."""
+    for s in samples:
+        for tok in s.tokens[1:-2]:
+            firsts = {r.tokens.index(tok) for r in samples if tok in r.tokens}
+            if len(firsts) >= 2 or sum(tok in r.tokens for r in samples) < len(samples):
+                return tok
+    return samples[0].tokens[2]
+
+
+def test_greedy_equals_full_forward_with_rows_stopping(pair):
+    hf, ours = pair
+    free = M.generate(ours, PROMPTS, max_new_tokens=NEW)
+    for p, s in zip(PROMPTS, free):
+        assert s.tokens == full_forward_greedy(lambda x: hf(x).logits, p, NEW)[0]  # transformers
+    stop = stop_at_different_steps(free)
+    for kwargs in ({}, {"fuse": False}):
+        stopped = M.generate(ours, PROMPTS, max_new_tokens=NEW, stop_ids=[stop], **kwargs)
+        assert len({len(s.tokens) for s in stopped}) >= 2  # rows finished at different steps
+        for p, s in zip(PROMPTS, stopped):
+            tokens, logprobs = full_forward_greedy(ours, p, NEW, stop=(stop,))  # our eager forward
+            assert s.tokens == tokens
+            assert s.logprobs == pytest.approx(logprobs, abs=1e-5)
+
+
+def test_sampling_seeded_and_independent_of_live_rows(pair):
+    """The same seed gives the same samples; a row's samples do not change when other rows stop
+    (and the eager batch is compacted)."""
+    _, ours = pair
+    kw = dict(max_new_tokens=NEW, temperature=0.9, top_p=0.95, seed=5)
+    a, b = M.generate(ours, PROMPTS, **kw), M.generate(ours, PROMPTS, **kw)
+    assert [s.tokens for s in a] == [s.tokens for s in b] and [s.logprobs for s in a] == [s.logprobs for s in b]
+    stop = stop_at_different_steps(a)
+    stopped = M.generate(ours, PROMPTS, stop_ids=[stop], **kw)
+    for f, s in zip(a, stopped):
+        cut = f.tokens.index(stop) + 1 if stop in f.tokens else len(f.tokens)
+        assert s.tokens == f.tokens[:cut]
+        assert s.logprobs == pytest.approx(f.logprobs[:cut], abs=1e-5)
+
+
+def test_generation_copy_shares_weights_and_keeps_names(pair):
+    """prepare_generation leaves the model, its parameter names and what save_model writes unchanged;
+    bf16 and int8 copies stay close to fp32."""
+    _, ours = pair
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    ptrs = {k: v.data_ptr() for k, v in ours.state_dict().items()}
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        ref = ours(ids)
+        for quantize, tol in ((None, 1e-5), ("bf16", 0.1), ("int8", 0.1)):
+            gm = M.prepare_generation(ours, quantize=quantize)
+            got = gm(ids).float()
+            assert (got - ref).abs().max() <= tol * max(1.0, ref.abs().max().item()), quantize
+    after = ours.state_dict()
+    assert list(after) == list(before)
+    assert all(after[k].data_ptr() == ptrs[k] and torch.equal(after[k], before[k]) for k in after)
+    assert all(getattr(m, "qkv_proj", None) is None and getattr(m, "gate_up_proj", None) is None
+               for m in ours.modules())
+
+
+@pytest.mark.parametrize("family", [("dense", "llama"), ("hybrid", "mamba2"), ("hybrid", "granite_dense_rope")],
+                         ids=["llama", "mamba2", "granite_dense_rope"])
+def test_compiled_step_matches_eager_without_recompiles(family, tmp_path_factory):
+    """compile=True: the same tokens and log-probs as the eager step, and no new graph while rows finish
+    (counted by dynamo), neither within a call nor in a second call with other rows stopping."""
+    from torch._dynamo.utils import counters
+    _, ours = build(*family, tmp_path_factory)
+    free = M.generate(ours, PROMPTS, max_new_tokens=NEW)
+    stop = stop_at_different_steps(free)
+    torch._dynamo.reset()
+    counters.clear()
+    first = M.generate(ours, PROMPTS, max_new_tokens=NEW, stop_ids=[stop], compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and not counters["recompiles"]
+    eager = M.generate(ours, PROMPTS, max_new_tokens=NEW, stop_ids=[stop], compile=False)
+    for c, e in zip(first, eager):
+        assert c.tokens == e.tokens
+        assert c.logprobs == pytest.approx(e.logprobs, abs=1e-5)
+    other = stop_at_different_steps(list(reversed(free)))
+    M.generate(ours, PROMPTS, max_new_tokens=NEW, stop_ids=[stop, other], compile=True, seed=1)
+    assert counters["stats"]["unique_graphs"] == graphs and not counters["recompiles"]
