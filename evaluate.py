@@ -450,12 +450,19 @@ _HELPERS = queue.SimpleQueue()  # idle sympy helper processes, one per concurren
 HELPER_START_S = 60.0  # a helper's start (python + sympy import), not counted in a comparison's limit
 
 
+_HELPER_CODE = []  # the helper's program, built once (inspect.getsource is not thread-safe)
+_HELPER_CODE_LOCK = threading.Lock()
+
+
 def _helper_start():
     # the helper runs only the functions it needs: importing this file would import torch (seconds)
-    import inspect
-    parts = ["import json, math, random, signal, sys, threading"] + [inspect.getsource(f) for f in (
-        _Timeout, _with_time_limit, _sympy_values, _close, _sympy_job, _sympy_serve)] + ["_sympy_serve()"]
-    code = "\n\n".join(parts)
+    with _HELPER_CODE_LOCK:
+        if not _HELPER_CODE:
+            import inspect
+            _HELPER_CODE.append("\n\n".join(["import json, math, random, signal, sys, threading"] + [
+                inspect.getsource(f) for f in (_Timeout, _with_time_limit, _sympy_values, _close, _sympy_job,
+                                               _sympy_serve)] + ["_sympy_serve()"]))
+    code = _HELPER_CODE[0]
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
     ready, _, _ = select.select([proc.stdout], [], [], HELPER_START_S)

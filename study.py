@@ -94,7 +94,10 @@ SCALES = {  # what each --scale sets (fields given on the command line win)
     "default": {},
     "tiny": dict(base_shrink="2,64", mid_steps=2, mid_seq_len=64, mid_batch_size=2, mid_warmup=0,
                  mid_export_every=1, rl_steps=2, rl_save_every=1, rl_group_size=4, rl_prompts_per_step=2,
-                 rl_max_new_tokens=8, rl_lr=1e-3, rl_args="--demo-eval 4",
+                 rl_max_new_tokens=8, rl_lr=1e-3,
+                 # a random model never answers nor writes the format, so its graded reward never varies:
+                 # keep every group (the stop penalty varies) so the RL stages really update
+                 rl_args="--demo-eval 4 --drop-zero-variance false",
                  eval_bigbench="strategyqa", eval_mc_limit=4, eval_gsm8k=2, eval_max_new_tokens=8,
                  eval_ruler_items=1, eval_ruler_length=256, eval_ppl_tokens=512, eval_rl_samples=1,
                  cka_prompts=6, cka_max_tokens=16, cka_bootstrap=3, landscape_grid=2, landscape_problems=2,
