@@ -754,24 +754,50 @@ def grade_choice(response: str, gold_letter: str, *, choices: dict | None = None
 # writable mount made read-only (not /proc, /sys: tens of mounts, slow, and closed to nobody anyway),
 # fresh tmpfs on the world-writable /tmp, /var/tmp and /dev/shm (else shared with the host), the work
 # dir bound back in writable (through an fd, --no-canonicalize: the new /tmp hides its path) and made
-# the cwd (Popen's cwd is the old, now read-only mount), then exec. Mount points that mountinfo escapes
+# the cwd (Popen's cwd is the old, now read-only mount), then exec. The interpreter's own folders under
+# those (a venv in /tmp) are bound back in read-only the same way. Mount points that mountinfo escapes
 # (spaces) stay as they are. unshare's default propagation (private) keeps all this off the host.
-_MOUNT_SCRIPT = r"""set -e
-exec 3<"$1"
+_MOUNT_SCRIPT = r"""set -ef
+work=$1 keep=$2
+shift 2
+exec 3<"$work"
+n=4
+IFS=:
+for d in $keep; do eval "exec $n<\"\$d\""; n=$((n + 1)); done
+unset IFS
 for mp in $(awk '$6 ~ /^rw/ && $5 !~ /^\/(proc|sys)(\/|$)/ {print $5}' /proc/self/mountinfo); do
   mount -o remount,bind,ro "$mp" 2>/dev/null || :
 done
 for d in /tmp /var/tmp /dev/shm; do
   if [ -d "$d" ]; then mount -t tmpfs -o mode=1777,nosuid,nodev,size=64m tmpfs "$d"; fi
 done
-mkdir -p "$1"
-mount --no-canonicalize --bind /proc/self/fd/3 "$1"
-mount -o remount,bind,rw "$1"
-cd "$1"
+n=4
+IFS=:
+for d in $keep; do
+  mkdir -p "$d"
+  mount --no-canonicalize --bind /proc/self/fd/$n "$d"
+  mount -o remount,bind,ro "$d" 2>/dev/null || :
+  eval "exec $n<&-"
+  n=$((n + 1))
+done
+unset IFS
+mkdir -p "$work"
+mount --no-canonicalize --bind /proc/self/fd/3 "$work"
+mount -o remount,bind,rw "$work"
+cd "$work"
 exec 3<&-
-shift
 exec "$@"
 """
+TMPFS_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # replaced by fresh tmpfs in the sandbox
+
+
+def _interpreter_dirs() -> str:
+    """The interpreter's folders that live under a folder the sandbox replaces (a venv in /tmp, as CI makes
+    one), ":"-joined: bound back in read-only, or the program could not even start."""
+    dirs = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                          os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))}
+    under = [d for d in dirs if any(d.startswith(t + "/") for t in TMPFS_DIRS) and ":" not in d]
+    return ":".join(sorted(d for d in under if not any(d != o and d.startswith(o + "/") for o in under))[:5])
 
 
 def _mount_wrapper_works(args: list, sh: str) -> bool:
@@ -780,7 +806,8 @@ def _mount_wrapper_works(args: list, sh: str) -> bool:
     mark = f"eval_probe_{os.getpid()}_{threading.get_ident()}"
     try:
         check = f': > "$1/ok" && : > /tmp/{mark} && : > /var/tmp/{mark}'
-        cmd = args + [sh, "-c", _MOUNT_SCRIPT, "sandbox", work, sh, "-c", check, "check", work]
+        cmd = args + [sh, "-c", _MOUNT_SCRIPT, "sandbox", work, _interpreter_dirs(), sh, "-c", check, "check",
+                      work]
         done = subprocess.run(cmd, capture_output=True, timeout=20).returncode == 0
         leaked = [d for d in ("/tmp", "/var/tmp") if os.path.exists(os.path.join(d, mark))]
         for d in leaked:
@@ -874,7 +901,7 @@ def _run_one(program_file: str, stdin_data: str, workdir: str, timeout_s: float,
     else:
         preexec = _preexec_limits(limits)
     if info["private_mounts"]:
-        cmd = [info["sh"], "-c", _MOUNT_SCRIPT, "sandbox", workdir] + cmd
+        cmd = [info["sh"], "-c", _MOUNT_SCRIPT, "sandbox", workdir, _interpreter_dirs()] + cmd
     if info["unshare"]:
         cmd = info["unshare_args"] + cmd
     paths = {k: os.path.join(workdir, k) for k in ("stdin", "stdout", "stderr")}

@@ -3,8 +3,10 @@ small files in the datasets' real schemas (tests/data, invented text), the offli
 the real data, HumanEval canonical solutions, and an end-to-end run of the real SmolLM2 on GSM8K."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -411,6 +413,20 @@ def test_sandbox_keeps_its_files_to_itself(tmp_path):
         pytest.skip(f"no mount namespace on this machine: the program's /tmp is the host's (leaked: {left})")
     assert not left, f"the program left files on the host: {left}"
     assert E.SANDBOX.get("private_mounts"), E.SANDBOX
+
+
+def test_sandbox_runs_an_interpreter_that_lives_in_tmp(monkeypatch):
+    """CI's venv is /tmp/prism-ci-venv: the fresh /tmp of the sandbox must not hide the interpreter."""
+    venv = Path(tempfile.mkdtemp(prefix="sandbox_venv_", dir="/tmp"))
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+        monkeypatch.setattr(E.sys, "executable", str(venv / "bin" / "python"))
+        monkeypatch.setattr(E.sys, "prefix", str(venv))
+        monkeypatch.setattr(E.sys, "exec_prefix", str(venv))
+        ok, reason, _ = _run("print(6 * 7)", "pass")
+        assert ok, reason
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)
 
 
 def _mount_namespaces_work() -> bool:  # asked of the OS directly, not of the code under test
