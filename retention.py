@@ -288,7 +288,7 @@ def bigbench_archive(cfg: Config | None = None) -> Path:
     found = sorted(BIGBENCH_CACHE.glob("bigbench-*.tar.gz")) + sorted(BIGBENCH_CACHE.glob("bigbench-*.zip"))
     if not found:
         raise DataError(f"BIG-bench: no archive in {BIGBENCH_CACHE}; fetch it once (about 350 MB) with "
-                        f"python -c 'import evaluate; evaluate.download_bigbench()'")
+                        f"python -c 'import retention; retention.download_bigbench()'")
     return found[-1]
 
 
@@ -1206,7 +1206,7 @@ def task_settings(task: str, cfg: Config, tokenizer) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Retention report: the same suite on several checkpoints, side by side
 #
-#     python evaluate.py --models base=ckpt/base,mid=ckpt/mid,rl=ckpt/rl,merge=ckpt/merged \
+#     python retention.py --models base=ckpt/base,mid=ckpt/mid,rl=ckpt/rl,merge=ckpt/merged \
 #         --tasks general,bbl,ruler,aime25 --ppl web=data/web/*.bin,code=data/code/*.bin --out out/retention
 #
 # Each model runs into out/<label>/ (resumable as a single run is); then retention.md, retention.json
@@ -1290,7 +1290,7 @@ def retention_plot(path: Path, labels: list, rows: list) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("[evaluate] matplotlib is not installed: no retention.png (pip install matplotlib)")
+        print("[retention] matplotlib is not installed: no retention.png (pip install matplotlib)")
         return False
     groups = [g for g in REPORT_GROUPS if any(r["group"] == g for r in rows)]
     fig, axes = plt.subplots(len(groups), 1, figsize=(max(6.0, 0.9 * max(
