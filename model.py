@@ -1573,9 +1573,9 @@ def _decode_step(model: CausalLM, token: torch.Tensor, doc_ids: torch.Tensor, ca
     return model.logits(model.hidden_states(token, doc_ids, cache)[:, -1])  # (B, V)
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, desc="generate", unit="tok", disable=not enabled)
+
+def _progress(total: int, enabled: bool):  # generate's `progress` argument hides the helper's name there
+    return progress(total=total, desc="generate", unit="tok", enabled=enabled)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -826,28 +826,20 @@ class MetricsLog:
                 fh.write(json.dumps(record) + "\n")
 
 
-def _read_records(path) -> list:
-    records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            records.append(json.loads(line))
-    return records
-
-
 def plot_metrics(metrics_path, png_path, keys: list, title: str, *, overlay_path=None, overlay_title: str = ""):
     """One panel per key against step from a metrics.jsonl (keys missing from it are left out), four panels per
     row; with `overlay_path` (e.g. eval.jsonl) one more panel draws every series of that file together."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    records = _read_records(metrics_path)
+    records = M.read_jsonl(metrics_path)
     panels = []
     for k in keys:
         pts = [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float)) and "step" in r]
         if pts:
             panels.append((k, {k: pts}))
     if overlay_path is not None and Path(overlay_path).is_file():
-        extra = _read_records(overlay_path)
+        extra = M.read_jsonl(overlay_path)
         names = sorted({k for r in extra for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
         if names:
             panels.append((overlay_title, {k: [(r["step"], r[k]) for r in extra if isinstance(r.get(k), (int, float))]
@@ -1254,7 +1246,7 @@ def _finish(run: Run, step: int, losses: list) -> dict:
     export_hf(run.model, out / "hf", d, run.base, _export_dtype(cfg, mcfg))
     summary = {"steps": run.total_steps, "losses": losses, "export": str(out / "hf"), "skipped_steps": run.skipped}
     if d.main:
-        records = _read_records(out / "eval.jsonl") if run.heldout else []
+        records = M.read_jsonl(out / "eval.jsonl") if run.heldout else []
         if records:
             summary["heldout_before"], summary["heldout_after"] = records[0], records[-1]
             run.log("[train_mid] held-out loss, first -> last evaluation: " + ", ".join(
