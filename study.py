@@ -590,8 +590,14 @@ def _fmtd(d) -> str:
     return "n/a" if d is None else f"{d[0]:+.1f} ± {d[1]:.1f}"
 
 
-def _title(ax_or_fig, what: str, stamp: str):
-    (ax_or_fig.suptitle if hasattr(ax_or_fig, "suptitle") else ax_or_fig.set_title)(f"{what}\n{stamp}", fontsize=9)
+def _save(fig, titled, what: str, stamp: str, path: Path) -> str:
+    """Title `titled` (the figure, or its one axes) with the machine and date, lay out, write, close."""
+    import matplotlib.pyplot as plt
+    (titled.suptitle if hasattr(titled, "suptitle") else titled.set_title)(f"{what}\n{stamp}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
 
 
 def plots(out: Path, labels: list, rows: list, an: dict, cfg: Config, stamp: str) -> list:
@@ -625,11 +631,7 @@ def plots(out: Path, labels: list, rows: list, an: dict, cfg: Config, stamp: str
     ax.set_xticklabels(labels, rotation=30, fontsize=7)
     ax.set_title("held-out bits/byte (lower is better)", fontsize=9)
     ax.legend(fontsize=7)
-    _title(fig, "PRISM study: retention (mean ± SE)", stamp)
-    fig.tight_layout()
-    fig.savefig(out / "headline.png", dpi=110)
-    plt.close(fig)
-    written.append("headline.png")
+    written.append(_save(fig, fig, "PRISM study: retention (mean ± SE)", stamp, out / "headline.png"))
 
     pairs = [p for p in ("base->mid_mc", "mid_mc->rl_mc", "base->rl_base") if p in an["weights"]]
     comps = [c for c in LINEAR + ("embed", "input_norm", "post_norm", "final_norm")
@@ -645,11 +647,7 @@ def plots(out: Path, labels: list, rows: list, an: dict, cfg: Config, stamp: str
         ax.set_xticklabels(comps, rotation=30, fontsize=7)
         ax.set_title(f"share of elements changed by >= 1% ({dt} weights)", fontsize=9)
         ax.legend(fontsize=7)
-    _title(fig, "PRISM study: weight change by component", stamp)
-    fig.tight_layout()
-    fig.savefig(out / "weights.png", dpi=110)
-    plt.close(fig)
-    written.append("weights.png")
+    written.append(_save(fig, fig, "PRISM study: weight change by component", stamp, out / "weights.png"))
 
     if an["trajectory"]:
         fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -660,11 +658,7 @@ def plots(out: Path, labels: list, rows: list, an: dict, cfg: Config, stamp: str
         ax.set_xlabel("RL step")
         ax.set_ylabel("share of elements changed (fp32)")
         ax.legend(fontsize=7)
-        _title(ax, "PRISM study: RL trajectory of the changed fraction", stamp)
-        fig.tight_layout()
-        fig.savefig(out / "trajectory.png", dpi=110)
-        plt.close(fig)
-        written.append("trajectory.png")
+        written.append(_save(fig, ax, "PRISM study: RL trajectory of the changed fraction", stamp, out / "trajectory.png"))
     return written
 
 
