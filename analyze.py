@@ -77,7 +77,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import cli
 import model as M
+from generate import generate
 
 COMMANDS = {  # command -> (number of checkpoints (None = 2 or more), what they are)
     "weights": (2, "A B: relative change and unchanged fractions of B - A, per tensor, layer and component"),
@@ -119,7 +121,7 @@ class Config:
     progress: bool = True  # tqdm bars
 
 
-AnalyzeError = M.DataError  # a user mistake (bad checkpoint, data or flag): one line from main(), exit code 2
+AnalyzeError = cli.DataError  # a user mistake (bad checkpoint, data or flag): one line from main(), exit code 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,7 +216,7 @@ def paired_blocks(ckpts: list, name: str):
 # ----------------------------------------------------------------------------------------------
 # Checkpoint names in plots and logs
 
-run_name = M.run_name  # a checkpoint's name: out/mid/hf is "mid" (model.py, shared with the trainers)
+run_name = cli.run_name  # a checkpoint's name: out/mid/hf is "mid" (model.py, shared with the trainers)
 
 
 def checkpoint_labels(cfg, paths: list) -> list:
@@ -348,7 +350,7 @@ def _ratio(d2, w2):
 
 
 def _progress(items, desc, enabled):
-    return M.progress(items, desc=desc, unit="tensor", enabled=enabled, leave=False)
+    return cli.progress(items, desc=desc, unit="tensor", enabled=enabled, leave=False)
 
 
 def weight_change(dir_a, dir_b, thresholds=(1e-3, 1e-2, 1e-1), *, progress=False) -> dict:
@@ -592,7 +594,7 @@ def cka_features(path, token_lists, cfg: Config, cache_file: Path, meta: dict, e
     vocab = model.config.vocab_size
     feats = []
     desc = f"cka {label or run_name(path)}"
-    for ids in M.progress(token_lists, desc=desc, enabled=cfg.progress, leave=False):
+    for ids in cli.progress(token_lists, desc=desc, enabled=cfg.progress, leave=False):
         if max(ids) >= vocab:
             raise AnalyzeError(f"{path}: token id {max(ids)} >= the model's vocab_size {vocab}")
         x = torch.tensor([ids], device=device)
@@ -720,7 +722,7 @@ def landscape(cfg: Config, base, mid, rl) -> dict:
                 params[name].data.copy_(((1 - a) * w0 + (a - b) * w1 + b * w2).to(params[name].dtype))
             correct, example = 0, None
             for s in range(0, len(prompts), cfg.batch_size):
-                outs = M.generate(model, prompts[s:s + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
+                outs = generate(model, prompts[s:s + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
                                   temperature=0.0, stop_ids=stops)
                 for out, r in zip(outs, records[s:s + cfg.batch_size]):
                     text = tok.decode(out.tokens)
@@ -1009,7 +1011,7 @@ def parse_args(argv=None) -> tuple:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=list(COMMANDS), help="what to compute (see below)")
     p.add_argument("checkpoints", nargs="+", help="model folders or hub ids, as the command needs")
-    cfg, args = M.parse_config(Config, argv, parser=p)
+    cfg, args = cli.parse_config(Config, argv, parser=p)
     need = COMMANDS[args.command][0]
     n = len(args.checkpoints)
     if (need is None and n < 2) or (need is not None and n != need):
@@ -1021,8 +1023,8 @@ def parse_args(argv=None) -> tuple:
 
 
 def main(argv=None):
-    cfg, command, paths = M.run_main(lambda: parse_args(argv), "analyze.py")
-    return M.run_main(lambda: run(cfg, command, paths), "analyze.py", out=getattr(cfg, "out", None))
+    cfg, command, paths = cli.run_main(lambda: parse_args(argv), "analyze.py")
+    return cli.run_main(lambda: run(cfg, command, paths), "analyze.py", out=getattr(cfg, "out", None))
 
 
 if __name__ == "__main__":

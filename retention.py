@@ -36,10 +36,11 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cli
 import evaluate as E
-import model as M
+from generate import generate
 
-DataError = M.DataError
+DataError = cli.DataError
 
 
 @dataclass
@@ -312,7 +313,7 @@ def download_bigbench(version: str = "1.0.0") -> Path:
     print(f"[retention] downloading {files[0]['url']} -> {target}")
     with urllib.request.urlopen(files[0]["url"], timeout=60) as r, open(tmp, "wb") as out:
         size = int(r.headers.get("Content-Length") or 0) or None  # ~350 MB: a bar, not silence
-        with M.progress(total=size, desc="bigbench archive", unit="B") as bar:
+        with cli.progress(total=size, desc="bigbench archive", unit="B") as bar:
             while chunk := r.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
@@ -1140,7 +1141,7 @@ def run_ruler_task(task: str, run: E.Run, errors: dict) -> dict:
         for start in range(0, len(todo), per_batch):
             items = [ruler_item(task, L, i, tokenizer, seed=cfg.seed, haystack=cfg.haystack, chat=cfg.chat)
                      for i in todo[start:start + per_batch]]
-            samples = M.generate(run.model, [tokenizer.encode(it["prompt"]) for it in items],
+            samples = generate(run.model, [tokenizer.encode(it["prompt"]) for it in items],
                                  max_new_tokens=items[0]["max_new_tokens"], temperature=0.0, top_p=1.0,
                                  stop_ids=tokenizer.eos_ids, seed=cfg.seed, progress=False)
             for it, s in zip(items, samples):
@@ -1319,7 +1320,7 @@ def retention_report(cfg: Config, load=None) -> dict:
     import gc
     from dataclasses import replace
     models = parse_models(cfg.models)
-    d = M.setup_distributed(cfg.device, group_of_one=False)  # one process group for all models
+    d = cli.setup_distributed(cfg.device, group_of_one=False)  # one process group for all models
     per = []
     for label, path in models:
         if d.main:
@@ -1354,17 +1355,17 @@ def retention_report(cfg: Config, load=None) -> dict:
 def parse_args(argv=None) -> Config:
     p = argparse.ArgumentParser(description="Retention: log-likelihood multiple choice, BIG-bench, held-out "
                                             "perplexity, long context, and a report of several checkpoints.")
-    return M.parse_config(Config, argv, parser=p)[0]
+    return cli.parse_config(Config, argv, parser=p)[0]
 
 
 def main(argv=None):
-    cfg = M.run_main(lambda: parse_args(argv), "retention.py")
+    cfg = cli.run_main(lambda: parse_args(argv), "retention.py")
 
     def run():
         cfg.check()
         retention_report(cfg) if cfg.models else evaluate(cfg)
 
-    M.run_main(run, "retention.py", out=cfg.out)
+    cli.run_main(run, "retention.py", out=cfg.out)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cli
 import model as M
 
 HERE = Path(__file__).resolve().parent
@@ -170,7 +171,7 @@ def stage_done(out: Path, name: str, cfg: Config) -> dict | None:
     f = out / name / "stage.json"
     if not f.is_file():
         return None
-    rec = M.read_json(f)
+    rec = cli.read_json(f)
     return rec if rec.get("settings") == stage_settings(name, cfg) else None
 
 
@@ -209,8 +210,8 @@ def stage_base(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
     try:
         layers, hidden = (int(x) for x in cfg.base_shrink.split(","))
     except ValueError:
-        raise M.DataError(f"--base-shrink {cfg.base_shrink!r}: expected L,H (layers, hidden size)") from None
-    raw = M.read_json(src / "config.json")
+        raise cli.DataError(f"--base-shrink {cfg.base_shrink!r}: expected L,H (layers, hidden size)") from None
+    raw = cli.read_json(src / "config.json")
     heads = max(1, hidden // 16)
     raw.update(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
                num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=16, max_position_embeddings=1024)
@@ -249,8 +250,8 @@ def stage_data(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
     with open(folder / "landscape.jsonl", "w", encoding="utf-8") as fh:
         for p in heldout[:cfg.landscape_problems]:
             fh.write(json.dumps({"problem": p["prompt"], "answer": p["answer"]}) + "\n")
-    math_q = [r["question"] for r in M.read_jsonl(demo.parent / "math.jsonl")]
-    code = [r["text"] for r in M.read_jsonl(demo.parent / "code.jsonl")]
+    math_q = [r["question"] for r in cli.read_jsonl(demo.parent / "math.jsonl")]
+    code = [r["text"] for r in cli.read_jsonl(demo.parent / "code.jsonl")]
     texts = [t for trio in zip(math_q, code, [p["prompt"] for p in heldout * 4]) for t in trio][:cfg.cka_prompts]
     with open(folder / "cka.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps({"text": t}) + "\n" for t in texts)
@@ -269,7 +270,7 @@ def _stage_mid(mixture: str):
         run_script("train_mid.py", args, cfg, folder / "log.txt")
         if not cfg.keep_checkpoints:
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-        evals = M.read_jsonl(folder / "eval.jsonl") if (folder / "eval.jsonl").is_file() else []
+        evals = cli.read_jsonl(folder / "eval.jsonl") if (folder / "eval.jsonl").is_file() else []
         return {"path": str(folder / "hf"), "exports": sorted(str(p) for p in folder.glob("hf-step*")),
                 "heldout_first": evals[0] if evals else None, "heldout_last": evals[-1] if evals else None}
     return run
@@ -281,7 +282,7 @@ def rl_config(cfg: Config, **over):
     flags = ["--steps", cfg.rl_steps, "--group-size", cfg.rl_group_size, "--prompts-per-step",
              cfg.rl_prompts_per_step, "--max-new-tokens", cfg.rl_max_new_tokens, "--lr", cfg.rl_lr,
              *shlex.split(cfg.rl_args)]
-    rcfg, _ = M.parse_config(R.Config, [str(x) for x in flags])
+    rcfg, _ = cli.parse_config(R.Config, [str(x) for x in flags])
     return dataclasses.replace(rcfg, **over)
 
 
@@ -308,14 +309,14 @@ def _stage_rl(start_stage: str):
         for ck in sorted((folder / "checkpoints").glob("step_*")):
             if ck.name.endswith(".tmp") or not (ck / "extra.json").is_file():
                 continue
-            step = int(M.read_json(ck / "extra.json")["step"])
+            step = int(cli.read_json(ck / "extra.json")["step"])
             dest = folder / "steps" / f"step_{step:06d}"
             if not (dest / "config.json").is_file():
                 export_dcp(ck, start, dest)
             steps.append({"step": step, "path": str(dest)})
         if not cfg.keep_checkpoints:
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-        metrics = M.read_jsonl(folder / "metrics.jsonl")
+        metrics = cli.read_jsonl(folder / "metrics.jsonl")
         return {"path": str(folder / "hf"), "start": start, "steps": steps,
                 "train_reward": [m["reward"] for m in metrics], "trained": [m["trained"] for m in metrics]}
     return run
@@ -348,7 +349,7 @@ def stage_eval(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
         rl_task[label]["accuracy_se"] = math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / n)
         log(f"  eval {label}: RL-task held-out reward {r['reward']:.3f} accuracy {r['accuracy']:.3f}")
         del net
-    M.write_json(folder / "rl_task.json", rl_task)
+    cli.write_json(folder / "rl_task.json", rl_task)
     spec = ",".join(f"{lab}={p}" for lab, p in models)
     general = ["--models", spec, "--tasks", ",".join(f"bigbench:{t}" for t in cfg.eval_bigbench.split(",") if t),
                "--ppl", ",".join(f"{k}={v}" for k, v in res["data"]["ppl"].items()), "--limit", cfg.eval_mc_limit,
@@ -399,7 +400,7 @@ def stage_analysis(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
                     steps=",".join(str(s["step"]) for s in steps))
             traj[rl] = [{"step": r["step"], "rel_change": r["rel_change"],
                          "changed": {str(k): 1 - v for k, v in r["unchanged"].items()}} for r in t["checkpoints"]]
-    n_cka = len(M.read_jsonl(res["data"]["cka"]))
+    n_cka = len(cli.read_jsonl(res["data"]["cka"]))
     cka_over = dict(data=res["data"]["cka"], max_tokens=cfg.cka_max_tokens, bootstrap=cfg.cka_bootstrap,
                     bootstrap_size=min(100, n_cka))
     cka = {"mid_vs_rl": run("cka", [P["mid_mc"], P["rl_mc"]], "cka/mid_vs_rl", **cka_over)["summary"],
@@ -413,7 +414,7 @@ def stage_analysis(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
                              "rl_base_vs_rl_mc": _sim_summary(sim_rl)},
               "trajectory": traj, "cka": cka,
               "landscape": {"a": land["a"], "b": land["b"], "pass_rate": land["pass_rate"]}}
-    M.write_json(folder / "analysis.json", result)
+    cli.write_json(folder / "analysis.json", result)
     return {"summary": str(folder / "analysis.json")}
 
 
@@ -666,11 +667,11 @@ def stage_report(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
     import analyze as A
     import retention as R
     out = Path(cfg.out)
-    ev, an = res["eval"], M.read_json(res["analysis"]["summary"])
+    ev, an = res["eval"], cli.read_json(res["analysis"]["summary"])
     labels = [lab for lab, _ in EVAL_MODELS]
     per = {lab: {} for lab in labels}
     for f in ev["retention"]:
-        for lab, r in M.read_json(f)["results"].items():
+        for lab, r in cli.read_json(f)["results"].items():
             per[lab].update(r)
     for lab, v in ev["rl_task"].items():  # the RL task as one more row of the table, in percent like the others
         per[lab]["rl_task"] = {"score": 100 * v["accuracy"], "se": 100 * v["accuracy_se"], "n": v["n"],
@@ -686,7 +687,7 @@ def stage_report(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
     fs = findings(ev, an, rows, labels, cfg)
     figs = plots(out, labels, rows, an, cfg, stamp)
     R.retention_plot(out / "retention.png", labels, rows)
-    seconds = {s: M.read_json(out / s / "stage.json")["seconds"] for s in STAGES
+    seconds = {s: cli.read_json(out / s / "stage.json")["seconds"] for s in STAGES
                if s != "report" and (out / s / "stage.json").is_file()}
     A.write_json(out / "results.json", {
         "machine": hw, "date": now.isoformat(timespec="seconds"), "config": asdict(cfg), "stage_seconds": seconds,
@@ -774,23 +775,23 @@ def study(cfg: Config, argv: list | None = None) -> dict:
             continue
         settings = stage_settings(name, cfg)
         pending = folder / "stage.pending.json"
-        resume = pending.is_file() and M.read_json(pending) == settings
+        resume = pending.is_file() and cli.read_json(pending) == settings
         if not resume:
             shutil.rmtree(folder, ignore_errors=True)
         for d in dependents(name):  # whatever read this stage's old outputs is stale now
             (out / d / "stage.json").unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
-        M.write_json(pending, settings)
+        cli.write_json(pending, settings)
         left = sum(STAGES[n][2] for n in todo if n not in res and n != name)
         log(f"stage {k + 1}/{len(names)} {name}: {'resuming' if resume else 'starting'}; elapsed "
             f"{_hms(time.time() - t_start)}, {_eta(cfg, measured, budget_done, STAGES[name][2] + left)}")
         t0 = time.time()
         try:
             result = RUNNERS[name](cfg, folder, resume, res)
-        except (StudyError, M.DataError) as e:
+        except (StudyError, cli.DataError) as e:
             raise StudyError(f"stage {name} failed: {e}\nresume with: {resume_command(argv or [])}") from None
         seconds = time.time() - t0
-        M.write_json(folder / "stage.json", {"settings": settings, "result": result, "seconds": seconds,
+        cli.write_json(folder / "stage.json", {"settings": settings, "result": result, "seconds": seconds,
                                              "finished": datetime.datetime.now().isoformat(timespec="seconds")})
         pending.unlink(missing_ok=True)
         res[name] = result
@@ -821,7 +822,7 @@ def parse_args(argv=None) -> Config:
     import argparse
     parser = argparse.ArgumentParser(description="The PRISM study end to end: base -> mid-training -> GRPO -> "
                                                  "evaluation -> analysis -> REPORT.md (see the module docstring).")
-    cfg, args = M.parse_config(Config, argv, parser=parser)
+    cfg, args = cli.parse_config(Config, argv, parser=parser)
     if cfg.scale not in SCALES:  # one line and exit code 2, like every bad input
         print(f"study.py: error: --scale {cfg.scale!r}: expected one of {', '.join(SCALES)}", file=sys.stderr)
         sys.exit(2)

@@ -61,6 +61,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import cli
 import model as M
 
 
@@ -149,7 +150,7 @@ def check_resumed_config(cfg, altering: tuple, log, script: str):
     latest = latest_checkpoint(Path(cfg.out) / "checkpoints") if cfg.resume else None
     if latest is None:
         return
-    saved = M.read_json(latest / "extra.json").get("config", {})
+    saved = cli.read_json(latest / "extra.json").get("config", {})
     now = asdict(cfg)
     changed = {k: (saved[k], v) for k, v in now.items()
                if k in saved and saved[k] != v and k not in ("resume", "out")}  # a moved run folder is fine
@@ -175,7 +176,7 @@ RESUME_ALTERING = ("model", "data", "seq_len", "lr", "min_lr_ratio", "warmup", "
                    "beta2", "eps", "weight_decay", "grad_clip", "seed", "heldout_frac", "param_dtype")
 
 
-DataError = M.DataError  # bad data, a bad flag value: one line and exit code 2
+DataError = cli.DataError  # bad data, a bad flag value: one line and exit code 2
 
 
 class TrainingStopped(RuntimeError):
@@ -402,7 +403,7 @@ def prepare_source(source: Source, tokenizer_path, cache_dir, *, heldout_frac=0.
 
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
-    bar = M.progress(desc=f"prepare {source.name}", unit="doc", enabled=progress)
+    bar = cli.progress(desc=f"prepare {source.name}", unit="doc", enabled=progress)
     with ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("fork"),
                              initializer=_init_tokenizer_worker, initargs=(str(tokenizer_dir),)) as pool:
         index = 0
@@ -437,7 +438,7 @@ def prepare_source(source: Source, tokenizer_path, cache_dir, *, heldout_frac=0.
         print(f"[prepare] {source.name}: skipped {problems.get('invalid_json', 0)} invalid JSON lines and "
               f"{problems.get('missing_field', 0)} records without '{_needed_field(source)}' "
               f"(first: {problems['first']})")
-    M.write_json(tmp / "index.json", {
+    cli.write_json(tmp / "index.json", {
         "source": asdict(source), "files": files, "tokenizer": str(tokenizer_dir), "eos_id": eos,
         "dtype": "uint32", "shards": shards, "heldout": {"file": "heldout.bin", "tokens": heldout_tokens}
         if heldout_tokens else None, "documents": docs, "skipped": {k: v for k, v in problems.items()}})
@@ -457,7 +458,7 @@ class TokenSource:
 
     def __init__(self, name: str, folder: Path, seq_len: int):
         self.name, self.folder, self.seq_len = name, Path(folder), seq_len
-        index = M.read_json(self.folder / "index.json")
+        index = cli.read_json(self.folder / "index.json")
         self.eos_id = int(index["eos_id"])
         self.shards, counts = [], []
         for s in index["shards"]:
@@ -554,7 +555,7 @@ def heldout_windows(source: TokenSource, n_tokens: int) -> list:
 # Distributed setup and FSDP2
 
 
-Dist, setup_distributed = M.Dist, M.setup_distributed  # model.py's; public here for train_rl.py
+Dist, setup_distributed = cli.Dist, cli.setup_distributed  # model.py's; public here for train_rl.py
 
 
 def build_mesh(d: Dist, mesh: str = ""):
@@ -744,7 +745,7 @@ class Checkpointer:
     def _finish(self, tmp: Path, final: Path, extra: dict):
         dist.barrier()  # every rank has written its shards
         if self.dist.main:
-            M.write_json(tmp / "extra.json", extra)  # its presence marks a complete checkpoint
+            cli.write_json(tmp / "extra.json", extra)  # its presence marks a complete checkpoint
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             done = sorted(p for p in self.dir.glob("step_*") if not p.name.endswith(".tmp"))
@@ -768,7 +769,7 @@ class Checkpointer:
         rng = path / f"rng_rank{self.dist.rank}.pt"
         if rng.is_file():  # a rank the saving run did not have keeps its seeded RNG
             _set_rng_state(torch.load(rng, weights_only=False))
-        return M.read_json(path / "extra.json")
+        return cli.read_json(path / "extra.json")
 
 
 def _rng_state() -> dict:
@@ -832,14 +833,14 @@ def plot_metrics(metrics_path, png_path, keys: list, title: str, *, overlay_path
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    records = M.read_jsonl(metrics_path)
+    records = cli.read_jsonl(metrics_path)
     panels = []
     for k in keys:
         pts = [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float)) and "step" in r]
         if pts:
             panels.append((k, {k: pts}))
     if overlay_path is not None and Path(overlay_path).is_file():
-        extra = M.read_jsonl(overlay_path)
+        extra = cli.read_jsonl(overlay_path)
         names = sorted({k for r in extra for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
         if names:
             panels.append((overlay_title, {k: [(r["step"], r[k]) for r in extra if isinstance(r.get(k), (int, float))]
@@ -928,12 +929,12 @@ def demo_mixture(folder) -> Path:
     mixture = folder / "mixture.toml"
     if mixture.is_file():
         return mixture
-    champ, gym = M.package_dir("champ_dataset"), M.package_dir("reasoning_gym")
+    champ, gym = cli.package_dir("champ_dataset"), cli.package_dir("reasoning_gym")
     if champ is None or gym is None:
         raise DataError("the demo mixture reads the champ-dataset and reasoning-gym packages: "
                         "pip install --no-deps champ-dataset reasoning-gym (or pass --data your_mixture.toml)")
     folder.mkdir(parents=True, exist_ok=True)
-    problems = M.read_json(champ / "dataset_files" / "v0.json")["problems"]
+    problems = cli.read_json(champ / "dataset_files" / "v0.json")["problems"]
     with open(folder / "math.jsonl", "w", encoding="utf-8") as fh:
         for p in problems.values():
             steps = " ".join(s["_text"] for s in p["solution"]["steps"])
@@ -1118,7 +1119,7 @@ def _start(cfg: Config, d: Dist) -> Run:
     resumed = _resume(run)
     run.metrics = MetricsLog(out / "metrics.jsonl", d, resume_step=run.start_step if resumed else None)
     run.evals = MetricsLog(out / "eval.jsonl", d, resume_step=run.start_step if resumed else None)
-    run.log(f"[train_mid] {M.run_name(base)}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+    run.log(f"[train_mid] {cli.run_name(base)}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
             f"{d.world} rank(s) on {d.device.type}, mesh {cfg.mesh or d.world}, {total_steps} steps x "
             f"{global_rows} sequences x {cfg.seq_len} tokens = {total_steps * tokens_per_step / 1e6:.2f}M tokens; "
             f"sources " + ", ".join(f"{s.name} {s.weight:g} ({t.tokens / 1e6:.2f}M tokens)"
@@ -1134,7 +1135,7 @@ def _resume(run: Run) -> bool:
         run.log(f"[train_mid] --resume: no complete checkpoint in {run.ckpt.dir}; starting from the base model")
     if latest is None:
         return False
-    extra = M.read_json(latest / "extra.json")
+    extra = cli.read_json(latest / "extra.json")
     stamp = _config_stamp(cfg, run.model.config)
     if extra["model"] != stamp:
         diff = {k: (extra["model"].get(k), v) for k, v in stamp.items() if extra["model"].get(k) != v}
@@ -1246,14 +1247,14 @@ def _finish(run: Run, step: int, losses: list) -> dict:
     export_hf(run.model, out / "hf", d, run.base, _export_dtype(cfg, mcfg))
     summary = {"steps": run.total_steps, "losses": losses, "export": str(out / "hf"), "skipped_steps": run.skipped}
     if d.main:
-        records = M.read_jsonl(out / "eval.jsonl") if run.heldout else []
+        records = cli.read_jsonl(out / "eval.jsonl") if run.heldout else []
         if records:
             summary["heldout_before"], summary["heldout_after"] = records[0], records[-1]
             run.log("[train_mid] held-out loss, first -> last evaluation: " + ", ".join(
                 f"{k.removeprefix('heldout/')} {records[0][k]:.4f} -> {records[-1][k]:.4f}"
                 for k in records[0] if k.startswith("heldout/") and records[0][k] is not None))
         png = plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "lr", "grad_norm", "tokens_per_s"],
-                           f"mid-training {M.run_name(run.base)} ({d.world} x {d.device.type}, {time.strftime('%Y-%m-%d')})",
+                           f"mid-training {cli.run_name(run.base)} ({d.world} x {d.device.type}, {time.strftime('%Y-%m-%d')})",
                            overlay_path=out / "eval.jsonl", overlay_title="held-out loss per source")
         run.log(f"[train_mid] wrote {out / 'hf'} (Hugging Face folder), {out / 'metrics.jsonl'}"
                 + (f", {png}" if png else ""))
@@ -1279,14 +1280,14 @@ def main(argv=None):
                                                  "with FSDP2 (see the module docstring for torchrun commands).")
     parser.add_argument("command", nargs="?", default="train", choices=["train", "prepare"],
                         help="train (default) or prepare: only tokenize the mixture's sources")
-    cfg, args = M.parse_config(Config, argv, parser=parser)
+    cfg, args = cli.parse_config(Config, argv, parser=parser)
 
     def run():
         cfg.check()
         if args.command == "prepare":
             sources, folders = prepare(cfg)
             for s, f in zip(sources, folders):
-                index = M.read_json(f / "index.json")
+                index = cli.read_json(f / "index.json")
                 print(f"{s.name}: {f} ({sum(x['tokens'] for x in index['shards']) / 1e6:.2f}M train tokens, "
                       f"{index['documents']['train']} + {index['documents']['heldout']} held-out documents)")
             return None
@@ -1296,7 +1297,7 @@ def main(argv=None):
             print(f"train_mid.py: stopped: {e}", file=sys.stderr)
             sys.exit(3)
 
-    return M.run_main(run, "train_mid.py", out=cfg.out)
+    return cli.run_main(run, "train_mid.py", out=cfg.out)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import cli
 import evaluate as E
 import model as M
+from generate import generate
 import train_mid as T
 
 
@@ -114,7 +116,7 @@ class Config:
     progress: bool = False  # tqdm bars for generation
 
 
-DataError = M.DataError  # a prompts file in the wrong schema, a bad setting: one line and exit code 2
+DataError = cli.DataError  # a prompts file in the wrong schema, a bad setting: one line and exit code 2
 
 
 DOMAINS = ("math", "science", "code")
@@ -310,7 +312,7 @@ def rollouts(model, tok, problems: list, cfg: Config, *, n: int, temperature: fl
     with T.full_params(model):  # gathered once, kept across the per-token forwards
         for start in range(0, len(jobs), cfg.gen_batch):
             batch = jobs[start:start + cfg.gen_batch]
-            samples = M.generate(model, [ids for _, ids in batch], max_new_tokens=cfg.max_new_tokens,
+            samples = generate(model, [ids for _, ids in batch], max_new_tokens=cfg.max_new_tokens,
                                  temperature=temperature, top_p=cfg.top_p, stop_ids=tok.eos_ids,
                                  seed=seed * 7919 + start, progress=cfg.progress)
             for (p, ids), s in zip(batch, samples):
@@ -799,7 +801,7 @@ def _setup(cfg: Config, d) -> Run:
     metrics = T.MetricsLog(out / "metrics.jsonl", d, resume_step=start_step if latest is not None else None)
 
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"[train_rl] {M.run_name(base)}: {n_params / 1e6:.1f}M parameters, {d.world} rank(s) on {d.device.type}; task "
+    log(f"[train_rl] {cli.run_name(base)}: {n_params / 1e6:.1f}M parameters, {d.world} rank(s) on {d.device.type}; task "
         f"{task}: {len(problems)} prompts, {len(heldout)} held out; {cfg.steps} steps x {cfg.prompts_per_step} "
         f"prompts x {cfg.group_size} responses, <= {cfg.max_new_tokens} new tokens, lr {cfg.lr:g}, "
         f"beta {cfg.beta:g}")
@@ -1013,7 +1015,7 @@ def heldout_eval(run: Run, when: str) -> dict:
             f"{res['format']:.3f} length {res['response_len']:.1f} ({res['n']} responses); e.g. "
             f"{res['examples'][0]!r}")
     if run.d.main:
-        M.write_json(run.out / f"heldout_{when}.json", res)
+        cli.write_json(run.out / f"heldout_{when}.json", res)
     return res
 
 
@@ -1024,7 +1026,7 @@ def _finish(run: Run, summary: dict, step: int) -> dict:
         _save(run.ckpt, run.ref_dir, step, run.model, run.ref, run.optimizer, run.cfg, d)
     if run.heldout:
         after = summary["heldout_after"] = heldout_eval(run, "after")
-        before = summary.get("heldout_before") or (M.read_json(out / "heldout_before.json")
+        before = summary.get("heldout_before") or (cli.read_json(out / "heldout_before.json")
                                                     if (out / "heldout_before.json").is_file() else None)
         if before:
             summary["heldout_before"] = before
@@ -1035,7 +1037,7 @@ def _finish(run: Run, summary: dict, step: int) -> dict:
     if d.main:
         png = T.plot_metrics(out / "metrics.jsonl", out / "rl.png",
                              ["reward", "accuracy", "response_len", "kl", "entropy", "clip_frac", "grad_norm"],
-                             f"GRPO {M.run_name(run.base)}")
+                             f"GRPO {cli.run_name(run.base)}")
         run.log(f"[train_rl] wrote {out / 'hf'}, {out / 'metrics.jsonl'}" + (f", {png}" if png else ""))
     return summary
 
@@ -1097,7 +1099,7 @@ def main(argv=None):
                                                  "torchrun commands and the paper's settings).")
     parser.add_argument("command", nargs="?", default="train", choices=["train", "filter"],
                         help="train (default) or filter: keep the prompts in a pass-rate band (--filter-*)")
-    cfg, args = M.parse_config(Config, argv, parser=parser)
+    cfg, args = cli.parse_config(Config, argv, parser=parser)
 
     def run():
         check_config(cfg)
@@ -1105,7 +1107,7 @@ def main(argv=None):
             return pass_rate_filter(cfg)
         return train(cfg)
 
-    return M.run_main(run, "train_rl.py", out=cfg.out)
+    return cli.run_main(run, "train_rl.py", out=cfg.out)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 
 import evaluate as E
 import model as M
+from generate import generate
 
 
 def hf_generate_batch(hf, prompts, max_new_tokens, stop_ids, device, **sampling):
@@ -75,7 +76,7 @@ def main():
 
     compile = {"auto": None, "on": True, "off": False}[args.compile]
     quantize = None if args.quantize == "none" else args.quantize
-    ours_batch = lambda batch: [s.tokens for s in M.generate(ours, batch, max_new_tokens=args.max_new_tokens,
+    ours_batch = lambda batch: [s.tokens for s in generate(ours, batch, max_new_tokens=args.max_new_tokens,
                                                              stop_ids=stop, compile=compile, quantize=quantize)]
     hf_batch = lambda batch: hf_generate_batch(hf, batch, args.max_new_tokens, stop, args.device)
     run(lambda batch: ours_batch(batch[:1])), run(lambda batch: hf_batch(batch[:1]))  # warm-up

@@ -43,6 +43,7 @@ if DRY:  # the kernels pick the interpreter when they are defined: before anythi
 import torch  # noqa: E402
 
 import model as M  # noqa: E402
+from generate import generate  # noqa: E402
 import train_mid as T  # noqa: E402
 from bench import bench_kernels as BK  # noqa: E402
 
@@ -286,7 +287,7 @@ def part_decode(cfg):
         prompts = torch.randint(3, model.config.vocab_size, (batch, cfg.decode_prompt), generator=g).tolist()
         limit = f"HBM limit {batch * bw / weight_bytes:,.0f} tok/s" if bw else "HBM limit n/a"
         for compiled in ((False, True) if not cfg.dry_run else (False,)):  # CPU compile: a minute, skipped
-            run = lambda: M.generate(model, prompts, max_new_tokens=cfg.decode_new, compile=compiled)  # noqa: E731
+            run = lambda: generate(model, prompts, max_new_tokens=cfg.decode_new, compile=compiled)  # noqa: E731
             run()  # warm-up (and compile)
             _sync()
             t = time.perf_counter()

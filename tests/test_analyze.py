@@ -351,7 +351,7 @@ def test_landscape_weights_and_loss_follow_the_definition(family, monkeypatch):
             seen.append(({n: p.detach().clone() for n, p in model.named_parameters()}, model(ids).float()))
         return [SimpleNamespace(tokens=tok.encode("so \\boxed{2}"), logprobs=[]) for _ in prompts]
 
-    monkeypatch.setattr(M, "generate", probe)
+    monkeypatch.setattr(A, "generate", probe)
     r = run_main("landscape", base, mid, rl_40, "--data", data, "--grid", 3, "--a-min", -0.5, "--a-max", 1.0,
                  "--b-min", 0.0, "--b-max", 1.0, "--batch-size", 2, "--out", root / "out" / "land_probe")
     a_axis, b_axis = [-0.5, 0.25, 1.0], [0.0, 0.5, 1.0]

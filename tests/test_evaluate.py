@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import evaluate as E
+import generate as GEN
 import gguf_convert as G
 
 DATA = Path(__file__).parent / "data"
@@ -637,9 +638,8 @@ STUB_RESPONSES = {  # a phrase of the question -> the model's response (<think> 
 
 
 def test_runner_with_stub_model(tmp_path, monkeypatch):
-    """Every task through the runner from the local files, with a stub in place of model.generate:
+    """Every task through the runner from the local files, with a stub in place of generate:
     empty and endless outputs, a fork bomb, the think format, pass@k, the paper's AVG and resume."""
-    import model as M
     calls = []
 
     def fake_generate(model, prompts, *, max_new_tokens, temperature, top_p, stop_ids, seed, progress):
@@ -650,9 +650,9 @@ def test_runner_with_stub_model(tmp_path, monkeypatch):
             [resp] = [r for k, r in STUB_RESPONSES.items() if k in text]
             toks = list(resp.encode())[:max_new_tokens]
             toks += [0] if len(toks) < max_new_tokens else []
-            out.append(M.Sample(toks, [0.0] * len(toks)))
+            out.append(GEN.Sample(toks, [0.0] * len(toks)))
         return out
-    monkeypatch.setattr(M, "generate", fake_generate)
+    monkeypatch.setattr(E, "generate", fake_generate)
     files = {"aime24": "aime24.jsonl", "aime25": "aime2025-I.jsonl", "math500": "math500.jsonl",
              "gpqa": "gpqa_diamond.csv", "lcb": "lcb_test.jsonl", "codeforces": "codeforces.jsonl",
              "gsm8k": "gsm8k.jsonl", "humaneval": "humaneval.jsonl"}

@@ -5,6 +5,7 @@ rows are still live, the compiled step without recompiles, and the generation-on
 import pytest
 import torch
 
+import generate as GEN
 import model as M
 import test_hybrid as hybrid
 import test_model as dense
@@ -67,12 +68,12 @@ def stop_at_different_steps(samples):
 
 def test_greedy_equals_full_forward_with_rows_stopping(pair):
     hf, ours = pair
-    free = M.generate(ours, PROMPTS, max_new_tokens=NEW)
+    free = GEN.generate(ours, PROMPTS, max_new_tokens=NEW)
     for p, s in zip(PROMPTS, free):
         assert s.tokens == full_forward_greedy(lambda x: hf(x).logits, p, NEW)[0]  # transformers
     stop = stop_at_different_steps(free)
     for kwargs in ({}, {"fuse": False}):
-        stopped = M.generate(ours, PROMPTS, max_new_tokens=NEW, stop_ids=[stop], **kwargs)
+        stopped = GEN.generate(ours, PROMPTS, max_new_tokens=NEW, stop_ids=[stop], **kwargs)
         assert len({len(s.tokens) for s in stopped}) >= 2  # rows finished at different steps
         for p, s in zip(PROMPTS, stopped):
             tokens, logprobs = full_forward_greedy(ours, p, NEW, stop=(stop,))  # our eager forward
@@ -85,10 +86,10 @@ def test_sampling_seeded_and_independent_of_live_rows(pair):
     (and the eager batch is compacted)."""
     _, ours = pair
     kw = dict(max_new_tokens=NEW, temperature=0.9, top_p=0.95, seed=5)
-    a, b = M.generate(ours, PROMPTS, **kw), M.generate(ours, PROMPTS, **kw)
+    a, b = GEN.generate(ours, PROMPTS, **kw), GEN.generate(ours, PROMPTS, **kw)
     assert [s.tokens for s in a] == [s.tokens for s in b] and [s.logprobs for s in a] == [s.logprobs for s in b]
     stop = stop_at_different_steps(a)
-    stopped = M.generate(ours, PROMPTS, stop_ids=[stop], **kw)
+    stopped = GEN.generate(ours, PROMPTS, stop_ids=[stop], **kw)
     for f, s in zip(a, stopped):
         cut = f.tokens.index(stop) + 1 if stop in f.tokens else len(f.tokens)
         assert s.tokens == f.tokens[:cut]
@@ -105,7 +106,7 @@ def test_generation_copy_shares_weights_and_keeps_names(pair):
     with torch.no_grad():
         ref = ours(ids)
         for quantize, tol in ((None, 1e-5), ("bf16", 0.1), ("int8", 0.1)):
-            gm = M.prepare_generation(ours, quantize=quantize)
+            gm = GEN.prepare_generation(ours, quantize=quantize)
             got = gm(ids).float()
             assert (got - ref).abs().max() <= tol * max(1.0, ref.abs().max().item()), quantize
     after = ours.state_dict()
@@ -122,17 +123,17 @@ def test_compiled_step_matches_eager_without_recompiles(family, tmp_path_factory
     (counted by dynamo), neither within a call nor in a second call with other rows stopping."""
     from torch._dynamo.utils import counters
     _, ours = build(*family, tmp_path_factory)
-    free = M.generate(ours, PROMPTS, max_new_tokens=NEW)
+    free = GEN.generate(ours, PROMPTS, max_new_tokens=NEW)
     stop = stop_at_different_steps(free)
     torch._dynamo.reset()
     counters.clear()
-    first = M.generate(ours, PROMPTS, max_new_tokens=NEW, stop_ids=[stop], compile=True)
+    first = GEN.generate(ours, PROMPTS, max_new_tokens=NEW, stop_ids=[stop], compile=True)
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 1 and not counters["recompiles"]
-    eager = M.generate(ours, PROMPTS, max_new_tokens=NEW, stop_ids=[stop], compile=False)
+    eager = GEN.generate(ours, PROMPTS, max_new_tokens=NEW, stop_ids=[stop], compile=False)
     for c, e in zip(first, eager):
         assert c.tokens == e.tokens
         assert c.logprobs == pytest.approx(e.logprobs, abs=1e-5)
     other = stop_at_different_steps(list(reversed(free)))
-    M.generate(ours, PROMPTS, max_new_tokens=NEW, stop_ids=[stop, other], compile=True, seed=1)
+    GEN.generate(ours, PROMPTS, max_new_tokens=NEW, stop_ids=[stop, other], compile=True, seed=1)
     assert counters["stats"]["unique_graphs"] == graphs and not counters["recompiles"]

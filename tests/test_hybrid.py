@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import generate as GEN
 import model as M
 
 transformers = pytest.importorskip("transformers")
@@ -198,7 +199,7 @@ def test_greedy_generation_matches_transformers(pair):
     name, hf, ours, _ = pair
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (5, 11, 8)]
-    samples = M.generate(ours, prompts, max_new_tokens=32)  # batched, left-padded
+    samples = GEN.generate(ours, prompts, max_new_tokens=32)  # batched, left-padded
     for p, s in zip(prompts, samples):  # transformers one prompt at a time: no padding involved
         if name == "granite_moe_nope":
             # transformers' (and mamba_ssm's) one-token Mamba step ignores time_step_limit, which its prefill
@@ -216,9 +217,9 @@ def test_stop_tokens_end_rows_independently(pair):
     """Rows leaving the batch (cache.keep over KV caches, Mamba states and MLP layers' None) change nothing else."""
     _, _, ours, _ = pair
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]
-    free = M.generate(ours, prompts, max_new_tokens=10)
+    free = GEN.generate(ours, prompts, max_new_tokens=10)
     stop = free[1].tokens[3]
-    stopped = M.generate(ours, prompts, max_new_tokens=10, stop_ids=[stop])
+    stopped = GEN.generate(ours, prompts, max_new_tokens=10, stop_ids=[stop])
     for f, s in zip(free, stopped):
         cut = f.tokens.index(stop) + 1 if stop in f.tokens else len(f.tokens)
         assert s.tokens == f.tokens[:cut]

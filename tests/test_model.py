@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import generate as GEN
 import model as M
 
 transformers = pytest.importorskip("transformers")
@@ -122,7 +123,7 @@ def test_greedy_generation_matches_transformers(pair):
     _, hf, ours, _ = pair
     torch.manual_seed(1)
     prompts = [torch.randint(3, VOCAB, (n,)).tolist() for n in (5, 11, 8)]
-    samples = M.generate(ours, prompts, max_new_tokens=32)
+    samples = GEN.generate(ours, prompts, max_new_tokens=32)
     for p, s in zip(prompts, samples):  # one prompt at a time: transformers' own reference, no padding involved
         ref = hf.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, eos_token_id=None,
                           pad_token_id=0, min_new_tokens=32)[0, len(p):].tolist()
@@ -171,8 +172,8 @@ def test_sharded_checkpoint_loads(pair, tmp_path):
 def test_sampling_is_seeded_and_logprobs_are_consistent(pair):
     _, _, ours, _ = pair
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
-    a = M.generate(ours, prompts, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)
-    b = M.generate(ours, prompts, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)
+    a = GEN.generate(ours, prompts, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)
+    b = GEN.generate(ours, prompts, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)
     assert [s.tokens for s in a] == [s.tokens for s in b]
     # the first token's log-prob equals the temperature-scaled, top-p-renormalised distribution's
     with torch.no_grad():
@@ -188,9 +189,9 @@ def test_sampling_is_seeded_and_logprobs_are_consistent(pair):
 def test_stop_tokens_end_rows_independently(pair):
     _, _, ours, _ = pair
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]
-    free = M.generate(ours, prompts, max_new_tokens=16)
+    free = GEN.generate(ours, prompts, max_new_tokens=16)
     stop = free[1].tokens[3]  # a token row 1 produces at step 4
-    stopped = M.generate(ours, prompts, max_new_tokens=16, stop_ids=[stop])
+    stopped = GEN.generate(ours, prompts, max_new_tokens=16, stop_ids=[stop])
     for f, s in zip(free, stopped):
         cut = f.tokens.index(stop) + 1 if stop in f.tokens else len(f.tokens)
         assert s.tokens == f.tokens[:cut]

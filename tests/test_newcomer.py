@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import cli
 import evaluate as E
 import model as M
 import train_mid as T
@@ -23,8 +24,8 @@ def run(args, tmp_path, timeout=120):
 
 
 @pytest.mark.parametrize("script, args, message", [
-    ("model.py", ["--max-new-tokens", "-5"], "--max-new-tokens -5: expected an integer >= 1"),
-    ("model.py", ["--model", "out/nope"], "out/nope: no such folder, and the hub is unreachable (offline)"),
+    ("generate.py", ["--max-new-tokens", "-5"], "--max-new-tokens -5: expected an integer >= 1"),
+    ("generate.py", ["--model", "out/nope"], "out/nope: no such folder, and the hub is unreachable (offline)"),
     ("train_mid.py", ["--steps", "-1"], "--steps -1: expected an integer >= 1"),
     ("evaluate.py", ["--limit", "-3"], "--limit -3: expected an integer >= 0 (0 = the default)"),
     ("evaluate.py", ["--model", "out/nope"], "out/nope: no such folder, and the hub is unreachable (offline)"),
@@ -37,7 +38,7 @@ def run(args, tmp_path, timeout=120):
 def test_user_mistake_is_one_line_and_exit_2(tmp_path, script, args, message):
     """The exact line on stderr, nothing else (no traceback), exit code 2, and no --out folder left behind."""
     out = tmp_path / "run_out"
-    extra = [] if script == "model.py" else ["--out", str(out)]
+    extra = [] if script == "generate.py" else ["--out", str(out)]
     code, lines = run([sys.executable, str(ROOT / script), *args, *extra], tmp_path)
     assert (code, lines) == (2, [f"{script}: error: {message}"])
     assert not out.exists()  # the failed run removed the folder it made (or never made it)
@@ -58,16 +59,16 @@ def test_torchrun_mistake_is_one_line(tmp_path):
 def test_model_not_found_is_a_data_error_and_a_file_not_found():
     """Callers that catch FileNotFoundError (or DataError) keep working; the message names both readings."""
     for name in ("out/nope", "./out/nope", "a/b/c"):
-        with pytest.raises(M.ModelNotFound) as e:
+        with pytest.raises(cli.ModelNotFound) as e:
             M.resolve_model_path(name)
-        assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, M.DataError)
+        assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, cli.DataError)
         assert str(e.value).startswith(f"{name}: no such")
-    assert R.DataError is M.DataError and T.DataError is M.DataError and E.DataError is M.DataError
+    assert R.DataError is cli.DataError and T.DataError is cli.DataError and E.DataError is cli.DataError
 
 
 def test_help_shows_defaults(tmp_path):
-    code, _ = run([sys.executable, str(ROOT / "model.py"), "--help"], tmp_path)
-    text = subprocess.run([sys.executable, str(ROOT / "model.py"), "--help"], env=ENV, capture_output=True,
+    code, _ = run([sys.executable, str(ROOT / "generate.py"), "--help"], tmp_path)
+    text = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--help"], env=ENV, capture_output=True,
                           text=True).stdout
     assert code == 0 and "(default: 64)" in " ".join(text.split())
 
@@ -88,7 +89,7 @@ def test_evaluate_resume_refuses_changed_settings(tmp_path):
     out = tmp_path / "eval"
     cfg = E.Config(out=str(out), max_new_tokens=192, tasks="gsm8k")
     _samples(out)
-    with pytest.raises(M.DataError, match="settings not recorded"):  # samples of an older version
+    with pytest.raises(cli.DataError, match="settings not recorded"):  # samples of an older version
         E.start_run(cfg, ["gsm8k"], model=object(), tokenizer=_Tok())
     run = E.start_run(E.Config(out=str(out), max_new_tokens=192, overwrite=True), ["gsm8k"], object(), _Tok())
     run.sink.close()
@@ -98,7 +99,7 @@ def test_evaluate_resume_refuses_changed_settings(tmp_path):
     run.sink.close()
     assert len(run.done) == 3
     changed = E.Config(out=str(out), max_new_tokens=32, prompt_format="plain")
-    with pytest.raises(M.DataError) as e:
+    with pytest.raises(cli.DataError) as e:
         E.start_run(changed, ["gsm8k"], object(), _Tok())
     assert str(e.value) == (f"{out}: earlier samples were made with other settings: gsm8k (prompt_format 'think' -> "
                             "'plain', max_new_tokens 192 -> 32); pass --overwrite to drop them, or another --out")
@@ -118,7 +119,7 @@ def test_retention_task_settings_exclude_batching():
 def _checkpoint(out: Path, config: dict):
     ck = out / "checkpoints" / "step_00000002"
     ck.mkdir(parents=True)
-    M.write_json(ck / "extra.json", {"step": 2, "config": config})
+    cli.write_json(ck / "extra.json", {"step": 2, "config": config})
 
 
 @pytest.mark.parametrize("mod", [T, R])
@@ -126,7 +127,7 @@ def test_trainer_resume_names_changed_settings(tmp_path, mod):
     from dataclasses import asdict
     cfg = mod.Config(out=str(tmp_path), resume=True)
     _checkpoint(tmp_path, asdict(cfg) | {"lr": cfg.lr * 2, "steps": 3, "resume": False})
-    with pytest.raises(M.DataError) as e:
+    with pytest.raises(cli.DataError) as e:
         T.check_resumed_config(cfg, mod.RESUME_ALTERING, print, "x")
     assert str(e.value) == (f"{tmp_path}/checkpoints/step_00000002: --resume with changed settings that alter the "
                             f"run (--lr {cfg.lr * 2!r} -> {cfg.lr!r}); pass the checkpoint's values or start a new "
@@ -144,7 +145,7 @@ def test_demo_defaults_keep_one_checkpoint():
 
 
 def test_run_names():
-    assert [M.run_name(p) for p in ("out/mid/hf", "out/rl/hf", "runs/x/hf-step20", "org/model")] == \
+    assert [cli.run_name(p) for p in ("out/mid/hf", "out/rl/hf", "runs/x/hf-step20", "org/model")] == \
         ["mid", "rl", "x step20", "model"]
 
 

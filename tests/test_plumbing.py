@@ -1,4 +1,4 @@
-"""model.py's plumbing that every script shares: flags from a config dataclass (bools bare or with a value),
+"""cli.py: the plumbing that every script shares: flags from a config dataclass (bools bare or with a value),
 progress that writes whole lines into a log, and the runner counting only the problems a run asks for."""
 import json
 import os
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import cli
 import evaluate as E
-import model as M
+import generate as GEN
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,26 +32,26 @@ class Flags:
     ([], False),
 ])
 def test_bool_flags_bare_or_with_a_value(argv, resume):
-    cfg, _ = M.parse_config(Flags, argv)
+    cfg, _ = cli.parse_config(Flags, argv)
     assert cfg.resume is resume and cfg.steps == 3
 
 
 def test_bool_flag_bad_value_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
-        M.parse_config(Flags, ["--resume", "maybe"])
+        cli.parse_config(Flags, ["--resume", "maybe"])
     assert e.value.code == 2 and "expected true or false, got 'maybe'" in capsys.readouterr().err
 
 
 def test_train_mid_resume_flag_bare_in_its_own_command_line():
     import train_mid as T
-    cfg, _ = M.parse_config(T.Config, ["--out", "runs/x", "--resume"])
+    cfg, _ = cli.parse_config(T.Config, ["--out", "runs/x", "--resume"])
     assert cfg.resume is True and cfg.out == "runs/x"
 
 
 def test_progress_in_a_pipe_writes_lines_not_carriage_returns(tmp_path):
     """A log file or pipe (CI, nohup) gets whole lines, not a carriage-return update per step."""
-    code = ("import model as M, time\n"
-            "bar = M.progress(total=50, desc='work')\n"
+    code = ("import cli, time\n"
+            "bar = cli.progress(total=50, desc='work')\n"
             "for _ in range(50):\n    bar.update(1)\n"
             "bar.close()\n")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=120,
@@ -79,8 +80,8 @@ class _Tok:
 def test_limit_counts_only_the_requested_problems(tmp_path, monkeypatch):
     """A run with --limit 1 into the folder of an earlier run over every problem scores one problem."""
     def fake_generate(model, prompts, *, max_new_tokens, temperature, top_p, stop_ids, seed, progress):
-        return [M.Sample(list(b"\\boxed{7}") + [0], [0.0] * 10) for _ in prompts]
-    monkeypatch.setattr(M, "generate", fake_generate)
+        return [GEN.Sample(list(b"\\boxed{7}") + [0], [0.0] * 10) for _ in prompts]
+    monkeypatch.setattr(E, "generate", fake_generate)
     data = Path(__file__).parent / "data" / "gsm8k.jsonl"
     n_all = sum(1 for line in data.read_text().splitlines() if line.strip())
     assert n_all >= 2

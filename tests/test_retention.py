@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import gguf_convert as G
+import generate as GEN
 import model as M
 import retention as R
 
@@ -301,7 +302,7 @@ def test_runner_mc_ppl_ruler_errors_and_resume(pair, tmp_path, monkeypatch):
     current = {}
 
     def gold_generate(model, prompts, *, max_new_tokens, temperature, top_p, stop_ids, seed, progress):
-        return [M.Sample(tok.encode(" ".join(current["answers"][bytes(i - 3 for i in p).decode()]))[:max_new_tokens]
+        return [GEN.Sample(tok.encode(" ".join(current["answers"][bytes(i - 3 for i in p).decode()]))[:max_new_tokens]
                          + [2], []) for p in prompts]
     real_item = R.ruler_item
 
@@ -309,7 +310,7 @@ def test_runner_mc_ppl_ruler_errors_and_resume(pair, tmp_path, monkeypatch):
         it = real_item(*a, **k)
         current.setdefault("answers", {})[it["prompt"]] = it["answers"]
         return it
-    monkeypatch.setattr(M, "generate", gold_generate)
+    monkeypatch.setattr(R, "generate", gold_generate)
     monkeypatch.setattr(R, "ruler_item", item)
     cfg = R.Config(tasks="mmlu,arc_easy,winogrande,piqa,hellaswag,ruler_niah_single,ruler_vt",
                    data=f"mmlu={DATA / 'mmlu'},arc_easy={DATA / 'arc_easy.jsonl'},winogrande="

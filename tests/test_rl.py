@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import evaluate as E
+import generate as GEN
 import model as M
 import train_rl as R
 
@@ -295,7 +296,7 @@ def test_trainer_logprobs_equal_sampler(tiny):
     model = M.load_model(str(tiny), dtype=torch.float32)
     prompts = [[12, 3, 13, 12, 14, 11], [12, 7, 7, 13, 12, 14, 11], [12, 1, 13]]
     for temperature in (1.0, 0.7):
-        samples = M.generate(model, prompts, max_new_tokens=6, temperature=temperature, seed=3)
+        samples = GEN.generate(model, prompts, max_new_tokens=6, temperature=temperature, seed=3)
         seqs = [R.Sequence(p, s.tokens, s.logprobs, 1.0, 1.0, i) for i, (p, s) in enumerate(zip(prompts, samples))]
         rows = R.pack_rows(seqs, row_tokens=64)  # all three packed into one row
         assert rows["input_ids"].shape[0] == 1

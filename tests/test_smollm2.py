@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import gguf_convert as G
+import generate as GEN
 import model as M
 
 transformers = pytest.importorskip("transformers")
@@ -21,7 +22,7 @@ def smollm2():
 def test_capital_of_france(smollm2):
     _, model, tok = smollm2
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]))
-    [sample] = M.generate(model, [prompt], max_new_tokens=24, stop_ids=tok.eos_ids)
+    [sample] = GEN.generate(model, [prompt], max_new_tokens=24, stop_ids=tok.eos_ids)
     answer = tok.decode(sample.tokens)
     assert "Paris" in answer, answer
     assert sample.tokens[-1] in tok.eos_ids  # it stopped by itself
@@ -37,7 +38,7 @@ def test_logits_and_generation_match_transformers(smollm2):
         with torch.no_grad():
             assert (model(ids) - hf(ids).logits).abs().max() < 1e-4
     prompts = [tok.encode(t) for t in texts]
-    samples = M.generate(model, prompts, max_new_tokens=16)
+    samples = GEN.generate(model, prompts, max_new_tokens=16)
     for p, s in zip(prompts, samples):
         ref = hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, eos_token_id=None,
                           pad_token_id=0, min_new_tokens=16)[0, len(p):].tolist()

@@ -1,0 +1,368 @@
+"""Batched generation for every model family of model.py, and a command line that answers one prompt.
+
+    python generate.py "Explain RoPE in one sentence." --max-new-tokens 80
+    samples = generate(model, [tok.encode("Hi")], max_new_tokens=32)   # -> [Sample(tokens, logprobs)]
+
+Evaluation and GRPO rollouts spend most of their time here. At batch >= 8 a decode step of a small model
+is bound by per-op overhead, not arithmetic, so generation works from a copy of the model built for it
+(`prepare_generation`: q/k/v and gate/up fused into one matmul each, fp32 weights stored transposed on CPU,
+optional bf16 or weight-only int8 weights, as gpt-fast does) and runs decode steps of fixed shapes: the KV
+cache and the Mamba conv/SSM states are allocated once at the batch's maximum length, so the step can be
+compiled once (CUDA graphs on CUDA) and never recompiles within a call. Eager steps drop finished rows at
+power-of-two sizes instead.
+
+Log-probs are those of the distribution each token was drawn from (what GRPO's importance weights need);
+sampling is Gumbel-max with noise drawn per original row, so a row's tokens depend on the seed alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cli
+from model import (NEMOTRON_FP32_KEYS, MLP, Attention, CausalLM, DecodeCache, GraniteMoE, KVCache, NemotronHMoE,
+                   rope_inv_freq, DEFAULT_MODEL, load_model, load_tokenizer)
+
+
+@dataclass
+class Sample:
+    tokens: list  # new token ids, ending at (and including) a stop token if one came
+    logprobs: list  # log-probability of each new token under the distribution it was drawn from
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator, rows=None, batch=None) -> tuple:
+    """(B, V) logits -> (B,) tokens and their (B,) log-probs, without a host sync.
+
+    Greedy (temperature 0) reports log-probs under the model's unscaled distribution; sampling reports
+    them under the temperature-scaled, top-p-truncated distribution the token was drawn from. With `rows`
+    (B,) and `batch`, the noise is drawn for all `batch` original rows and row i uses that of rows[i], so a
+    row's sample does not depend on which other rows are still in the batch.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        token = logits.argmax(dim=-1)
+        return token, torch.log_softmax(logits, dim=-1).gather(-1, token[:, None])[:, 0]
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:  # keep the smallest prefix of the sorted distribution whose mass reaches top_p
+        sorted_lp, order = logprobs.sort(dim=-1, descending=True)
+        mass_before = sorted_lp.exp().cumsum(dim=-1) - sorted_lp.exp()
+        drop = torch.zeros_like(logprobs, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
+        logprobs = torch.log_softmax(logprobs.masked_fill(drop, -math.inf), dim=-1)
+    # Gumbel-max with exponential noise: argmax(p / E), E ~ Exp(1), samples from p
+    if rows is None:
+        noise = torch.empty_like(logprobs).exponential_(generator=generator)
+    else:
+        noise = logprobs.new_empty(batch, logprobs.shape[-1]).exponential_(generator=generator)[rows]
+    token = (logprobs - noise.log()).argmax(dim=-1)
+    return token, logprobs.gather(-1, token[:, None])[:, 0]
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear layer for generation (gpt-fast's): W ≈ scales[:, None] * W_int8, one scale per
+    output channel (max |w| / 127). Inputs and outputs in `compute_dtype`; on CPU the matmul runs ATen's
+    int8-weight kernel on bf16 activations (its fp32 variant is several times slower than an fp32 matmul)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        scales = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+        self.register_buffer("weight", torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.compute_dtype = w.dtype
+        self.register_buffer("scales", scales.to(torch.bfloat16 if w.device.type == "cpu" else w.dtype))
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (N, in)
+        N, K = self.weight.shape
+        if x.device.type == "cpu" and K % 64 == 0 and N % 16 == 0:  # ATen's int8-weight kernel (it crashed on
+            # some odd shapes in torch 2.13, e.g. K = 50): no dequantised copy of W
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
+        else:  # inductor fuses the conversion into the matmul's prologue when compiled
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], -1)
+
+
+class TransposedLinear(nn.Module):
+    """y = x @ W^T + b with W^T stored contiguous (in, out): on CPU, fp32 matmuls of a few rows run ~2x faster
+    from this layout than F.linear's (out, in) (measured, oneDNN/MKL on this project's Xeon)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)  # (in, out)
+        self.bias = linear.bias
+        self.compute_dtype = linear.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight_t
+        return y if self.bias is None else y + self.bias
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _shallow_clone(module: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every parameter and buffer tensor; replacing a submodule or a
+    parameter of the copy leaves the original untouched."""
+    import copy
+    clone = copy.copy(module)
+    clone._parameters, clone._buffers = dict(module._parameters), dict(module._buffers)
+    clone._modules = {k: None if m is None else _shallow_clone(m) for k, m in module._modules.items()}
+    return clone
+
+
+def _fused_linear(linears: list) -> nn.Linear:
+    """One nn.Linear whose output is the outputs of `linears` concatenated (a new weight, rows stacked)."""
+    w = torch.cat([lin.weight.detach() for lin in linears])
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=linears[0].bias is not None, device="meta")
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in linears]), requires_grad=False)
+    return fused
+
+
+GENERATION_FP32 = ("A_log", "D", "dt_bias", "e_score_correction_bias") + NEMOTRON_FP32_KEYS  # kept fp32 in "bf16"
+
+
+def prepare_generation(model: CausalLM, *, fuse: bool = True, quantize: str | None = None) -> CausalLM:
+    """A generation-only copy of `model` that shares its weights (the model, its parameter names and what
+    save_model writes are unchanged): q/k/v and gate/up projections fused into one matmul each (new tensors,
+    built from the current weights) and, on CPU in fp32, every linear weight stored transposed
+    (TransposedLinear; a second copy of the weights for the copy's lifetime), and optionally the weights in bf16 (`quantize="bf16"`) or weight-only
+    int8 with per-channel scales (`quantize="int8"`, every nn.Linear including lm_head; the embedding and the
+    small mixer tensors stay as they are). Build it again after the weights change. An FSDP-wrapped model is
+    returned as it is (its parameters are gathered per call; fusing would copy them): no fusion there, and
+    quantize raises."""
+    if quantize not in (None, "bf16", "int8"):
+        raise ValueError(f"prepare_generation: quantize must be None, 'bf16' or 'int8', got {quantize!r}")
+    if getattr(model, "generation_copy", False):
+        return model
+    if _is_fsdp(model):
+        if quantize is not None:
+            raise ValueError("prepare_generation: quantize is not supported on an FSDP-wrapped model")
+        return model
+    gm = _shallow_clone(model)
+    gm.generation_copy = True
+    if quantize == "bf16":
+        done = {}
+        for name, m in gm.named_modules():
+            for pname, p in list(m._parameters.items()):
+                if p is not None and p.dtype == torch.float32 and not f"{name}.{pname}".endswith(GENERATION_FP32):
+                    if id(p) not in done:  # tied weights stay tied
+                        done[id(p)] = nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+                    m._parameters[pname] = done[id(p)]
+    for m in list(gm.modules()):
+        if fuse and isinstance(m, Attention):
+            m.qkv_proj = _fused_linear([m.q_proj, m.k_proj, m.v_proj])
+            del m.q_proj, m.k_proj, m.v_proj
+        elif fuse and isinstance(m, MLP):
+            m.gate_up_proj = _fused_linear([m.gate_proj, m.up_proj])
+            del m.gate_proj, m.up_proj
+    if quantize == "int8":
+        replace = Int8Linear
+    elif fuse and model.model.embed_tokens.weight.device.type == "cpu" and quantize is None:
+        replace = lambda lin: TransposedLinear(lin) if lin.weight.dtype == torch.float32 else lin  # noqa: E731
+    else:
+        return gm
+    for m in list(gm.modules()):
+        for cname, child in list(m._modules.items()):
+            if type(child) is nn.Linear:
+                m._modules[cname] = replace(child)
+        for attr in ("qkv_proj", "gate_up_proj"):
+            if type(getattr(m, attr, None)) is nn.Linear:
+                setattr(m, attr, replace(getattr(m, attr)))
+    return gm
+
+
+def _has_moe(model: CausalLM) -> bool:
+    return any(isinstance(m, (GraniteMoE, NemotronHMoE)) for m in model.modules())
+
+
+def _use_compile(compile, model: CausalLM, device) -> bool:
+    """compile=None (auto): on CUDA only. Measured on this project's 2-core CPU (SmolLM2-135M, fp32): inductor's
+    warm-up takes ~110 s and the compiled step was no faster than the eager one (the matmuls are library calls
+    either way), so CPU stays eager unless asked. Never in auto for MoE (routing syncs with the host: graph
+    breaks) or FSDP-wrapped models (their blocks may be compiled already)."""
+    if compile is not None:
+        return bool(compile)
+    return torch.device(device).type == "cuda" and not _has_moe(model) and not _is_fsdp(model)
+
+
+@torch.no_grad()
+def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, stop_ids=(), seed: int = 0, compile: bool | None = None,
+             progress: bool = False, fuse: bool | None = None, quantize: str | None = None) -> list:
+    """Batched generation for prompts of any lengths: left padding, a cache allocated once at the batch's
+    maximum length, an eager prefill, then one-token decode steps of fixed shapes (CausalLM.static_step).
+
+    compile: torch.compile the decode step (inductor; CUDA graphs on CUDA). None = auto: on CUDA unless the
+        model has MoE layers or is FSDP-wrapped; off on CPU (see _use_compile). A compiled step never
+        recompiles within a call: finished rows stay in the batch, masked.
+        Eager steps instead drop finished rows whenever the live rows fit half the batch (power-of-two sizes).
+    fuse: q/k/v and gate/up in one matmul each (prepare_generation); None = on unless FSDP-wrapped.
+    quantize: None, "bf16" or "int8" weights for this generation only (prepare_generation).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"generate: need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1; got "
+                         f"{max_new_tokens}, {temperature}, {top_p}")
+    if fuse or quantize is not None or (fuse is None and not _is_fsdp(model)):
+        model = prepare_generation(model, fuse=fuse is not False, quantize=quantize)
+    device = model.model.embed_tokens.weight.device
+    B, T0 = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.zeros(B, T0, dtype=torch.long)
+    doc_ids = torch.full((B, T0), -1, dtype=torch.long)  # left padding: id -1
+    for i, p in enumerate(prompts):
+        input_ids[i, T0 - len(p):] = torch.tensor(p, dtype=torch.long)
+        doc_ids[i, T0 - len(p):] = 0
+    input_ids, doc_ids = input_ids.to(device), doc_ids.to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+
+    compiled = _use_compile(compile, model, device)
+    step = _compiled_step(device) if compiled else _static_step
+    cache = model.allocate_cache(B, T0 + max_new_tokens)
+    if compiled and torch.device(device).type == "cuda":  # CUDA graphs replay on fixed addresses
+        for t in _cache_tensors(cache):
+            torch._dynamo.mark_static_address(t)
+    logits = model.logits(model.hidden_states(input_ids, doc_ids, cache)[:, -1])  # (B, V): last slot is real
+    slot = torch.tensor([T0], device=device)  # the cache slot of the next token
+    dynamic_rope = (model.config.rope_scaling or {}).get("rope_type") == "dynamic"
+    out_tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros(B, max_new_tokens, device=device)
+    n_new = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # per original row
+    rows = torch.arange(B, device=device)  # original index of each cache row
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # per cache row: a stop token came
+    one_doc = torch.zeros(B, 1, dtype=torch.long, device=device)
+    sync_every = 1 if torch.device(device).type == "cpu" else 8  # host syncs to stop early / compact
+    bar = _progress(max_new_tokens, progress)
+    for t in range(max_new_tokens):
+        token, logprob = sample_next(logits, temperature, top_p, generator, rows, B)
+        out_tokens[rows, t], out_logprobs[rows, t] = token, logprob
+        bar.update(1)
+        if t == max_new_tokens - 1:
+            break
+        hit = torch.isin(token, stop) & ~done
+        n_new[rows] = torch.where(hit, t + 1, n_new[rows])
+        done = done | hit
+        if t % sync_every == sync_every - 1:
+            live = int((~done).sum())
+            if live == 0:
+                break
+            if not compiled and live <= len(rows) // 2:  # compact to the next power of two
+                size = 1 << (live - 1).bit_length()
+                keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:size - live, 0]])
+                rows, token, done, one_doc = rows[keep], token[keep], done[keep], one_doc[:size]
+                cache.keep(keep)
+        inv_freq = model.inv_freq
+        if dynamic_rope:  # NTK base grows with the longest sequence (one host sync per step)
+            inv_freq = rope_inv_freq(model.config, int(cache.next_position.max()) + 1).to(device)
+        logits = step(model, token[:, None], one_doc, cache, slot, inv_freq)
+        slot += 1
+    bar.close()
+    tokens, logprobs, n_new = out_tokens.cpu(), out_logprobs.cpu(), n_new.cpu()
+    return [Sample(tokens[i, :n_new[i]].tolist(), logprobs[i, :n_new[i]].tolist()) for i in range(B)]
+
+
+def _cache_tensors(cache: DecodeCache) -> list:
+    out = [cache.doc_ids, cache.next_position]
+    for c in cache.layers:
+        if isinstance(c, KVCache):
+            out += [c.k, c.v]
+        elif c is not None:
+            out += [c.conv_state, c.ssm_state]
+    return out
+
+
+def _static_step(model: CausalLM, token, doc_ids, cache: DecodeCache, slot, inv_freq) -> torch.Tensor:
+    return model.static_step(token, doc_ids, cache, slot, inv_freq)  # (B, V)
+
+
+_COMPILED_STEPS = {}
+
+
+def _compiled_step(device):
+    """The decode step under torch.compile, built once per device type: inductor with fixed shapes;
+    mode reduce-overhead (CUDA graphs) on CUDA."""
+    kind = torch.device(device).type
+    if kind not in _COMPILED_STEPS:
+        mode = "reduce-overhead" if kind == "cuda" else None
+        _COMPILED_STEPS[kind] = torch.compile(_static_step, mode=mode, dynamic=False)
+    return _COMPILED_STEPS[kind]
+
+
+def _decode_step(model: CausalLM, token: torch.Tensor, doc_ids: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+    """The dynamic-length decode step (the cache's filled slots only), kept for comparison."""
+    return model.logits(model.hidden_states(token, doc_ids, cache)[:, -1])  # (B, V)
+
+
+
+def _progress(total: int, enabled: bool):  # generate's `progress` argument hides cli.progress's name there
+    return cli.progress(total=total, desc="generate", unit="tok", enabled=enabled)
+
+
+def main(argv=None):
+    import argparse
+    import time
+    p = argparse.ArgumentParser(description="Generate a reply with a Hugging Face model folder, hub id or the "
+                                            "built-in default (SmolLM2-135M-Instruct).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("prompt", nargs="*", default=["What is the capital of France?"], help="the user message")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model folder, hub id, or the built-in default")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                   help="weights dtype: float32 or bfloat16")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    args = p.parse_args(argv)
+
+    def check():  # every flag before the model loads
+        if args.max_new_tokens < 1:
+            raise cli.DataError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 1")
+        if args.temperature < 0:
+            raise cli.DataError(f"--temperature {args.temperature}: expected >= 0 (0 is greedy)")
+        if not 0 < args.top_p <= 1:
+            raise cli.DataError(f"--top-p {args.top_p}: expected 0 < top-p <= 1")
+        if args.dtype not in ("float32", "bfloat16", "float16"):
+            raise cli.DataError(f"--dtype {args.dtype!r}: expected float32, bfloat16 or float16")
+        if args.device.split(":")[0] not in ("cpu", "cuda"):
+            raise cli.DataError(f"--device {args.device!r}: expected cpu or cuda")
+
+    def run():
+        check()
+        t0 = time.perf_counter()
+        model = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+        tok = load_tokenizer(args.model)
+        text = " ".join(args.prompt)
+        if not args.raw:
+            text = tok.apply_chat_template([{"role": "user", "content": text}])
+        prompt = tok.encode(text)
+        t1 = time.perf_counter()
+        [sample] = generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, stop_ids=tok.eos_ids, seed=args.seed, compile=args.compile)
+        t2 = time.perf_counter()
+        print(tok.decode([t for t in sample.tokens if t not in tok.eos_ids]))
+        print(f"[{len(prompt)} prompt tokens, {len(sample.tokens)} new tokens in {t2 - t1:.2f} s "
+              f"({len(sample.tokens) / (t2 - t1):.1f} tok/s); load {t1 - t0:.1f} s; {args.device} {args.dtype}]")
+
+    cli.run_main(run, "generate.py")
+
+
+if __name__ == "__main__":
+    main()
