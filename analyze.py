@@ -48,7 +48,7 @@ written: add ~one shard, <= 5 GB, for real checkpoints). `similarity` reads thre
   match), so only one model is in memory. Bootstrap: --bootstrap resamples of --bootstrap-size prompts with
   replacement; the minimum over layers is reported for the full set and for the bootstrap mean.
 - landscape: one model in memory; for each grid point every tensor is rebuilt from the three checkpoints
-  (W = W_base + a (W_mid - W_base) + b (W_rl - W_mid)); greedy decoding, graded by evaluate.check_math.
+  (W = W_base + a (W_mid - W_base) + b (W_rl - W_mid)); greedy decoding, graded by graders.check_math.
 
 Names: plots and logs call a checkpoint by its run's name: the folder's last part, or the folder above when
 that part is `hf` (the training scripts export to RUN/hf, so out/mid/hf is "mid"); --labels overrides.
@@ -686,7 +686,7 @@ MATH_INSTRUCTION = "Please reason step by step, and put your final answer within
 @torch.no_grad()
 def landscape(cfg: Config, base, mid, rl) -> dict:
     """Pass rate of W(a, b) = W_base + a (W_mid - W_base) + b (W_rl - W_mid) on a grid (greedy decoding)."""
-    import evaluate  # lazily: only this command needs the graders
+    import graders  # lazily: only this command needs them
     records = read_jsonl(cfg.data, ("problem", "answer"))
     if cfg.limit:
         records = records[:cfg.limit]
@@ -727,7 +727,7 @@ def landscape(cfg: Config, base, mid, rl) -> dict:
                 for out, r in zip(outs, records[s:s + cfg.batch_size]):
                     text = tok.decode(out.tokens)
                     example = text[:500] if example is None else example
-                    correct += bool(evaluate.check_math(text, r["answer"]))
+                    correct += bool(graders.check_math(text, r["answer"]))
             rate[i][j] = correct / len(records)
             points.append({"a": a, "b": b, "pass_rate": rate[i][j], "problems": len(records),
                            "first_response": example})

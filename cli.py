@@ -7,7 +7,7 @@ turns it into one line, `script.py: error: ...`, and exit code 2, under torchrun
 lost. Anything else is a bug and keeps its traceback. Every script keeps its settings in one @dataclass;
 `parse_config` makes one flag per field, with the field's comment as its help.
 
-Imports nothing of the project; torch only for the process group.
+Imports nothing of the project; the standard library only (torch and tqdm when a function needs them).
 """
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class DataError(ValueError):
@@ -134,6 +136,7 @@ class Dist:
 def setup_distributed(device: str = "auto", *, group_of_one: bool = True) -> Dist:
     """Join torchrun's process group (nccl on CUDA, gloo on CPU). Without torchrun, a one-process group
     (`group_of_one`, so a plain `python train_mid.py` runs the same FSDP/DCP code path) or none at all."""
+    import torch
     import torch.distributed as dist
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

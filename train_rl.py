@@ -12,7 +12,7 @@ One step, top to bottom:
      rendered as the tokenizer's chat template + a "<think>\\n" prefill (evaluate.py's `think` format).
   2. Rollouts: G = `group_size` responses per prompt from model.generate on the current weights (gathered
      from the FSDP shards), temperature / top-p, at most `max_new_tokens`; the sampler's log-probs are kept.
-  3. Rewards (evaluate.py's graders): correct answer + format bonus, 0 unless the response has the
+  3. Rewards (graders.py): correct answer + format bonus, 0 unless the response has the
      `<think> ... </think> answer` form; minus penalties for a missing stop token and repeated n-grams.
   4. Advantages: A_i = (r_i - mean(r)) / (std(r) + eta) within each group, population std (Dr.GRPO: r_i - mean(r));
      groups whose graded reward (correct + format) is all equal carry no signal and are dropped (counted).
@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 import cli
 import evaluate as E
+import graders
 import model as M
 from generate import generate
 import train_mid as T
@@ -268,7 +269,7 @@ def score_responses(problems: list, texts: list, stopped: list, tokens: list, cf
     has the `<think> ... </think> answer` form; stop and repetition are penalties (<= 0)."""
     out, code_jobs = [], []
     for i, (p, text, st, toks) in enumerate(zip(problems, texts, stopped, tokens)):
-        answer = E.strip_think(text)
+        answer = graders.strip_think(text)
         fmt = answer is not None and answer.strip() != ""
         r = {"correct": 0.0, "format": cfg.format_bonus if fmt else 0.0,
              "stop": 0.0 if st else -cfg.stop_penalty,
@@ -277,18 +278,18 @@ def score_responses(problems: list, texts: list, stopped: list, tokens: list, cf
         if fmt:
             try:
                 if p["domain"] == "code":
-                    program = E.extract_code(answer)
+                    program = graders.extract_code(answer)
                     if program and program.strip():
                         code_jobs.append((i, program))
                 elif p.get("choices"):
-                    r["is_correct"] = E.grade_choice(answer, p["answer"], choices=p["choices"])[0]
+                    r["is_correct"] = graders.grade_choice(answer, p["answer"], choices=p["choices"])[0]
                 else:
-                    r["is_correct"] = E.grade_math(answer, p["answer"], fallback=cfg.math_fallback)[0]
+                    r["is_correct"] = graders.grade_math(answer, p["answer"], fallback=cfg.math_fallback)[0]
             except Exception:  # noqa: BLE001 - a grader bug or a bad gold must not stop training: no credit, counted
                 r["grader_error"] = True
         out.append(r)
     if code_jobs:
-        verdicts = E.run_many([(prog, problems[i]["tests"]) for i, prog in code_jobs], workers=cfg.code_workers,
+        verdicts = graders.run_many([(prog, problems[i]["tests"]) for i, prog in code_jobs], workers=cfg.code_workers,
                               timeout_s=cfg.code_timeout_s)
         for (i, _), (ok, reason) in zip(code_jobs, verdicts):
             out[i]["is_correct"] = bool(ok)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import evaluate as E
+import graders
 import generate as GEN
 import model as M
 import train_rl as R
@@ -233,7 +234,7 @@ def test_rewards_parts_and_bad_responses(monkeypatch):
 
     def boom(*a, **k):
         raise RuntimeError("grader bug")
-    monkeypatch.setattr(E, "grade_math", boom)
+    monkeypatch.setattr(graders, "grade_math", boom)
     [bad] = R.score_responses([math_p], ["x </think> 12"], [True], [[1]], cfg)
     assert bad["grader_error"] and bad["correct"] == 0.0 and bad["reward"] == pytest.approx(0.2)
 
