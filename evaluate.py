@@ -723,7 +723,7 @@ def run_reasoning_task(task: str, run: Run) -> dict:
         seed = cfg.seed * 1_000_003 + zlib.crc32(f"{task}/{batch[0][0]['id']}/{batch[0][1]}".encode())
         samples = generate(run.model, [tokenizer.encode(t) for t in texts], max_new_tokens=cfg.max_new_tokens,
                              temperature=temperature, top_p=top_p, stop_ids=tokenizer.eos_ids,
-                             seed=seed, progress=False)
+                             seed=seed, progress=False, on_rows_done=bar.update)  # the bar moves per sample
         responses, stopped = [], []
         for s in samples:
             toks = [t for t in s.tokens if t not in tokenizer.eos_ids]
@@ -740,7 +740,6 @@ def run_reasoning_task(task: str, run: Run) -> dict:
                        "reason": g["reason"] if st or g["correct"] else g["reason"] + " (hit max_new_tokens)",
                        "n_tokens": len(smp.tokens), "stopped": st})
         run.sink.flush()
-        bar.update(len(batch))
     bar.close()
     return {task: ({p["id"] for p in problems}, n)}
 

@@ -202,7 +202,8 @@ def _use_compile(compile, model: CausalLM, device) -> bool:
 @torch.no_grad()
 def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, stop_ids=(), seed: int = 0, compile: bool | None = None,
-             progress: bool = False, fuse: bool | None = None, quantize: str | None = None) -> list:
+             progress: bool = False, fuse: bool | None = None, quantize: str | None = None,
+             on_rows_done=None) -> list:
     """Batched generation for prompts of any lengths: left padding, a cache allocated once at the batch's
     maximum length, an eager prefill, then one-token decode steps of fixed shapes (CausalLM.static_step).
 
@@ -212,6 +213,9 @@ def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature
         Eager steps instead drop finished rows whenever the live rows fit half the batch (power-of-two sizes).
     fuse: q/k/v and gate/up in one matmul each (prepare_generation); None = on unless FSDP-wrapped.
     quantize: None, "bf16" or "int8" weights for this generation only (prepare_generation).
+    on_rows_done: called with the number of rows that finished since its last call, as they finish (at most
+        one call per host sync) and for the rest at the end: the counts add up to len(prompts), so a caller's
+        progress bar can move per row, not per batch.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -248,6 +252,7 @@ def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature
     one_doc = torch.zeros(B, 1, dtype=torch.long, device=device)
     sync_every = 1 if torch.device(device).type == "cpu" else 8  # host syncs to stop early / compact
     bar = _progress(max_new_tokens, progress)
+    reported = 0  # rows passed to on_rows_done so far
     for t in range(max_new_tokens):
         token, logprob = sample_next(logits, temperature, top_p, generator, rows, B)
         out_tokens[rows, t], out_logprobs[rows, t] = token, logprob
@@ -258,7 +263,10 @@ def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature
         n_new[rows] = torch.where(hit, t + 1, n_new[rows])
         done = done | hit
         if t % sync_every == sync_every - 1:
-            live = int((~done).sum())
+            live = int((~done).sum())  # live rows are always in the cache: B - live have finished
+            if on_rows_done is not None and B - live > reported:
+                on_rows_done(B - live - reported)
+                reported = B - live
             if live == 0:
                 break
             if not compiled and live <= len(rows) // 2:  # compact to the next power of two
@@ -272,6 +280,8 @@ def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature
         logits = step(model, token[:, None], one_doc, cache, slot, inv_freq)
         slot += 1
     bar.close()
+    if on_rows_done is not None and B > reported:
+        on_rows_done(B - reported)
     tokens, logprobs, n_new = out_tokens.cpu(), out_logprobs.cpu(), n_new.cpu()
     return [Sample(tokens[i, :n_new[i]].tolist(), logprobs[i, :n_new[i]].tolist()) for i in range(B)]
 

@@ -237,7 +237,8 @@ def test_runner_with_stub_model(tmp_path, monkeypatch):
     empty and endless outputs, a fork bomb, the think format, pass@k, the paper's AVG and resume."""
     calls = []
 
-    def fake_generate(model, prompts, *, max_new_tokens, temperature, top_p, stop_ids, seed, progress):
+    def fake_generate(model, prompts, *, max_new_tokens, temperature, top_p, stop_ids, seed, progress,
+                      on_rows_done=None):
         calls.append(len(prompts))
         out = []
         for p in prompts:

@@ -81,6 +81,20 @@ def test_greedy_equals_full_forward_with_rows_stopping(pair):
             assert s.logprobs == pytest.approx(logprobs, abs=1e-5)
 
 
+def test_rows_done_reported_as_they_finish(pair):
+    """on_rows_done counts each row once, when its stop token comes (on CPU: the step it finishes), the rest at
+    the end: a progress bar over samples moves per sample and ends at the batch size."""
+    _, ours = pair
+    free = GEN.generate(ours, PROMPTS, max_new_tokens=NEW)
+    stop = stop_at_different_steps(free)
+    calls = []
+    stopped = GEN.generate(ours, PROMPTS, max_new_tokens=NEW, stop_ids=[stop], on_rows_done=calls.append)
+    assert sum(calls) == len(PROMPTS) and all(c > 0 for c in calls)
+    ends = sorted(len(s.tokens) for s in stopped if s.tokens[-1] == stop)  # steps at which rows stopped
+    assert len(calls) >= len(set(ends))  # one call per distinct finishing step at least
+    assert calls[:len(set(ends))] == [ends.count(e) for e in sorted(set(ends))]
+
+
 def test_sampling_seeded_and_independent_of_live_rows(pair):
     """The same seed gives the same samples; a row's samples do not change when other rows stop
     (and the eager batch is compacted)."""

@@ -79,7 +79,8 @@ class _Tok:
 
 def test_limit_counts_only_the_requested_problems(tmp_path, monkeypatch):
     """A run with --limit 1 into the folder of an earlier run over every problem scores one problem."""
-    def fake_generate(model, prompts, *, max_new_tokens, temperature, top_p, stop_ids, seed, progress):
+    def fake_generate(model, prompts, *, max_new_tokens, temperature, top_p, stop_ids, seed, progress,
+                      on_rows_done=None):
         return [GEN.Sample(list(b"\\boxed{7}") + [0], [0.0] * 10) for _ in prompts]
     monkeypatch.setattr(E, "generate", fake_generate)
     data = Path(__file__).parent / "data" / "gsm8k.jsonl"
