@@ -86,18 +86,19 @@ COMMANDS = {  # command -> (number of checkpoints (None = 2 or more), what they 
     "similarity": (3, "BASE A B: cosine similarity of the updates A - BASE and B - BASE"),
     "trajectory": (None, "BASE CKPT...: change of each checkpoint (e.g. RL steps) against BASE"),
     "cka": (2, "A B: linear CKA of mean-pooled hidden states per layer over --data (text JSONL)"),
-    "landscape": (3, "BASE MID RL: pass rate of W_base + a dW_mid + b dW_RL on --data ({problem, answer} JSONL)"),
+    "landscape": (3, "BASE MID RL: pass rate of W_base + a dW_mid + b dW_RL on --data "
+                     "({problem, answer} JSONL)"),
     "merge": (2, "A B: write alpha * A + (1 - alpha) * B as a new HF folder into --out"),
 }
 
 
 @dataclass
 class Config:
-    out: str = "out/analyze"  # folder for metrics.jsonl, <command>.json and the plots (merge: the merged model)
+    out: str = "out/analyze"  # folder for metrics.jsonl, <command>.json and plots (merge: the merged model)
     thresholds: str = "0.001,0.01,0.1"  # relative-change thresholds t for the unchanged fraction |dw| < t|w|
-    alpha: float = 0.15  # merge: result = alpha * A + (1 - alpha) * B (paper's repair: merge BASE MID --alpha 0.15)
+    alpha: float = 0.15  # merge: alpha * A + (1 - alpha) * B (paper's repair: merge BASE MID --alpha 0.15)
     merge_dtype: str = ""  # merge: output dtype (float32, bfloat16, float16); "" = each tensor's dtype in A
-    steps: str = ""  # trajectory: comma list of step numbers of the checkpoints; "" = trailing digits of folder names
+    steps: str = ""  # trajectory: comma list of checkpoint step numbers; "" = folder names' trailing digits
     data: str = ""  # cka: JSONL of prompts; landscape: JSONL of {"problem", "answer"}
     field: str = "text"  # cka: the JSONL field holding the prompt text
     limit: int = 0  # cka / landscape: use the first N records; 0 = all
@@ -121,7 +122,8 @@ class Config:
     progress: bool = True  # tqdm bars
 
 
-AnalyzeError = cli.DataError  # a user mistake (bad checkpoint, data or flag): one line from main(), exit code 2
+# a user mistake (bad checkpoint, data or flag): one line from main(), exit code 2
+AnalyzeError = cli.DataError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,9 +161,11 @@ class Checkpoint:
             listed = json.loads(index.read_text()).get("weight_map", {})
             found = {v[1] for v in self.where.values()}
             lost = [k for k in listed if k not in found and not k.endswith(M.IGNORED_CHECKPOINT_KEYS)
-                    and not (self.cfg.tie_word_embeddings and M.from_checkpoint_key(self.cfg, k) == "lm_head.weight")]
+                    and not (self.cfg.tie_word_embeddings
+                             and M.from_checkpoint_key(self.cfg, k) == "lm_head.weight")]
             if lost:
-                raise AnalyzeError(f"{index}: lists tensor '{lost[0]}' in {listed[lost[0]]}, which does not hold it")
+                raise AnalyzeError(f"{index}: lists tensor '{lost[0]}' in {listed[lost[0]]}, "
+                                   "which does not hold it")
 
     def __str__(self):
         return str(self.folder)
@@ -192,7 +196,8 @@ def check_compatible(ckpts: list) -> list:
     first = ckpts[0]
     for other in ckpts[1:]:
         if first.cfg.model_type != other.cfg.model_type:
-            raise AnalyzeError(f"{other.folder / 'config.json'}: field 'model_type' is {other.cfg.model_type!r}, "
+            raise AnalyzeError(f"{other.folder / 'config.json'}: field 'model_type' is "
+                               f"{other.cfg.model_type!r}, "
                                f"but {first.folder / 'config.json'} says {first.cfg.model_type!r}")
         for a, b in ((first, other), (other, first)):
             extra = [n for n in a.where if n not in b.where]
@@ -236,8 +241,8 @@ def checkpoint_labels(cfg, paths: list) -> list:
 # ----------------------------------------------------------------------------------------------
 # Component naming
 
-COMPONENTS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-              "down_proj": "down", "input_linear": "gate_up", "output_linear": "down",
+COMPONENTS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
+              "up_proj": "up", "down_proj": "down", "input_linear": "gate_up", "output_linear": "down",
               "input_layernorm": "input_norm", "post_attention_layernorm": "post_norm", "q_norm": "q_norm",
               "k_norm": "k_norm", "in_proj": "in_proj", "out_proj": "out_proj", "conv1d": "conv1d",
               "router": "router"}
@@ -335,7 +340,8 @@ def _dot(x, y) -> float:
     """sum(x * y) of two float32 tensors: BLAS dot products over 1M-element chunks, summed in float64.
     A non-finite result means NaN/inf in the data (checked) or float32 overflow (redone in float64)."""
     x, y = x.reshape(-1), y.reshape(-1)
-    total = sum(float(torch.dot(x[i:i + DOT_CHUNK], y[i:i + DOT_CHUNK])) for i in range(0, x.numel(), DOT_CHUNK))
+    total = sum(float(torch.dot(x[i:i + DOT_CHUNK], y[i:i + DOT_CHUNK]))
+                for i in range(0, x.numel(), DOT_CHUNK))
     if not math.isfinite(total):
         if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
             raise AnalyzeError("non-finite values (NaN or inf) in a compared tensor")
@@ -356,9 +362,10 @@ def _progress(items, desc, enabled):
 def weight_change(dir_a, dir_b, thresholds=(1e-3, 1e-2, 1e-1), *, progress=False) -> dict:
     """Change from checkpoint A to checkpoint B (dW = B - A, relative to A), streamed tensor by tensor.
 
-    Returns {"total": S, "tensors": {name: S}, "components": {component: S}, "layers": {layer: {component: S}},
-    "dtype_mismatch": [names]} where S = {"rel_change": float, "unchanged": {threshold: fraction}, "numel",
-    "zeros"} (total and components also carry "rel_change_mean", the numel-weighted mean of per-tensor values).
+    Returns {"total": S, "tensors": {name: S}, "components": {component: S},
+    "layers": {layer: {component: S}}, "dtype_mismatch": [names]} where
+    S = {"rel_change": float, "unchanged": {threshold: fraction}, "numel", "zeros"} (total and
+    components also carry "rel_change_mean", the numel-weighted mean of per-tensor values).
     """
     thresholds = parse_thresholds(thresholds)
     a, b = Checkpoint(dir_a), Checkpoint(dir_b)
@@ -397,12 +404,14 @@ class DotStats:
         self.n2 += _dot(d2, d2)
 
     def merge(self, o):
-        self.dot, self.n1, self.n2, self.numel = self.dot + o.dot, self.n1 + o.n1, self.n2 + o.n2, self.numel + o.numel
+        self.dot, self.n1, self.n2, self.numel = (self.dot + o.dot, self.n1 + o.n1, self.n2 + o.n2,
+                                                  self.numel + o.numel)
 
     def result(self):
         # an update of norm 0 has no direction: cosine None rather than a made-up number
         cos = self.dot / math.sqrt(self.n1 * self.n2) if self.n1 > 0 and self.n2 > 0 else None
-        return {"cosine": cos, "norm_a": math.sqrt(self.n1), "norm_b": math.sqrt(self.n2), "numel": self.numel}
+        return {"cosine": cos, "norm_a": math.sqrt(self.n1), "norm_b": math.sqrt(self.n2),
+                "numel": self.numel}
 
 
 def update_similarity(base, dir_a, dir_b, *, progress=False) -> dict:
@@ -469,7 +478,8 @@ def merge(dir_a, dir_b, alpha: float, out_dir, *, dtype: str = "", progress=Fals
         raw.setdefault("metadata", {})["total_size"] = total_bytes
         (tmp / M.WEIGHT_INDEX).write_text(json.dumps(raw, indent=2))
     for p in a.folder.iterdir():
-        if p.is_file() and not p.name.endswith(".safetensors") and p.name not in (M.WEIGHT_INDEX, "metrics.jsonl"):
+        if (p.is_file() and not p.name.endswith(".safetensors")
+                and p.name not in (M.WEIGHT_INDEX, "metrics.jsonl")):
             shutil.copy2(p, tmp / p.name)
     if out_dtype is not None:
         cfg = json.loads((tmp / "config.json").read_text())
@@ -500,7 +510,8 @@ def linear_cka(X, Y) -> float:
     n is smaller than the feature widths (the same value: ||Y^T X||_F^2 = <X X^T, Y Y^T>_F)."""
     X, Y = torch.as_tensor(X, dtype=torch.float64), torch.as_tensor(Y, dtype=torch.float64)
     if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
-        raise ValueError(f"linear_cka: need (n, d1) and (n, d2) matrices, got {tuple(X.shape)} and {tuple(Y.shape)}")
+        raise ValueError("linear_cka: need (n, d1) and (n, d2) matrices, "
+                         f"got {tuple(X.shape)} and {tuple(Y.shape)}")
     X, Y = X - X.mean(0, keepdim=True), Y - Y.mean(0, keepdim=True)
     n = X.shape[0]
     if n < max(X.shape[1], Y.shape[1]):
@@ -518,7 +529,8 @@ def linear_cka(X, Y) -> float:
 def layer_outputs(model, input_ids, doc_ids=None) -> list:
     """Every decoder layer's output (B, T, hidden), before the final norm, via forward hooks (one forward)."""
     outs = []
-    hooks = [layer.register_forward_hook(lambda mod, args, out: outs.append(out)) for layer in model.model.layers]
+    hooks = [layer.register_forward_hook(lambda mod, args, out: outs.append(out))
+             for layer in model.model.layers]
     try:
         model.hidden_states(input_ids, doc_ids)
     finally:
@@ -559,7 +571,8 @@ def _device_dtype(cfg: Config):
 
 
 def _files_stamp(ck: Checkpoint) -> list:
-    return sorted([str(f), os.path.getsize(f), os.path.getmtime(f)] for f in {v[0] for v in ck.where.values()})
+    return sorted([str(f), os.path.getsize(f), os.path.getmtime(f)]
+                  for f in {v[0] for v in ck.where.values()})
 
 
 def special_ids(tok) -> set:
@@ -661,7 +674,8 @@ def cka_compare(cfg: Config, dir_a, dir_b, labels=None) -> dict:
             raise AnalyzeError(f"layer {l}: {e} (too few distinct prompts in {cfg.data}?)") from None
         row = {"layer": l, "cka": full}
         if cfg.bootstrap:
-            row.update(boot_mean=float(boots.mean()), boot_std=float(boots.std()) if cfg.bootstrap > 1 else 0.0,
+            row.update(boot_mean=float(boots.mean()),
+                       boot_std=float(boots.std()) if cfg.bootstrap > 1 else 0.0,
                        boot_min=float(boots.min()), boot_p2_5=float(boots.quantile(0.025)),
                        boot_p97_5=float(boots.quantile(0.975)))
         layers.append(row)
@@ -718,7 +732,8 @@ def landscape(cfg: Config, base, mid, rl) -> dict:
             for name in names:  # W = (1 - a) W_base + (a - b) W_mid + b W_rl, one tensor at a time
                 w0, w1, w2 = (c.tensor(name) for c in ck)
                 if name not in params:
-                    raise AnalyzeError(f"{ck[0].where[name][0]}: tensor '{ck[0].where[name][1]}' is not in the model")
+                    raise AnalyzeError(f"{ck[0].where[name][0]}: tensor '{ck[0].where[name][1]}' "
+                                       "is not in the model")
                 params[name].data.copy_(((1 - a) * w0 + (a - b) * w1 + b * w2).to(params[name].dtype))
             correct, example = 0, None
             for s in range(0, len(prompts), cfg.batch_size):
@@ -753,7 +768,8 @@ def write_json(path: Path, obj):
 
 
 def write_metrics(out: Path, records: list, command: str):
-    """Append records to out/metrics.jsonl, each tagged with its command (runs sharing a folder stay apart)."""
+    """Append records to out/metrics.jsonl, each tagged with its command
+    (runs sharing a folder stay apart)."""
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(_jsonable({"command": command, **r})) + "\n")
@@ -769,7 +785,8 @@ def _fmt(x, pct=False):
 
 def change_table(result: dict) -> str:
     ts = list(result["total"]["unchanged"])
-    head = f"{'component':<16}{'elements':>14}{'rel_change':>12}" + "".join(f"{'<' + format(100 * t, 'g') + '%':>10}" for t in ts)
+    head = (f"{'component':<16}{'elements':>14}{'rel_change':>12}"
+            + "".join(f"{'<' + format(100 * t, 'g') + '%':>10}" for t in ts))
     lines = [head + "   (unchanged fraction)", "-" * len(head)]
     rows = sorted(result["components"].items()) + [("TOTAL", result["total"])]
     for c, s in rows:
@@ -792,7 +809,8 @@ def heatmap(path: Path, layers: dict, key, title: str, cbar_label: str, cmap="vi
     idx = sorted(layers)
     grid = [[(key(layers[i][c]) if c in layers[i] else None) for c in comps] for i in idx]
     data = torch.tensor([[math.nan if v is None or not math.isfinite(v) else v for v in row] for row in grid])
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.6 * len(comps)), 2.0 + 0.25 * len(idx)))  # room for the title
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.6 * len(comps)),
+                                    2.0 + 0.25 * len(idx)))  # room for the title
     im = ax.imshow(data.numpy(), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_xticks(range(len(comps)), comps, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(idx)), [str(i) for i in idx], fontsize=7)
@@ -828,7 +846,8 @@ def plot_trajectory(path: Path, rows: list, title: str):
     fig.suptitle(title, fontsize=9)
     steps = [r["step"] for r in rows]
     for t in rows[0]["unchanged"]:
-        ax1.plot(steps, [100 * (1 - r["unchanged"][t]) for r in rows], "o-", label=f"|dw| >= {100 * t:g}% |w|")
+        ax1.plot(steps, [100 * (1 - r["unchanged"][t]) for r in rows], "o-",
+                 label=f"|dw| >= {100 * t:g}% |w|")
     ax1.set_xlabel("step")
     ax1.set_ylabel("changed elements (%)")
     ax1.legend(fontsize=8)
@@ -858,7 +877,8 @@ def plot_landscape(path: Path, res: dict, labels=("base", "mid", "RL")):
     for (x, y), label in zip(((0, 0), (1, 0), (1, 1)), labels):
         if extent is None or not (extent[0] <= x <= extent[1] and extent[2] <= y <= extent[3]):
             continue
-        ax.annotate(label, (x, y), xytext=(0, 8), textcoords="offset points", color="cyan", ha="center", fontsize=9)
+        ax.annotate(label, (x, y), xytext=(0, 8), textcoords="offset points", color="cyan", ha="center",
+                    fontsize=9)
     ax.set_xlabel("a (dW_mid)")
     ax.set_ylabel("b (dW_RL)")
     ax.set_title(f"W_base + a dW_mid + b dW_RL\nbase={labels[0]}, mid={labels[1]}, RL={labels[2]}",
@@ -912,8 +932,9 @@ def run(cfg: Config, command: str, paths: list) -> dict:
         res = weight_change(paths[0], paths[1], parse_thresholds(cfg.thresholds), progress=cfg.progress)
         res["a"], res["b"] = paths
         res["labels"] = labels
-        write_metrics(out, [{"kind": "tensor", "name": n, "component": component(n)[1], "layer": component(n)[0],
-                             **s} for n, s in res["tensors"].items()] + [{"kind": "total", **res["total"]}], command)
+        write_metrics(out, [{"kind": "tensor", "name": n, "component": component(n)[1],
+                             "layer": component(n)[0], **s} for n, s in res["tensors"].items()]
+                      + [{"kind": "total", **res["total"]}], command)
         write_json(out / "weights.json", res)
         if res["dtype_mismatch"]:
             print(f"note: {len(res['dtype_mismatch'])} tensors differ in dtype (compared in float32), "
@@ -969,7 +990,8 @@ def run(cfg: Config, command: str, paths: list) -> dict:
         res = cka_compare(cfg, *paths, labels=labels)
         res["a"], res["b"] = paths
         res["labels"] = labels
-        write_metrics(out, [{"kind": "layer", **r} for r in res["layers"]] + [{"kind": "summary", **res["summary"]}], command)
+        write_metrics(out, [{"kind": "layer", **r} for r in res["layers"]]
+                      + [{"kind": "summary", **res["summary"]}], command)
         write_json(out / "cka.json", res)
         for r in res["layers"]:
             extra = f"  bootstrap mean {r['boot_mean']:.6f} [{r['boot_p2_5']:.6f}, {r['boot_p97_5']:.6f}]" \
@@ -1006,7 +1028,8 @@ def run(cfg: Config, command: str, paths: list) -> dict:
 
 def parse_args(argv=None) -> tuple:
     p = argparse.ArgumentParser(
-        description="Weight-change statistics, update similarity, CKA, landscape and merges of HF checkpoints.",
+        description="Weight-change statistics, update similarity, CKA, landscape and merges "
+                    "of HF checkpoints.",
         epilog="commands:\n" + "\n".join(f"  {c:<11} {d}" for c, (_, d) in COMMANDS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=list(COMMANDS), help="what to compute (see below)")

@@ -27,7 +27,8 @@ class DataError(ValueError):
 
 
 class ModelNotFound(DataError, FileNotFoundError):
-    """A model name that is neither a folder nor a model on the hub (`except FileNotFoundError` still catches it)."""
+    """A model name that is neither a folder nor a model on the hub
+    (`except FileNotFoundError` still catches it)."""
 
 
 def run_main(fn, script: str, out=None):
@@ -41,7 +42,8 @@ def run_main(fn, script: str, out=None):
         return fn()
     except (DataError, FileNotFoundError) as e:
         text = str(e) if isinstance(e, DataError) or not e.filename else f"{e.filename}: {e.strerror}"
-        if made and os.environ.get("RANK", "0") == "0" and Path(out).is_dir() and not any(Path(out).iterdir()):
+        if (made and os.environ.get("RANK", "0") == "0" and Path(out).is_dir()
+                and not any(Path(out).iterdir())):
             Path(out).rmdir()
         if os.environ.get("RANK", "0") == "0":
             print(f"{script}: error: {text}", file=sys.stderr)
@@ -199,7 +201,8 @@ def parse_config(cls, argv=None, *, parser=None):
             p.error(f"--config {args.config}: {e}")
         unknown = set(values) - names
         if unknown:
-            p.error(f"--config {args.config}: unknown fields {sorted(unknown)}; expected some of {sorted(names)}")
+            p.error(f"--config {args.config}: unknown fields {sorted(unknown)}; "
+                    f"expected some of {sorted(names)}")
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     return cls(**values), args
 

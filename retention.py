@@ -8,10 +8,11 @@ held-out perplexity, long context, and one report of several checkpoints side by
 
 Tasks (`--tasks`, a comma list; reasoning benchmarks of evaluate.py may be mixed in):
     general   mmlu (5-shot from dev), arc_challenge, arc_easy, hellaswag, winogrande, piqa: log-likelihood
-              multiple choice as lm-evaluation-harness scores it (acc, acc_norm, standard errors); choices that
-              share a context are scored from one prefill whose cache is copied to each choice
-    bbl       BIG-bench Lite's 18 multiple-choice tasks (bigbench:<task> for any BIG-bench JSON task), read from
-              the bigbench source archive (retention.download_bigbench(), into ~/.cache/prism/bigbench)
+              multiple choice as lm-evaluation-harness scores it (acc, acc_norm, standard errors);
+              choices that share a context are scored from one prefill whose cache is copied to each choice
+    bbl       BIG-bench Lite's 18 multiple-choice tasks (bigbench:<task> for any BIG-bench JSON task),
+              read from the bigbench source archive (retention.download_bigbench(), into
+              ~/.cache/prism/bigbench)
     ppl:NAME=GLOB / --ppl NAME=GLOB   held-out loss and bits per byte of .bin token shards or text files,
               strided windows at the model's context
     ruler     generated long-context tasks (needles, multi-key/value, variable tracking, common words) at
@@ -45,16 +46,16 @@ DataError = cli.DataError
 
 @dataclass
 class Config(E.Config):
-    tasks: str = "bbl"  # comma list of: general (mmlu,arc_challenge,arc_easy,hellaswag,winogrande,piqa), bbl, bigbench:NAME, ppl:NAME=PATH, ruler (ruler_*), and evaluate.py's reasoning tasks
-    models: str = ""  # the report: run the suite on each of label=path[,label=path...] (or bare paths) and compare
+    tasks: str = "bbl"  # comma list: general, bbl, bigbench:NAME, ppl:NAME=PATH, ruler(_*), evaluate.py tasks
+    models: str = ""  # report: run the suite on each of label=path[,label=path...] (or bare paths); compare
     num_fewshot: int = -1  # multiple choice: shots; < 0 = the task's default (MMLU 5 from dev, the others 0)
-    mc_batch_tokens: int = 8192  # multiple choice / perplexity: tokens per forward batch (caches copied per choice count)
+    mc_batch_tokens: int = 8192  # MC / perplexity: tokens per forward batch (caches copied per choice count)
     bigbench_archive: str = ""  # the bigbench source archive; "" = ~/.cache/prism/bigbench/bigbench-*.tar.gz
-    ppl: str = ""  # held-out perplexity sources: name=glob[,name=glob] of .bin token shards or .jsonl/.txt files
+    ppl: str = ""  # held-out perplexity data: name=glob[,name=glob] of .bin token shards or .jsonl/.txt files
     ppl_window: int = 0  # perplexity window in tokens; 0 = the model's context (max_position_embeddings)
     ppl_stride: int = 0  # tokens a window advances; 0 = half the window
     ppl_max_tokens: int = 262144  # perplexity: tokens per source at most (its first documents); 0 = all
-    max_length: int = 0  # long context: lengths 4096, 8192, ... up to this; 0 = the model's max_position_embeddings
+    max_length: int = 0  # long context: lengths 4k, 8k, ... up to this; 0 = the model max_position_embeddings
     ruler_samples: int = 20  # long context: generated items per task and length (--limit overrides)
     haystack: str = ""  # long context: a text file of filler; "" = Python standard-library docstrings
     out: str = "out/retention"  # folder for samples.jsonl, results.json, results.md (and the report's files)
@@ -65,7 +66,8 @@ class Config(E.Config):
         for name, lo in (("mc_batch_tokens", 1), ("ppl_window", 0), ("ppl_stride", 0), ("ppl_max_tokens", 0),
                          ("max_length", 0), ("ruler_samples", 1)):
             if getattr(self, name) < lo:
-                raise DataError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected an integer >= {lo}")
+                raise DataError(f"--{name.replace('_', '-')} {getattr(self, name)}: "
+                                f"expected an integer >= {lo}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,9 +82,12 @@ class Config(E.Config):
 
 MC_TASKS = ("mmlu", "arc_challenge", "arc_easy", "hellaswag", "winogrande", "piqa")
 MC_FEWSHOT = {"mmlu": 5}  # default shots (lm-evaluation-harness: MMLU 5-shot from dev; the others 0-shot)
-MC_PRIMARY = {"arc_challenge": "acc_norm", "arc_easy": "acc_norm", "hellaswag": "acc_norm", "piqa": "acc_norm"}
-GENERAL_HUB_FILES = {  # task -> (repo, {split: [files]}, revision); refs/convert/parquet is the hub's parquet copy
-    "mmlu": ("cais/mmlu", {"test": ["all/test-00000-of-00001.parquet"], "dev": ["all/dev-00000-of-00001.parquet"]}, None),
+MC_PRIMARY = {"arc_challenge": "acc_norm", "arc_easy": "acc_norm", "hellaswag": "acc_norm",
+              "piqa": "acc_norm"}
+# task -> (repo, {split: [files]}, revision); refs/convert/parquet is the hub's parquet copy
+GENERAL_HUB_FILES = {
+    "mmlu": ("cais/mmlu", {"test": ["all/test-00000-of-00001.parquet"],
+                           "dev": ["all/dev-00000-of-00001.parquet"]}, None),
     "arc_challenge": ("allenai/ai2_arc", {"test": ["ARC-Challenge/test-00000-of-00001.parquet"],
                                          "dev": ["ARC-Challenge/train-00000-of-00001.parquet"]}, None),
     "arc_easy": ("allenai/ai2_arc", {"test": ["ARC-Easy/test-00000-of-00001.parquet"],
@@ -90,19 +95,21 @@ GENERAL_HUB_FILES = {  # task -> (repo, {split: [files]}, revision); refs/conver
     "hellaswag": ("Rowan/hellaswag", {"test": ["default/validation/0000.parquet"],
                                       "dev": ["default/train/0000.parquet"]}, "refs/convert/parquet"),
     "winogrande": ("allenai/winogrande", {"test": ["winogrande_xl/validation/0000.parquet"],
-                                          "dev": ["winogrande_xl/train/0000.parquet"]}, "refs/convert/parquet"),
+                                          "dev": ["winogrande_xl/train/0000.parquet"]},
+                   "refs/convert/parquet"),
     "piqa": ("ybisk/piqa", {"test": ["plain_text/validation/0000.parquet"],
                             "dev": ["plain_text/train/0000.parquet"]}, "refs/convert/parquet"),
 }
 BBL_TASKS = (  # BIG-bench Lite v1 (bigbench/bbseqio/bigbench_lite.py), 24 tasks
-    "auto_debugging", "bbq_lite_json", "code_line_description", "conceptual_combinations", "conlang_translation",
-    "emoji_movie", "formal_fallacies_syllogisms_negation", "hindu_knowledge", "known_unknowns",
-    "language_identification", "linguistics_puzzles", "logic_grid_puzzle", "logical_deduction",
-    "misconceptions_russian", "novel_concepts", "operators", "parsinlu_reading_comprehension",
-    "play_dialog_same_or_different", "repeat_copy_logic", "strange_stories", "strategyqa", "symbol_interpretation",
-    "vitaminc_fact_verification", "winowhy")
+    "auto_debugging", "bbq_lite_json", "code_line_description", "conceptual_combinations",
+    "conlang_translation", "emoji_movie", "formal_fallacies_syllogisms_negation", "hindu_knowledge",
+    "known_unknowns", "language_identification", "linguistics_puzzles", "logic_grid_puzzle",
+    "logical_deduction", "misconceptions_russian", "novel_concepts", "operators",
+    "parsinlu_reading_comprehension", "play_dialog_same_or_different", "repeat_copy_logic", "strange_stories",
+    "strategyqa", "symbol_interpretation", "vitaminc_fact_verification", "winowhy")
+# no target_scores: not multiple choice
 BBL_GENERATIVE = {"auto_debugging", "conlang_translation", "linguistics_puzzles", "operators",
-                  "parsinlu_reading_comprehension", "repeat_copy_logic"}  # no target_scores: not multiple choice
+                  "parsinlu_reading_comprehension", "repeat_copy_logic"}
 BBL_MC = tuple(t for t in BBL_TASKS if t not in BBL_GENERATIVE)  # the 18 multiple-choice BBL tasks
 RULER_TASKS = ("ruler_niah_single", "ruler_niah_multivalue", "ruler_niah_multikey", "ruler_vt", "ruler_cwe")
 PRESETS = {"general": MC_TASKS, "bbl": tuple(f"bigbench:{t}" for t in BBL_MC), "ruler": RULER_TASKS}
@@ -118,7 +125,8 @@ def _check_choices(rec, field, choices):
     path, row, _ = rec
     if not isinstance(choices, list) or len(choices) < 2:
         n = len(choices) if isinstance(choices, list) else type(choices).__name__
-        raise DataError(f"{path}: record {row}: field '{field}' has {n} choice(s); expected a list of at least 2")
+        raise DataError(f"{path}: record {row}: field '{field}' has {n} choice(s); "
+                        "expected a list of at least 2")
     for c in choices:
         if not isinstance(c, str) or not c.strip():
             raise DataError(f"{path}: record {row}: field '{field}' has an empty or non-text choice {c!r}")
@@ -161,7 +169,8 @@ def _mc_parts(task: str, rec) -> tuple:
             stem = E._field((path, row, q), "stem")
             raw = q.get("choices")
             if not isinstance(raw, list) or not all(isinstance(c, dict) for c in raw):
-                raise DataError(f"{path}: record {row}: field 'question.choices' must be a list of {{text, label}}")
+                raise DataError(f"{path}: record {row}: field 'question.choices' "
+                                f"must be a list of {{text, label}}")
             texts, labels = [c.get("text") for c in raw], [str(c.get("label")) for c in raw]
         else:  # the hub's parquet schema: question, choices{text: [...], label: [...]}
             stem = E._field(rec, "question")
@@ -170,14 +179,16 @@ def _mc_parts(task: str, rec) -> tuple:
         texts = _check_choices(rec, "choices.text", texts)
         key = str(E._field(rec, "answerKey"))
         if key not in labels:
-            raise DataError(f"{path}: record {row}: field 'answerKey' {key!r} is not among the labels {labels}")
+            raise DataError(f"{path}: record {row}: field 'answerKey' {key!r} "
+                            f"is not among the labels {labels}")
         text = f"Question: {stem}\nAnswer:"
         gold = labels.index(key)
         return text, texts, gold, f"{text} {texts[gold]}"
     if task == "hellaswag":
         endings = _check_choices(rec, "endings", d.get("endings"))
         label = E._field(rec, "label")
-        ctx = (f"{d['ctx_a']} {d['ctx_b'].capitalize()}" if d.get("ctx_a") and "ctx_b" in d else E._field(rec, "ctx"))
+        ctx = (f"{d['ctx_a']} {d['ctx_b'].capitalize()}" if d.get("ctx_a") and "ctx_b" in d
+               else E._field(rec, "ctx"))
         text = _hellaswag_clean(f"{E._field(rec, 'activity_label')}: {ctx}")
         choices = [_hellaswag_clean(e) for e in endings]
         gold = _gold_index(rec, "label", label, len(choices))
@@ -195,7 +206,8 @@ def _mc_parts(task: str, rec) -> tuple:
         options = _check_choices(rec, "option1/option2", [E._field(rec, "option1"), E._field(rec, "option2")])
         answer = str(E._field(rec, "answer")).strip()
         if answer not in ("1", "2"):
-            raise DataError(f"{path}: record {row}: field 'answer' is {d.get('answer')!r}; expected '1' or '2'")
+            raise DataError(f"{path}: record {row}: field 'answer' is {d.get('answer')!r}; "
+                            "expected '1' or '2'")
         gold = int(answer) - 1
         return sentence, options, gold, sentence.replace("_", options[gold])
     raise DataError(f"unknown multiple-choice task {task!r}; expected one of {', '.join(MC_TASKS)}")
@@ -215,9 +227,10 @@ def to_mc_items(task: str, records: list, shots: int = 0, pool: list | None = No
         header = ""
         if task == "mmlu":
             subject = str(d.get("subject") or "")
-            header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n" \
-                if subject else ""
-            same = [p for p in pool_parsed if p[0] is not rec and str(p[0][2].get("subject") or "") == subject]
+            header = ("The following are multiple choice questions (with answers) about "
+                      f"{subject.replace('_', ' ')}.\n\n" if subject else "")
+            same = [p for p in pool_parsed
+                    if p[0] is not rec and str(p[0][2].get("subject") or "") == subject]
             examples = [p[1][3] for p in same[:shots]]
         elif shots:
             others = [p for p in pool_parsed if p[0] is not rec]
@@ -255,15 +268,16 @@ def load_mc_task(task: str, cfg: Config, path=None) -> tuple:
         source = str(path)
     else:
         if cfg.offline or os.environ.get("HF_HUB_OFFLINE") == "1" or not E.hub_reachable():
-            raise DataError(f"{task}: no local file given (--data {task}=PATH, a file or a folder in the dataset's "
-                            "real schema) and the hub is not reachable or switched off")
+            raise DataError(f"{task}: no local file given (--data {task}=PATH, a file or a folder "
+                            "in the dataset's real schema) and the hub is not reachable or switched off")
         from huggingface_hub import hf_hub_download
         repo, splits, revision = GENERAL_HUB_FILES[task]
         try:
-            test, dev = ([Path(hf_hub_download(repo, f, repo_type="dataset", revision=revision)) for f in splits[s]]
-                         for s in ("test", "dev"))
+            test, dev = ([Path(hf_hub_download(repo, f, repo_type="dataset", revision=revision))
+                          for f in splits[s]] for s in ("test", "dev"))
         except Exception as e:  # noqa: BLE001 - no network, moved files, ...
-            raise DataError(f"{task}: hub files of {repo} not available ({type(e).__name__}: {str(e)[:200]}); "
+            raise DataError(f"{task}: hub files of {repo} not available "
+                            f"({type(e).__name__}: {str(e)[:200]}); "
                             f"give a local copy with --data {task}=PATH") from None
         source = f"hub:{repo}"
     records = [r for f in test for r in E.read_records(f)]
@@ -336,11 +350,13 @@ def read_bigbench(names, archive) -> dict:
         if name not in have and cached.exists():
             have[name] = [tuple(x) for x in json.loads(cached.read_text(encoding="utf-8"))]
     wanted = {n for n in names if n not in have}
-    index = archive.parent / "tasks" / "_names.json"  # every task name in the archive, from the first full pass
+    # every task name in the archive, from the first full pass
+    index = archive.parent / "tasks" / "_names.json"
     known = set(json.loads(index.read_text(encoding="utf-8"))) if index.exists() else None
     if wanted and known is not None and wanted - known:
         missing = sorted(wanted - known)[0]
-        raise DataError(f"{archive}: no BIG-bench task {missing!r} (bigbench/benchmark_tasks/{missing}/task.json)")
+        raise DataError(f"{archive}: no BIG-bench task {missing!r} "
+                        f"(bigbench/benchmark_tasks/{missing}/task.json)")
     if wanted:
         found, seen = {}, set()
         pattern = re.compile(r"bigbench/benchmark_tasks/([^/]+)/(?:[^/]+/)?task\.json$")
@@ -377,7 +393,8 @@ def read_bigbench(names, archive) -> dict:
             os.replace(tmp, archive.parent / "tasks" / f"{name}.json")
     missing = [n for n in names if n not in have]
     if missing:
-        raise DataError(f"{archive}: no BIG-bench task {missing[0]!r} (bigbench/benchmark_tasks/{missing[0]}/task.json)")
+        raise DataError(f"{archive}: no BIG-bench task {missing[0]!r} "
+                        f"(bigbench/benchmark_tasks/{missing[0]}/task.json)")
     return {n: have[n] for n in names}
 
 
@@ -403,9 +420,11 @@ def bigbench_task_items(task: dict, source: str, shots: int = 0, seed: int = 42)
             raise DataError(f"{source}: examples[{i}]: field 'input' must be a string")
         ts = ex.get("target_scores")
         if not isinstance(ts, dict):
-            raise DataError(f"{source}: examples[{i}]: no field 'target_scores' (a generative task, not multiple choice)")
+            raise DataError(f"{source}: examples[{i}]: no field 'target_scores' "
+                            "(a generative task, not multiple choice)")
         if len(ts) < 2:
-            raise DataError(f"{source}: examples[{i}]: field 'target_scores' has {len(ts)} choice(s); expected at least 2")
+            raise DataError(f"{source}: examples[{i}]: field 'target_scores' has {len(ts)} choice(s); "
+                            "expected at least 2")
         key = json.dumps(ex, sort_keys=True)
         if key in seen:  # BIG-bench drops duplicate examples
             continue
@@ -417,7 +436,8 @@ def bigbench_task_items(task: dict, source: str, shots: int = 0, seed: int = 42)
             perm = np.random.RandomState(seed=seed).permutation(sorted(choices))
             text = text + choice_prefix + choice_prefix.join(perm)
         target = ex.get("target")
-        target = (target[0] if isinstance(target, list) and target else target) or choices[scores.index(max(scores))]
+        target = ((target[0] if isinstance(target, list) and target else target)
+                  or choices[scores.index(max(scores))])
         formatted.append((in_prefix + text + out_prefix, choices, scores, target))
     items = []
     rng = np.random.RandomState(seed=seed)
@@ -522,7 +542,8 @@ def score_shared(model, groups: list, *, batch_tokens: int = 8192) -> list:
             for b, c in enumerate(ctxs):
                 ids[b, T0 - len(c):], doc[b, T0 - len(c):] = torch.tensor(c), 0
             flat = [c for cs in conts for c in cs]
-            rows = torch.tensor([b for b, cs in enumerate(conts) for _ in cs], device=device)  # (N,) context row
+            rows = torch.tensor([b for b, cs in enumerate(conts) for _ in cs],
+                                device=device)  # (N,) context row
             Lc = max(map(len, flat)) - 1  # continuation tokens fed after the context
             cache = model.allocate_cache(B, T0 + Lc)
             hidden = model.hidden_states(ids.to(device), doc.to(device), cache)  # (B, T0, H)
@@ -534,7 +555,8 @@ def score_shared(model, groups: list, *, batch_tokens: int = 8192) -> list:
                 tgt = torch.zeros(N, Lc, dtype=torch.long)
                 doc = torch.full((N, Lc), -1, dtype=torch.long)  # right padding: id -1
                 for n, c in enumerate(flat):
-                    inp[n, :len(c) - 1], tgt[n, :len(c) - 1], doc[n, :len(c) - 1] = torch.tensor(c[:-1]), torch.tensor(c[1:]), 0
+                    inp[n, :len(c) - 1], tgt[n, :len(c) - 1], doc[n, :len(c) - 1] = (torch.tensor(c[:-1]),
+                                                                                      torch.tensor(c[1:]), 0)
                 cache.keep(rows)  # (B, ...) -> (N, ...): each context's cache once per continuation
                 hidden = model.hidden_states(inp.to(device), doc.to(device), cache)  # (N, Lc, H)
                 r, t = (doc >= 0).nonzero(as_tuple=True)
@@ -568,8 +590,8 @@ def score_unshared(model, requests: list, *, batch_tokens: int = 8192) -> list:
                 cols += range(start, start + len(cont))
                 tgts += cont
             hidden = model.hidden_states(ids.to(device), doc.to(device))  # (B, T, H)
-            lp = _logprobs_at(model, hidden, torch.tensor(rows, device=device), torch.tensor(cols, device=device),
-                              torch.tensor(tgts, device=device))
+            lp = _logprobs_at(model, hidden, torch.tensor(rows, device=device),
+                              torch.tensor(cols, device=device), torch.tensor(tgts, device=device))
             sums = torch.zeros(B, device=device).index_add_(0, torch.tensor(rows, device=device), lp).tolist()
             for b, i in enumerate(idx):
                 out[i] = sums[b]
@@ -622,7 +644,8 @@ def mc_outcome(item: dict, logprobs: list) -> dict:
                for i in range(len(logprobs))]
     pred = max(range(len(logprobs)), key=lambda i: logprobs[i])
     norm = max(range(len(logprobs)), key=lambda i: logprobs[i] / lengths[i])
-    return {"pred": pred, "pred_norm": norm, "correct": item["scores"][pred], "correct_norm": item["scores"][norm]}
+    return {"pred": pred, "pred_norm": norm, "correct": item["scores"][pred],
+            "correct_norm": item["scores"][norm]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -630,20 +653,23 @@ def mc_outcome(item: dict, logprobs: list) -> dict:
 #
 # A source is a glob (or folder) of uint32 token shards (.bin, EOS between documents, as train_mid.py
 # writes them; an index.json beside them may name the eos id) or of text files (.jsonl/.json records
-# with a 'text' field; any other file, .txt or source code, is one document). Each document is scored from a BOS (else EOS) prefix, in windows of the
-# model's context that advance by a stride: every token is scored exactly once, with at least
-# window - stride tokens of context after the first window. Windows are packed into rows with
-# document ids. Reported: loss (nats per token), bits per byte = sum nll / (ln 2 * UTF-8 bytes), perplexity.
+# with a 'text' field; any other file, .txt or source code, is one document). Each document is scored
+# from a BOS (else EOS) prefix, in windows of the model's context that advance by a stride: every token
+# is scored exactly once, with at least window - stride tokens of context after the first window.
+# Windows are packed into rows with document ids. Reported: loss (nats per token), bits per byte =
+# sum nll / (ln 2 * UTF-8 bytes), perplexity.
 
 
 def _ppl_files(spec: str) -> list:
     import glob
     files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
     if len(files) == 1 and files[0].is_dir():
-        files = sorted(p for p in files[0].rglob("*") if p.suffix in (".bin", ".jsonl", ".json", ".txt", ".gz"))
+        files = sorted(p for p in files[0].rglob("*")
+                       if p.suffix in (".bin", ".jsonl", ".json", ".txt", ".gz"))
     files = [f for f in files if f.is_file() and f.name != "index.json"]
     if not files:
-        raise DataError(f"{spec}: no files match (expected .bin token shards, .jsonl/.json records or text files)")
+        raise DataError(f"{spec}: no files match "
+                        "(expected .bin token shards, .jsonl/.json records or text files)")
     return files
 
 
@@ -675,7 +701,8 @@ def ppl_documents(spec: str, tokenizer, max_tokens: int = 0, max_docs: int = 0) 
                     raise DataError(f"{index}: not JSON ({e.msg})") from None
                 eos = meta.get("eos_id", meta.get("eos_token_id", eos)) if isinstance(meta, dict) else eos
             if f.stat().st_size % 4:
-                raise DataError(f"{f}: size {f.stat().st_size} is not a multiple of 4 (expected uint32 token ids)")
+                raise DataError(f"{f}: size {f.stat().st_size} is not a multiple of 4 "
+                                "(expected uint32 token ids)")
             arr = np.fromfile(f, dtype=np.uint32)
             vocab = getattr(tokenizer, "vocab_size", None)
             if arr.size and vocab and int(arr.max()) >= vocab:
@@ -710,7 +737,8 @@ def ppl_windows(ids: list, prefix: int, window: int, stride: int) -> list:
     """(input ids, target ids, n scored) windows of one document: inputs are ([prefix] + ids)[begin:end],
     targets ids[begin:end]; only the last n targets are scored (the others were scored before)."""
     if window < 2 or not 0 < stride <= window:
-        raise DataError(f"perplexity window {window} / stride {stride}: need window >= 2 and 0 < stride <= window")
+        raise DataError(f"perplexity window {window} / stride {stride}: "
+                        "need window >= 2 and 0 < stride <= window")
     s = [prefix] + ids
     out, scored = [], 0
     while scored < len(ids):
@@ -759,7 +787,8 @@ def score_ppl(model, docs: list, prefix: int, window: int, stride: int, *, batch
             hidden = model.hidden_states(ids.to(device), doc.to(device))  # (b, T, H)
             lp = _logprobs_at(model, hidden, torch.tensor(rr, device=device), torch.tensor(cc, device=device),
                               torch.tensor(tt, device=device))
-            sums = torch.zeros(len(docs), dtype=torch.float64).index_add_(0, torch.tensor(owner), -lp.double().cpu())
+            sums = torch.zeros(len(docs), dtype=torch.float64).index_add_(0, torch.tensor(owner),
+                                                                          -lp.double().cpu())
             for d in set(owner):
                 nll[d] += float(sums[d])
     return nll
@@ -783,12 +812,12 @@ RULER_NEW_TOKENS = {"ruler_niah_single": 32, "ruler_niah_multivalue": 64, "ruler
 HAYSTACK_MODULES = ("argparse", "asyncio", "base64", "calendar", "collections", "configparser", "contextlib",
                     "csv", "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fractions",
                     "functools", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html", "http.client",
-                    "imaplib", "inspect", "io", "ipaddress", "itertools", "json", "locale", "logging", "mailbox",
-                    "mimetypes", "multiprocessing", "optparse", "os", "pathlib", "pickle", "pprint", "queue",
-                    "random", "re", "sched", "shlex", "shutil", "smtplib", "socket", "sqlite3", "ssl", "statistics",
-                    "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "tkinter", "tokenize",
-                    "traceback", "turtle", "typing", "unittest", "urllib.parse", "urllib.request", "uuid", "wave",
-                    "weakref", "xml.dom.minidom", "zipfile")
+                    "imaplib", "inspect", "io", "ipaddress", "itertools", "json", "locale", "logging",
+                    "mailbox", "mimetypes", "multiprocessing", "optparse", "os", "pathlib", "pickle",
+                    "pprint", "queue", "random", "re", "sched", "shlex", "shutil", "smtplib", "socket",
+                    "sqlite3", "ssl", "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap",
+                    "threading", "tkinter", "tokenize", "traceback", "turtle", "typing", "unittest",
+                    "urllib.parse", "urllib.request", "uuid", "wave", "weakref", "xml.dom.minidom", "zipfile")
 _HAYSTACK = {}
 
 
@@ -816,7 +845,8 @@ def haystack_words(path: str = "") -> list:
                     if not attr.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)):
                         parts.append(inspect.getdoc(obj) or "")
             text = "\n\n".join(p for p in parts if p)
-        words = [w for w in text.split() if len(w) <= 12]  # long tokens (URLs, rules) would make lengths coarse
+        # long tokens (URLs, rules) would make lengths coarse
+        words = [w for w in text.split() if len(w) <= 12]
         if len(words) < 100:
             raise DataError(f"--haystack {path or '(standard library docstrings)'}: only {len(words)} words")
         _HAYSTACK[path] = words
@@ -851,7 +881,8 @@ def _insert(filler: list, needles: list, depths: list) -> str:
     cuts = []
     for d in depths:
         i = min(len(filler), round(d * len(filler)))
-        j = next((k + 1 for k in range(max(0, i - 1), min(len(filler), i + 40)) if filler[k].endswith(".")), i)
+        j = next((k + 1 for k in range(max(0, i - 1), min(len(filler), i + 40)) if filler[k].endswith(".")),
+                 i)
         cuts.append(j)
     out, last = [], 0
     for cut, needle in sorted(zip(cuts, needles), key=lambda x: x[0]):
@@ -909,15 +940,18 @@ def ruler_item(task: str, length: int, index: int, tokenizer, *, seed: int = 0, 
         while len(values) < n_needles:
             v = _number(rng, sample_text)
             values += [v] if v not in values else []
-        needles = [f"One of the special magic numbers for {keys[i] if len(keys) > 1 else keys[0]} is: {values[i]}."
+        needles = [f"One of the special magic numbers for {keys[i] if len(keys) > 1 else keys[0]} "
+                   f"is: {values[i]}."
                    for i in range(n_needles)]
         query = keys[0]
         answers = values if task == "ruler_niah_multivalue" else [values[0]]
-        what = "are all the special magic numbers" if task == "ruler_niah_multivalue" else "is the special magic number"
+        what = ("are all the special magic numbers" if task == "ruler_niah_multivalue"
+                else "is the special magic number")
         head = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
                 "I will quiz you about the numbers afterwards.\n")
         question = f"\nWhat {what} for {query} mentioned in the provided text?"
-        answer_prefix = (f"The special magic numbers for {query} mentioned in the provided text are" if len(answers) > 1
+        answer_prefix = (f"The special magic numbers for {query} mentioned in the provided text are"
+                         if len(answers) > 1
                          else f"The special magic number for {query} mentioned in the provided text is")
     elif task == "ruler_vt":
         names = []
@@ -925,12 +959,13 @@ def ruler_item(task: str, length: int, index: int, tokenizer, *, seed: int = 0, 
             v = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
             names += [v] if v not in names and v not in sample_text else []
         value = str(rng.randint(10000, 99999))
-        needles = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, 5)]
+        needles = ([f"VAR {names[0]} = {value}."]
+                   + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, 5)])
         answers = names
         head = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
         question = f"\nQuestion: Find all variables that are assigned the value {value} in the text above."
-        answer_prefix = (f"Answer: According to the chain(s) of variable assignment in the text above, 5 variables "
-                         f"are assigned the value {value}, they are:")
+        answer_prefix = (f"Answer: According to the chain(s) of variable assignment in the text above, "
+                         f"5 variables are assigned the value {value}, they are:")
     else:  # ruler_cwe
         pool = sorted({w.lower().strip(".,;:()'\"") for w in words})
         pool = [w for w in pool if w.isalpha() and 3 < len(w) < 12]
@@ -1023,8 +1058,9 @@ def summarize_retention(records: list) -> dict:
             norm, norm_se = E._mean_se([float(r["correct_norm"]) for r in rs])
             metric = MC_PRIMARY.get(task, "acc")
             s, e = (norm, norm_se) if metric == "acc_norm" else (acc, acc_se)
-            results[task] = {"score": 100 * s, "se": 100 * e, "n": len(rs), "metric": metric, "acc": 100 * acc,
-                             "acc_se": 100 * acc_se, "acc_norm": 100 * norm, "acc_norm_se": 100 * norm_se}
+            results[task] = {"score": 100 * s, "se": 100 * e, "n": len(rs), "metric": metric,
+                             "acc": 100 * acc, "acc_se": 100 * acc_se, "acc_norm": 100 * norm,
+                             "acc_norm_se": 100 * norm_se}
         elif kind == "ruler":
             m, se = E._mean_se([float(r["correct"]) for r in rs])
             results[task] = {"score": 100 * m, "se": 100 * se, "n": len(rs), "metric": "string_match_all"}
@@ -1034,7 +1070,8 @@ def summarize_retention(records: list) -> dict:
             results[task] = {"score": sum(nll) / (math.log(2) * sum(byt)),
                              "se": _ratio_se([x / math.log(2) for x in nll], byt), "n": len(rs),
                              "metric": "bits/byte", "lower_is_better": True, "loss": loss,
-                             "loss_se": _ratio_se(nll, tok), "ppl": math.exp(loss), "tokens": sum(tok), "bytes": sum(byt)}
+                             "loss_se": _ratio_se(nll, tok), "ppl": math.exp(loss), "tokens": sum(tok),
+                             "bytes": sum(byt)}
     general = [t for t in MC_TASKS if t in results]
     if len(general) >= 2:
         results["General"] = _average(results, general)
@@ -1050,8 +1087,8 @@ def summarize_retention(records: list) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Runners: each shards its items by rank and writes one record per item through evaluate.py's Run (samples.jsonl,
-# resumable), and returns {result name: (item ids, 1)} for E.finish_run
+# Runners: each shards its items by rank and writes one record per item through evaluate.py's Run
+# (samples.jsonl, resumable), and returns {result name: (item ids, 1)} for E.finish_run
 
 
 def expand_tasks(cfg: Config) -> list:
@@ -1068,7 +1105,8 @@ def expand_tasks(cfg: Config) -> list:
     for t in out:
         if not (t in E.TASKS or t in MC_TASKS or t in RULER_TASKS or t.startswith("bigbench:")
                 or (t.startswith("ppl:") and "=" in t)):
-            raise DataError(f"--tasks: unknown task {t!r}; expected some of {', '.join(E.TASKS + MC_TASKS + RULER_TASKS)}, "
+            raise DataError(f"--tasks: unknown task {t!r}; "
+                            f"expected some of {', '.join(E.TASKS + MC_TASKS + RULER_TASKS)}, "
                             "bigbench:<task>, ppl:<name>=<path>, or a preset: general, bbl, ruler")
     if not out:
         raise DataError("--tasks: no task given")
@@ -1088,7 +1126,8 @@ def run_mc_task(task: str, run: E.Run) -> dict:
     bar = run.bar(len(todo), task)
     for start in range(0, len(todo), 64):  # 64 items a step: resume loses little
         batch = todo[start:start + 64]
-        for it, lp in zip(batch, score_mc_items(run.model, run.tokenizer, batch, batch_tokens=cfg.mc_batch_tokens)):
+        for it, lp in zip(batch, score_mc_items(run.model, run.tokenizer, batch,
+                                                batch_tokens=cfg.mc_batch_tokens)):
             run.write({"task": task, "problem_id": it["id"], "sample": 0, "kind": "mc", "logprobs": lp,
                        "gold": it["gold"], "choices": it["choices"], **mc_outcome(it, lp)})
         run.sink.flush()
@@ -1105,8 +1144,8 @@ def run_ppl_task(task: str, run: E.Run) -> dict:
     stride = cfg.ppl_stride or max(1, window // 2)
     prefix = tokenizer.bos_id if getattr(tokenizer, "bos_id", None) is not None else tokenizer.eos_ids[0]
     if rank == 0:
-        print(f"[retention] {name}: {len(docs)} documents, {sum(len(d['ids']) for d in docs)} tokens from {spec}; "
-              f"window {window}, stride {stride}")
+        print(f"[retention] {name}: {len(docs)} documents, {sum(len(d['ids']) for d in docs)} tokens "
+              f"from {spec}; window {window}, stride {stride}")
     todo = [d for d in docs[rank::world] if (name, d["id"], 0) not in run.done]
     bar = run.bar(len(todo), name)
     for start in range(0, len(todo), 32):
@@ -1188,8 +1227,8 @@ def evaluate(cfg: Config, model=None, tokenizer=None) -> dict:
 
 def task_settings(task: str, cfg: Config, tokenizer) -> dict:
     """What shapes a task's records (E.start_run refuses to mix records made with other values): the model and
-    seed always; multiple choice: shots; perplexity: the files, window, stride, token cap; long context: filler
-    and chat. --mc-batch-tokens only batches the same sums and is left out."""
+    seed always; multiple choice: shots; perplexity: the files, window, stride, token cap; long context:
+    filler and chat. --mc-batch-tokens only batches the same sums and is left out."""
     if task in E.TASKS:
         return E.reasoning_settings(task, cfg, tokenizer)
     model = Path(cfg.model).expanduser()
@@ -1257,7 +1296,8 @@ def retention_rows(labels: list, results: list) -> list:
         meta = next((v for v in vals if v and "score" in v), {})
         rows.append({
             "group": report_group(name), "task": name,
-            "metric": meta.get("metric", "score" if name in E.TASKS or name in E.DOMAINS or name == "AVG" else ""),
+            "metric": meta.get("metric",
+                               "score" if name in E.TASKS or name in E.DOMAINS or name == "AVG" else ""),
             "lower_is_better": bool(meta.get("lower_is_better")),
             "values": [({"score": v["score"], "se": v["se"], "n": v["n"]} if v and "score" in v else
                         {"error": (v or {}).get("error", "not run")}) for v in vals],
@@ -1278,7 +1318,8 @@ def retention_markdown(labels: list, rows: list) -> str:
                          else "error: " + v["error"].replace("|", "/")[:120])
             if i:
                 cells.append("" if d is None else f"{d:+.{digits}f}")
-        lines.append(f"| {r['group']} | {r['task']} | {r['metric']}{' (lower is better)' if r['lower_is_better'] else ''} | "
+        lines.append(f"| {r['group']} | {r['task']} | {r['metric']}"
+                     f"{' (lower is better)' if r['lower_is_better'] else ''} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -1294,8 +1335,10 @@ def retention_plot(path: Path, labels: list, rows: list) -> bool:
         print("[retention] matplotlib is not installed: no retention.png (pip install matplotlib)")
         return False
     groups = [g for g in REPORT_GROUPS if any(r["group"] == g for r in rows)]
-    fig, axes = plt.subplots(len(groups), 1, figsize=(max(6.0, 0.9 * max(
-        sum(r["group"] == g for r in rows) for g in groups) * len(labels) ** 0.5 + 2), 3.2 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), 1,
+                             figsize=(max(6.0, 0.9 * max(sum(r["group"] == g for r in rows) for g in groups)
+                                      * len(labels) ** 0.5 + 2), 3.2 * len(groups)),
+                             squeeze=False)
     for ax, g in zip(axes[:, 0], groups):
         rs = [r for r in rows if r["group"] == g]
         width = 0.8 / len(labels)
@@ -1306,7 +1349,8 @@ def retention_plot(path: Path, labels: list, rows: list) -> bool:
             ax.bar(xs, ys, width, yerr=es, capsize=2, label=lab)
         ax.set_xticks(range(len(rs)))
         ax.set_xticklabels([r["task"] for r in rs], rotation=30, ha="right", fontsize=7)
-        ax.set_title(g + (" (bits per byte, lower is better)" if g == "Perplexity" else " (score, %)"), fontsize=9)
+        ax.set_title(g + (" (bits per byte, lower is better)" if g == "Perplexity" else " (score, %)"),
+                     fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

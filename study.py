@@ -1,7 +1,7 @@
 """The PRISM study on one machine, end to end: base -> mid-training (two mixtures) -> GRPO -> evaluation ->
 analysis -> REPORT.md, by driving the project's own scripts as a user would.
 
-    python study.py                              # the default: SmolLM2-135M-Instruct, about 1 hour on a 2-core CPU
+    python study.py                              # default: SmolLM2-135M-Instruct, ~1 hour on a 2-core CPU
     python study.py --scale tiny --out out/tiny  # a random 2-layer model, every stage in ~2 minutes (CI)
     python study.py --scale gpu --torchrun 8 --model HuggingFaceTB/SmolLM2-1.7B-Instruct   # an 8-GPU node
     python study.py --rl-steps 12                # a changed setting re-runs only the stages it affects
@@ -9,10 +9,10 @@ analysis -> REPORT.md, by driving the project's own scripts as a user would.
 Stages (each a folder under --out with a stage.json of its settings, written last):
   base      the model as given, or (--base-shrink L,H) a random model of L layers and hidden size H made from
             its config, with its tokenizer (the tiny scale)
-  data      the demo's real offline text (train_mid.demo_mixture: champ-dataset worked solutions, reasoning-gym
-            programs, the standard library) as two mixtures, Math and Math+Code, prepared into token shards
-            (their held-out shards are the perplexity sets); the RL task's held-out sums (train_rl's demo task);
-            the CKA prompts and the landscape problems
+  data      the demo's real offline text (train_mid.demo_mixture: champ-dataset worked solutions,
+            reasoning-gym programs, the standard library) as two mixtures, Math and Math+Code, prepared into
+            token shards (their held-out shards are the perplexity sets); the RL task's held-out sums
+            (train_rl's demo task); the CKA prompts and the landscape problems
   mid_math, mid_mc     `train_mid.py` on each mixture, the same token budget, HF exports along the way
   rl_base, rl_math, rl_mc   `train_rl.py` (the demo's generated sums) from the base and from each mid model,
             DCP checkpoints every --rl-save-every steps, exported to HF folders for the trajectory
@@ -54,17 +54,17 @@ HERE = Path(__file__).resolve().parent
 @dataclass
 class Config:
     out: str = "out/study"  # study folder: one subfolder per stage, REPORT.md, results.json, PNGs
-    scale: str = "default"  # tiny (CI, ~2 min) | default (~1 h on a 2-core CPU) | gpu (an 8-GPU node); sets the fields below unless given
+    scale: str = "default"  # tiny (CI, ~2 min) | default (~1 h, 2 CPUs) | gpu (8 GPUs); presets unset fields
     model: str = M.DEFAULT_MODEL  # base model: folder, hub id, or the built-in SmolLM2-135M-Instruct
-    base_shrink: str = ""  # "L,H": a random model (L layers, hidden size H, EOS made likely) from the base's config and tokenizer (tiny); "" = the model as is
-    torchrun: int = 0  # N > 0: training and evaluation scripts run under torchrun --standalone --nproc_per_node N
+    base_shrink: str = ""  # "L,H": random L-layer width-H net, likely EOS, base cfg+tokenizer (tiny); ""=off
+    torchrun: int = 0  # N > 0: training and eval scripts run under torchrun --standalone --nproc_per_node N
     device: str = "auto"  # in-process stages (RL-task evaluation, analysis): cpu, cuda, or auto
     mid_steps: int = 20  # mid-training optimizer steps per mixture (the same token budget for both)
     mid_seq_len: int = 256  # mid-training tokens per sequence
     mid_batch_size: int = 2  # mid-training sequences per rank per step
     mid_lr: float = 1e-4  # mid-training peak learning rate
     mid_warmup: int = 4  # mid-training warmup steps
-    mid_export_every: int = 10  # steps between mid-training HF exports (checkpoints along the way); 0 = the end only
+    mid_export_every: int = 10  # steps between mid-training HF exports (interim checkpoints); 0 = end only
     mid_args: str = ""  # extra train_mid.py flags, e.g. "--param-dtype bfloat16"
     rl_steps: int = 6  # GRPO steps per run
     rl_save_every: int = 2  # steps between RL checkpoints (the trajectory)
@@ -106,8 +106,9 @@ SCALES = {  # what each --scale sets (fields given on the command line win)
     # the paper's recipe scaled to a 1B-3B model on one 8-GPU node (use with --torchrun 8 --model ...)
     "gpu": dict(mid_steps=2000, mid_seq_len=4096, mid_batch_size=4, mid_lr=5e-5, mid_warmup=100,
                 mid_export_every=500, mid_args="--grad-accum 4 --activation-checkpointing block",
-                rl_steps=200, rl_save_every=20, rl_group_size=16, rl_prompts_per_step=64, rl_max_new_tokens=512,
-                rl_lr=1e-6, rl_args="--demo-max 200 --demo-eval 256", eval_bigbench=",".join(
+                rl_steps=200, rl_save_every=20, rl_group_size=16, rl_prompts_per_step=64,
+                rl_max_new_tokens=512, rl_lr=1e-6, rl_args="--demo-max 200 --demo-eval 256",
+                eval_bigbench=",".join(
                     ["code_line_description", "conceptual_combinations", "strategyqa", "winowhy",
                      "logical_deduction", "known_unknowns", "novel_concepts", "vitaminc_fact_verification"]),
                 eval_mc_limit=500, eval_gsm8k=500, eval_max_new_tokens=1024, eval_ruler_items=50,
@@ -130,7 +131,8 @@ STAGES = {
     "merge": (("base", "mid_mc"), ("merge_alpha",), 0.01),
     "eval": (("data", "base", "mid_mc", "rl_base", "rl_mc", "merge"),
              ("eval_bigbench", "eval_mc_limit", "eval_gsm8k", "eval_max_new_tokens", "eval_ruler_items",
-              "eval_ruler_length", "eval_ppl_tokens", "eval_rl_samples", "rl_max_new_tokens", "rl_args"), 0.22),
+              "eval_ruler_length", "eval_ppl_tokens", "eval_rl_samples", "rl_max_new_tokens",
+              "rl_args"), 0.22),
     "analysis": (("data", "base", "mid_math", "mid_mc", "rl_base", "rl_math", "rl_mc"),
                  ("cka_prompts", "cka_max_tokens", "cka_bootstrap", "landscape_grid", "landscape_problems",
                   "landscape_max_new_tokens"), 0.08),
@@ -151,7 +153,8 @@ def log(msg: str):
 
 
 def stage_settings(name: str, cfg: Config) -> dict:
-    """A stage's own settings and, recursively, those of the stages it reads (so a change upstream is seen)."""
+    """A stage's own settings and, recursively, those of the stages it reads
+    (so a change upstream is seen)."""
     deps, fields, _ = STAGES[name]
     own = {f: getattr(cfg, f) for f in fields}
     return json.loads(json.dumps({"stage": name, "settings": own,
@@ -210,18 +213,20 @@ def stage_base(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
     try:
         layers, hidden = (int(x) for x in cfg.base_shrink.split(","))
     except ValueError:
-        raise cli.DataError(f"--base-shrink {cfg.base_shrink!r}: expected L,H (layers, hidden size)") from None
+        raise cli.DataError(f"--base-shrink {cfg.base_shrink!r}: "
+                            "expected L,H (layers, hidden size)") from None
     raw = cli.read_json(src / "config.json")
     heads = max(1, hidden // 16)
     raw.update(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
-               num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=16, max_position_embeddings=1024)
+               num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=16,
+               max_position_embeddings=1024)
     torch.manual_seed(0)
     net = M.CausalLM(M.config_from_hf(raw))
     for p in net.parameters():  # small random weights: the model is random, but its logits are tame
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.02)
-    # a long EOS embedding (tied to the head) makes stopping likely at some positions and not others, so GRPO's
-    # stop penalty varies within a group and RL makes real updates even though nothing is ever correct
+    # a long EOS embedding (tied to the head) makes stopping likely at some positions and not others, so
+    # GRPO's stop penalty varies within a group and RL makes real updates even though nothing is ever correct
     emb = net.model.embed_tokens.weight
     with torch.no_grad():
         for i in M.load_tokenizer(src).eos_ids:
@@ -252,7 +257,8 @@ def stage_data(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
             fh.write(json.dumps({"problem": p["prompt"], "answer": p["answer"]}) + "\n")
     math_q = [r["question"] for r in cli.read_jsonl(demo.parent / "math.jsonl")]
     code = [r["text"] for r in cli.read_jsonl(demo.parent / "code.jsonl")]
-    texts = [t for trio in zip(math_q, code, [p["prompt"] for p in heldout * 4]) for t in trio][:cfg.cka_prompts]
+    texts = [t for trio in zip(math_q, code, [p["prompt"] for p in heldout * 4])
+             for t in trio][:cfg.cka_prompts]
     with open(folder / "cka.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps({"text": t}) + "\n" for t in texts)
     return {"mixtures": {k: str(folder / f"{k}.toml") for k in mixes}, "ppl": ppl,
@@ -341,7 +347,8 @@ def stage_eval(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if cfg.device == "auto" else cfg.device)
     rl_task = {}
-    for label, path in models:  # the RL task's held-out prompts, the seed train_rl uses for its own before/after
+    # the RL task's held-out prompts, the seed train_rl uses for its own before/after
+    for label, path in models:
         net = M.load_model(path, device=device, dtype=torch.float32)
         r = R.evaluate_policy(net, M.load_tokenizer(path), heldout, rcfg, seed=rcfg.seed + 99991)
         n = max(r["n"], 1)
@@ -351,8 +358,10 @@ def stage_eval(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
         del net
     cli.write_json(folder / "rl_task.json", rl_task)
     spec = ",".join(f"{lab}={p}" for lab, p in models)
-    general = ["--models", spec, "--tasks", ",".join(f"bigbench:{t}" for t in cfg.eval_bigbench.split(",") if t),
-               "--ppl", ",".join(f"{k}={v}" for k, v in res["data"]["ppl"].items()), "--limit", cfg.eval_mc_limit,
+    general = ["--models", spec,
+               "--tasks", ",".join(f"bigbench:{t}" for t in cfg.eval_bigbench.split(",") if t),
+               "--ppl", ",".join(f"{k}={v}" for k, v in res["data"]["ppl"].items()),
+               "--limit", cfg.eval_mc_limit,
                "--ppl-max-tokens", cfg.eval_ppl_tokens, "--progress", "false", "--out", folder / "general"]
     run_script("retention.py", general, cfg, folder / "log.txt")
     reasoning = ["--models", spec, "--tasks", "gsm8k,ruler_niah_single", "--limit", cfg.eval_gsm8k,
@@ -370,7 +379,8 @@ def stage_analysis(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
     acfg = A.Config(progress=False, device=cfg.device)
 
     def run(command, paths, sub, **over):
-        return A.run(dataclasses.replace(acfg, out=str(folder / sub), **over), command, [str(p) for p in paths])
+        return A.run(dataclasses.replace(acfg, out=str(folder / sub), **over), command,
+                     [str(p) for p in paths])
 
     tmp = folder / "tmp"
     bf16 = {}  # every checkpoint cast to bf16 by analyze's own merge (alpha 1: A itself, in --merge-dtype)
@@ -386,7 +396,8 @@ def stage_analysis(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
                         "bf16": _change_summary(run("weights", [bf16[a], bf16[b]], f"weights/{sub}_bf16"))}
     sim_mid = run("similarity", [P["base"], P["mid_math"], P["mid_mc"]], "similarity/mid_math_vs_mid_mc")
     # RL-from-base vs RL-from-mid updates start from different weights; halfway merges put both on one base:
-    # (rl_base + mid)/2 - (base + mid)/2 = (rl_base - base)/2, (base + rl_mc)/2 - (base + mid)/2 = (rl_mc - mid)/2
+    # (rl_base + mid)/2 - (base + mid)/2 = (rl_base - base)/2,
+    # (base + rl_mc)/2 - (base + mid)/2 = (rl_mc - mid)/2
     h0 = A.merge(P["base"], P["mid_mc"], 0.5, tmp / "half_base_mid")
     h1 = A.merge(P["rl_base"], P["mid_mc"], 0.5, tmp / "half_rlbase_mid")
     h2 = A.merge(P["base"], P["rl_mc"], 0.5, tmp / "half_base_rlmc")
@@ -399,7 +410,8 @@ def stage_analysis(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
             t = run("trajectory", [P[start]] + [s["path"] for s in steps], f"trajectory/{rl}",
                     steps=",".join(str(s["step"]) for s in steps))
             traj[rl] = [{"step": r["step"], "rel_change": r["rel_change"],
-                         "changed": {str(k): 1 - v for k, v in r["unchanged"].items()}} for r in t["checkpoints"]]
+                         "changed": {str(k): 1 - v for k, v in r["unchanged"].items()}}
+                        for r in t["checkpoints"]]
     n_cka = len(cli.read_jsonl(res["data"]["cka"]))
     cka_over = dict(data=res["data"]["cka"], max_tokens=cfg.cka_max_tokens, bootstrap=cfg.cka_bootstrap,
                     bootstrap_size=min(100, n_cka))
@@ -427,7 +439,8 @@ def _change_summary(res: dict) -> dict:
 
 
 def _sim_summary(res: dict) -> dict:
-    return {"total": res["total"]["cosine"], "components": {c: s["cosine"] for c, s in res["components"].items()}}
+    return {"total": res["total"]["cosine"],
+            "components": {c: s["cosine"] for c, s in res["components"].items()}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,7 +460,8 @@ def machine() -> str:
     except OSError:
         pass
     import torch
-    gpu = f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    gpu = (f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+           else "")
     return f"{cpu}, {os.cpu_count()} cores{gpu}"
 
 
@@ -497,11 +511,13 @@ def findings(ev: dict, an: dict, rows: list, labels: list, cfg: Config) -> list:
     lift, kept = _sig(d_gsm), _sig(d_bb)
     verdict = HOLDS if lift > 0 and kept >= 0 else FAILS if lift < 0 or kept < 0 else UNMEASURABLE
     ours = (f"GSM8K {_fmt2(gsm[0])} -> {_fmt2(gsm[1])} ({_fmtd(d_gsm)}); BIG-bench mean {_fmt2(bb[0])} -> "
-            f"{_fmt2(bb[1])} ({_fmtd(d_bb)}); math held-out bits/byte {_fmt2(mbpb[0], 3)} -> {_fmt2(mbpb[1], 3)}")
+            f"{_fmt2(bb[1])} ({_fmtd(d_bb)}); "
+            f"math held-out bits/byte {_fmt2(mbpb[0], 3)} -> {_fmt2(mbpb[1], 3)}")
     out.append({"finding": "Mid-training lifts reasoning while keeping general ability",
                 "paper": "+15..+40 points math, +5..+12 code, +6..+13 science; general ability kept",
                 "ours": ours, "verdict": verdict,
-                "note": "GSM8K is the reasoning score (2 SE rule); math bits/byte shows the mixture was learned"
+                "note": "GSM8K is the reasoning score (2 SE rule); "
+                        "math bits/byte shows the mixture was learned"
                         + ("" if _sig(d_bpb) < 0 else "; note: math bits/byte did not fall significantly")})
 
     g_base, g_mid = _delta(acc["base"], acc["rl_base"]), _delta(acc["mid"], acc["rl_mid"])
@@ -509,7 +525,8 @@ def findings(ev: dict, an: dict, rows: list, labels: list, cfg: Config) -> list:
     s = _sig(final)
     out.append({"finding": "RL from the base moves little; RL after mid-training moves more",
                 "paper": "base -> RL: AIME ~0; base -> mid -> RL: AVG 29-42 (from < 12)",
-                "ours": (f"RL-task held-out accuracy: base {_fmt2(acc['base'])} -> RL {_fmt2(acc['rl_base'])} "
+                "ours": (f"RL-task held-out accuracy: base {_fmt2(acc['base'])} "
+                         f"-> RL {_fmt2(acc['rl_base'])} "
                          f"({_fmtd(g_base)}); mid {_fmt2(acc['mid'])} -> RL {_fmt2(acc['rl_mid'])} "
                          f"({_fmtd(g_mid)})"),
                 "verdict": HOLDS if s > 0 else FAILS if s < 0 else UNMEASURABLE,
@@ -526,7 +543,8 @@ def findings(ev: dict, an: dict, rows: list, labels: list, cfg: Config) -> list:
                 "ours": f"changed by >= 1%: base -> mid {_pct(mid_c)}, mid -> RL {_pct(rl_c)} (fp32); "
                         f"{_pct(mid_b)} and {_pct(rl_b)} after casting both checkpoints to bf16",
                 "verdict": HOLDS if holds else FAILS,
-                "note": "holds = mid >= 50% and RL <= 20% changed in fp32; RL here is a few steps at a larger lr"})
+                "note": "holds = mid >= 50% and RL <= 20% changed in fp32; "
+                        "RL here is a few steps at a larger lr"})
 
     traj = an["trajectory"].get("rl_mc") or []
     front = None
@@ -537,7 +555,8 @@ def findings(ev: dict, an: dict, rows: list, labels: list, cfg: Config) -> list:
                 "paper": "changed set 1.5% at step 20 -> 5-6% at step 960, mostly in the first 200-400 steps",
                 "ours": ("changed by >= 1% along RL-from-mid: " + ", ".join(
                     f"step {t['step']} {_pct(t['changed'].get('0.01'))}" for t in traj)
-                    + (f"; by {early[-1]['step']}/{traj[-1]['step']} steps {100 * front:.0f}% of the final set"
+                    + (f"; by {early[-1]['step']}/{traj[-1]['step']} steps "
+                       f"{100 * front:.0f}% of the final set"
                        if front is not None else "")),
                 "verdict": UNMEASURABLE if front is None else HOLDS if front >= 0.5 else FAILS,
                 "note": "holds = at least half the final changed set within the first 40% of the steps"})
@@ -560,7 +579,8 @@ def findings(ev: dict, an: dict, rows: list, labels: list, cfg: Config) -> list:
                 "paper": "min over layers >= 0.9993 (> 0.998 everywhere)",
                 "ours": f"min over layers mid vs RL {m:.5f} (layer {ck['mid_vs_rl']['min_layer']}); "
                         f"base vs mid {ck['base_vs_mid']['min_cka']:.5f}",
-                "verdict": UNMEASURABLE if m is None or not math.isfinite(m) else HOLDS if m >= 0.998 else FAILS,
+                "verdict": (UNMEASURABLE if m is None or not math.isfinite(m)
+                            else HOLDS if m >= 0.998 else FAILS),
                 "note": f"{ck['mid_vs_rl']['prompts']} prompts (math, code, RL task), mean-pooled; "
                         "holds = >= 0.998"})
 
@@ -574,12 +594,14 @@ def findings(ev: dict, an: dict, rows: list, labels: list, cfg: Config) -> list:
             repairs.append((me[0] - mi[0]) / (b[0] - mi[0]) if me else 0.0)
     rep = sum(repairs) / len(repairs) if repairs else None
     out.append({"finding": "The 0.15 base / 0.85 mid merge repairs what mid-training cost",
-                "paper": "RULER@128k 59 -> 6 after mid-training; repaired by the merge (or long-context steps)",
+                "paper": "RULER@128k 59 -> 6 after mid-training; "
+                         "repaired by the merge (or long-context steps)",
                 "ours": (f"significant costs of mid-training: {', '.join(costs)}; the merge recovers "
                          f"{100 * rep:.0f}% of them on average" if costs else
                          "mid-training cost nothing significant on " + ", ".join(general)),
                 "verdict": UNMEASURABLE if rep is None else HOLDS if rep >= 0.5 else FAILS,
-                "note": "costs = General and Long-context rows where mid < base by > 2 SE; holds = >= 50% recovered"})
+                "note": "costs = General and Long-context rows where mid < base by > 2 SE; "
+                        "holds = >= 50% recovered"})
     return out
 
 
@@ -620,7 +642,8 @@ def plots(out: Path, labels: list, rows: list, an: dict, cfg: Config, stamp: str
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(16, 3.8))
     for ax, (name, get) in zip(axes, panels):
         vals = [get(k) for k in range(len(labels))]
-        ax.bar(labels, [v[0] if v else float("nan") for v in vals], yerr=[v[1] if v else 0 for v in vals], capsize=3)
+        ax.bar(labels, [v[0] if v else float("nan") for v in vals], yerr=[v[1] if v else 0 for v in vals],
+               capsize=3)
         ax.set_title(name, fontsize=9)
         ax.tick_params(axis="x", rotation=30, labelsize=7)
     ax, width = axes[-1], 0.8 / max(1, len(ppl))
@@ -659,7 +682,8 @@ def plots(out: Path, labels: list, rows: list, an: dict, cfg: Config, stamp: str
         ax.set_xlabel("RL step")
         ax.set_ylabel("share of elements changed (fp32)")
         ax.legend(fontsize=7)
-        written.append(_save(fig, ax, "PRISM study: RL trajectory of the changed fraction", stamp, out / "trajectory.png"))
+        written.append(_save(fig, ax, "PRISM study: RL trajectory of the changed fraction", stamp,
+                             out / "trajectory.png"))
     return written
 
 
@@ -673,7 +697,8 @@ def stage_report(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
     for f in ev["retention"]:
         for lab, r in cli.read_json(f)["results"].items():
             per[lab].update(r)
-    for lab, v in ev["rl_task"].items():  # the RL task as one more row of the table, in percent like the others
+    # the RL task as one more row of the table, in percent like the others
+    for lab, v in ev["rl_task"].items():
         per[lab]["rl_task"] = {"score": 100 * v["accuracy"], "se": 100 * v["accuracy_se"], "n": v["n"],
                                "metric": "accuracy (held-out sums)"}
     rows = R.retention_rows(labels, [per[lab] for lab in labels])
@@ -690,8 +715,9 @@ def stage_report(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
     seconds = {s: cli.read_json(out / s / "stage.json")["seconds"] for s in STAGES
                if s != "report" and (out / s / "stage.json").is_file()}
     A.write_json(out / "results.json", {
-        "machine": hw, "date": now.isoformat(timespec="seconds"), "config": asdict(cfg), "stage_seconds": seconds,
-        "findings": fs, "rl_task": ev["rl_task"], "retention_rows": rows, "analysis": an, "models": ev["models"]})
+        "machine": hw, "date": now.isoformat(timespec="seconds"), "config": asdict(cfg),
+        "stage_seconds": seconds, "findings": fs, "rl_task": ev["rl_task"], "retention_rows": rows,
+        "analysis": an, "models": ev["models"]})
 
     w = an["weights"]
     lines = [f"# The PRISM study at `--scale {cfg.scale}`", "",
@@ -702,28 +728,35 @@ def stage_report(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
              f"Command: `python study.py --scale {cfg.scale}` (settings in `results.json`). Mid-training: "
              f"{cfg.mid_steps} steps x {cfg.mid_batch_size} x {cfg.mid_seq_len} tokens per mixture (Math; "
              f"Math+Code = 0.6 math, 0.25 code, 0.15 stdlib). GRPO: {cfg.rl_steps} steps x "
-             f"{cfg.rl_prompts_per_step} prompts x {cfg.rl_group_size} responses on generated sums (train_rl's "
-             f"demo task), from the base, Math and Math+Code models. `mid` below is Math+Code.", "",
+             f"{cfg.rl_prompts_per_step} prompts x {cfg.rl_group_size} responses on generated sums "
+             f"(train_rl's demo task), from the base, Math and Math+Code models. `mid` below is Math+Code.",
+             "",
              "## The paper's findings here", "",
              "| finding | paper | ours | verdict |", "|---|---|---|---|"]
-    lines += [f"| {f['finding']} | {f['paper']} | {f['ours']} | **{f['verdict']}** ({f['note']}) |" for f in fs]
+    lines += [f"| {f['finding']} | {f['paper']} | {f['ours']} | **{f['verdict']}** ({f['note']}) |"
+              for f in fs]
     tokens = cfg.mid_steps * cfg.mid_batch_size * cfg.mid_seq_len * max(1, cfg.torchrun)
-    lines += ["", f"Caveats: a small model (the paper: 3B-24B), {tokens:,} mid-training tokens per mixture (the "
-              f"paper: ~27B) and {cfg.rl_steps} GRPO steps at lr {cfg.rl_lr:g} (the paper: 1,000 steps at 5e-7); "
-              "small evaluation sets, so the standard errors are wide and a verdict needs a difference beyond "
-              "2 SE (deltas use independent-error SEs, conservative for these paired items). A verdict is "
-              "computed from the numbers by the rule in its row, not written by hand.", "",
+    lines += ["", f"Caveats: a small model (the paper: 3B-24B), {tokens:,} mid-training tokens per mixture "
+              f"(the paper: ~27B) and {cfg.rl_steps} GRPO steps at lr {cfg.rl_lr:g} "
+              "(the paper: 1,000 steps at 5e-7); small evaluation sets, so the standard errors are wide "
+              "and a verdict needs a difference beyond 2 SE (deltas use independent-error SEs, conservative "
+              "for these paired items). A verdict is computed from the numbers by the rule in its row, not "
+              "written by hand.", "",
               "## Retention table (mean ± standard error; Δ against base)", "",
               R.retention_markdown(labels, rows), "",
-              "## Weight change (share of elements changed by >= 0.1 / 1 / 10 %, relative Frobenius change)", "",
-              "| update | weights | >= 0.1% | >= 1% | >= 10% | ‖ΔW‖/‖W‖ |", "|---|---|---:|---:|---:|---:|"]
+              "## Weight change (share of elements changed by >= 0.1 / 1 / 10 %, "
+              "relative Frobenius change)", "",
+              "| update | weights | >= 0.1% | >= 1% | >= 10% | ‖ΔW‖/‖W‖ |",
+              "|---|---|---:|---:|---:|---:|"]
     for key, v in w.items():
         for dt in ("fp32", "bf16"):
             t = v[dt]["total"]
-            lines.append(f"| {key} | {dt} | {_pct(t['changed'].get('0.001'))} | {_pct(t['changed'].get('0.01'))} | "
+            lines.append(f"| {key} | {dt} | {_pct(t['changed'].get('0.001'))} | "
+                         f"{_pct(t['changed'].get('0.01'))} | "
                          f"{_pct(t['changed'].get('0.1'))} | {t['rel_change']:.3e} |")
-    lines += ["", "bf16: both checkpoints cast to bf16 (round to nearest) before comparing; a bf16 element moves in "
-              "steps of ~0.4%, so small fp32 updates either vanish or jump past the 0.1% threshold.", "",
+    lines += ["", "bf16: both checkpoints cast to bf16 (round to nearest) before comparing; a bf16 element "
+              "moves in steps of ~0.4%, so small fp32 updates either vanish or jump past the 0.1% "
+              "threshold.", "",
               "Per component (mid -> RL, changed by >= 1%, fp32 / bf16): " + ", ".join(
                   f"{c} {_pct(w['mid_mc->rl_mc']['fp32']['components'][c]['changed'].get('0.01'))} / "
                   f"{_pct(w['mid_mc->rl_mc']['bf16']['components'][c]['changed'].get('0.01'))}"
@@ -731,16 +764,18 @@ def stage_report(cfg: Config, folder: Path, resume: bool, res: dict) -> dict:
     sim = an["similarity"]
     lines += ["## Other measurements", "",
               f"- Cosine of the two mixtures' updates (Math vs Math+Code, from base): "
-              f"{_num(sim['mid_math_vs_mid_mc']['total'])} (paper, MC vs MCS: 0.52 Granite, 0.62 Nemotron-H).",
+              f"{_num(sim['mid_math_vs_mid_mc']['total'])} "
+              "(paper, MC vs MCS: 0.52 Granite, 0.62 Nemotron-H).",
               f"- Cosine of RL-from-base and RL-from-mid updates (each against its own start): "
               f"{_num(sim['rl_base_vs_rl_mc']['total'])}.",
               f"- Linear CKA, minimum over layers: mid vs RL {_num(an['cka']['mid_vs_rl']['min_cka'], 5)}, "
               f"base vs mid {_num(an['cka']['base_vs_mid']['min_cka'], 5)} (bootstrap: "
               f"`analysis/cka/*/cka.json`).",
-              "- Landscape W = W_base + a ΔW_mid + b ΔW_RL, pass rate on held-out sums (rows a, columns b = "
+              "- Landscape W = W_base + a ΔW_mid + b ΔW_RL, pass rate on held-out sums "
+              "(rows a, columns b = "
               + ", ".join(f"{b:g}" for b in an["landscape"]["b"]) + "): " + "; ".join(
-                  f"a={a:g}: " + " ".join(_pct(x) for x in r) for a, r in zip(an["landscape"]["a"],
-                                                                              an["landscape"]["pass_rate"])) + ".",
+                  f"a={a:g}: " + " ".join(_pct(x) for x in r)
+                  for a, r in zip(an["landscape"]["a"], an["landscape"]["pass_rate"])) + ".",
               "", "## Figures", ""] + [f"![{f}]({f})" for f in figs + ["retention.png"]] + [""]
     (out / "REPORT.md").write_text("\n".join(lines), encoding="utf-8")
     return {"report": str(out / "REPORT.md"), "verdicts": {f["finding"]: f["verdict"] for f in fs}}
@@ -791,8 +826,9 @@ def study(cfg: Config, argv: list | None = None) -> dict:
         except (StudyError, cli.DataError) as e:
             raise StudyError(f"stage {name} failed: {e}\nresume with: {resume_command(argv or [])}") from None
         seconds = time.time() - t0
-        cli.write_json(folder / "stage.json", {"settings": settings, "result": result, "seconds": seconds,
-                                             "finished": datetime.datetime.now().isoformat(timespec="seconds")})
+        cli.write_json(folder / "stage.json",
+                       {"settings": settings, "result": result, "seconds": seconds,
+                        "finished": datetime.datetime.now().isoformat(timespec="seconds")})
         pending.unlink(missing_ok=True)
         res[name] = result
         measured += seconds
@@ -820,8 +856,9 @@ def _hms(s: float) -> str:
 
 def parse_args(argv=None) -> Config:
     import argparse
-    parser = argparse.ArgumentParser(description="The PRISM study end to end: base -> mid-training -> GRPO -> "
-                                                 "evaluation -> analysis -> REPORT.md (see the module docstring).")
+    parser = argparse.ArgumentParser(description="The PRISM study end to end: base -> mid-training "
+                                                 "-> GRPO -> evaluation -> analysis -> REPORT.md "
+                                                 "(see the module docstring).")
     cfg, args = cli.parse_config(Config, argv, parser=parser)
     if cfg.scale not in SCALES:  # one line and exit code 2, like every bad input
         print(f"study.py: error: --scale {cfg.scale!r}: expected one of {', '.join(SCALES)}", file=sys.stderr)
@@ -836,7 +873,8 @@ def main(argv=None):
     try:
         M.resolve_model_path(cfg.model)
     except Exception as e:  # noqa: BLE001 - a missing folder, an unknown hub id, no network: one line
-        print(f"study.py: error: --model {cfg.model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+        print(f"study.py: error: --model {cfg.model}: "
+              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}",
               file=sys.stderr)
         sys.exit(2)
     try:

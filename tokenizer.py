@@ -214,7 +214,8 @@ class Tokenizer:
         template = env.from_string(self.chat_template)
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                raise_exception=raise_exception,
-                               bos_token=self._token_text(self.bos_id), eos_token=self._token_text(self.eos_id))
+                               bos_token=self._token_text(self.bos_id),
+                               eos_token=self._token_text(self.eos_id))
 
     def _token_text(self, i) -> str:
         return "" if i is None else self.decode([i])
@@ -608,7 +609,8 @@ def load_tokenizer(folder) -> Tokenizer:
         p, cfg = configs["tokenizer_config.json"]
         template = cfg.get("chat_template")
         if template is not None and not isinstance(template, str):
-            raise ValueError(f"{p}: field 'chat_template' should be a string (named templates are not supported)")
+            raise ValueError(f"{p}: field 'chat_template' should be a string "
+                             "(named templates are not supported)")
         tok.chat_template = template
     if "config.json" in configs:
         p, cfg = configs["config.json"]

@@ -1,7 +1,7 @@
 """Mid-training: continued pretraining of a Hugging Face base model on a weighted math/code/science
 mixture with FSDP2, from one CPU to many 8-GPU nodes, resumable after any crash, exporting an HF folder.
 
-    python train_mid.py                                   # the built-in demo: SmolLM2-135M on a small real mixture
+    python train_mid.py                                   # built-in demo: SmolLM2-135M, a small real mixture
     torchrun --standalone --nproc_per_node=8 train_mid.py --model meta-llama/Llama-3.1-8B --data mix.toml \\
         --out runs/llama-mcs --tokens 27e9 --seq-len 8192 --batch-size 2 --grad-accum 8 --warmup 500
     torchrun --nnodes=16 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 --rdzv-id=prism \\
@@ -28,14 +28,15 @@ The pipeline, top to bottom:
   4. AdamW (no decay on norms, biases and other 1-D tensors), warmup + cosine to 0.1x (or WSD, constant),
      gradient accumulation with the loss normalised by the step's global token count, clipping; a step with a
      non-finite loss or gradient is skipped and counted, and too many in a row stop the run.
-  5. DCP checkpoints (model, optimizer, loader, RNG) every save_every steps, written to step_N.tmp and renamed;
-     --resume takes the latest complete one; the HF export goes to OUT/hf.
+  5. DCP checkpoints (model, optimizer, loader, RNG) every save_every steps, written to step_N.tmp and
+     renamed; --resume takes the latest complete one; the HF export goes to OUT/hf.
   6. metrics.jsonl (one record per step), eval.jsonl (held-out loss per source), loss.png.
 
 Public (train_rl.py builds on these): Dist, setup_distributed, build_mesh, shard_model, full_params, reshard,
-resolve_param_dtype, build_optimizer, lr_at, clip_grad_norm, Checkpointer, export_hf, MetricsLog, plot_metrics,
-model_flops_per_token, peak_flops. Per-token log-probabilities for a loss: `model(ids, doc_ids, labels=...)`
-(model.py; chunked over the vocabulary, and through forward so FSDP gathers the parameters).
+resolve_param_dtype, build_optimizer, lr_at, clip_grad_norm, Checkpointer, export_hf, MetricsLog,
+plot_metrics, model_flops_per_token, peak_flops. Per-token log-probabilities for a loss:
+`model(ids, doc_ids, labels=...)` (model.py; chunked over the vocabulary, and through forward so FSDP
+gathers the parameters).
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ import model as M
 
 @dataclass
 class Config:
-    model: str = "smollm2-135m-instruct"  # base model: folder, hub id, or the built-in default (model.DEFAULT_MODEL)
+    model: str = "smollm2-135m-instruct"  # base model: folder, hub id or the built-in model.DEFAULT_MODEL
     data: str = ""  # mixture file (TOML or JSON); "" = the built-in demo mixture from installed packages
     out: str = "out/mid"  # run folder: metrics.jsonl, eval.jsonl, checkpoints/, hf/, loss.png
     steps: int = 30  # optimizer steps (ignored when tokens > 0)
@@ -87,7 +88,7 @@ class Config:
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     seed: int = 0  # data order and initialisation of anything random
     save_every: int = 15  # steps between DCP checkpoints; 0 = only at the end
-    keep_checkpoints: int = 1  # complete checkpoints kept (older ones removed; 0 = all). One is ~1.6 GB for 135M
+    keep_checkpoints: int = 1  # complete checkpoints kept (older removed; 0 = all). One is ~1.6 GB for 135M
     async_save: bool = False  # write checkpoints in the background (torch.distributed.checkpoint.async_save)
     export_every: int = 0  # steps between extra HF exports to OUT/hf-stepN; 0 = only the final OUT/hf
     export_dtype: str = "auto"  # HF export dtype: auto (the base checkpoint's), bfloat16, float32
@@ -95,10 +96,10 @@ class Config:
     eval_every: int = 15  # steps between held-out evaluations (also before the first and after the last step)
     eval_tokens: int = 2048  # held-out tokens per source per evaluation
     mesh: str = ""  # "" = shard over all ranks (FSDP); "RxS" = HSDP, R replicas x S-way shard (paper: 16x8)
-    activation_checkpointing: str = "off"  # off | block (recompute every block) | selective (keep matmul outputs)
+    activation_checkpointing: str = "off"  # off | block (recompute blocks) | selective (keep matmul outputs)
     compile: bool = False  # torch.compile each decoder block
     device: str = "auto"  # cpu, cuda, or auto
-    param_dtype: str = "auto"  # compute dtype of the sharded parameters: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32
+    param_dtype: str = "auto"  # compute dtype of sharded params: auto (bf16 GPU, fp32 CPU), bfloat16, float32
     heldout_frac: float = 0.05  # share of each source's documents held out for evaluation (every 1/frac-th)
     prepare_workers: int = 2  # tokenizer processes for data preparation
     data_cache: str = ""  # folder for prepared token shards; "" = $PRISM_CACHE/data or ~/.cache/prism/data
@@ -112,9 +113,9 @@ class Config:
                                  "grad_accum": 1, "warmup": 0, "save_every": 0, "keep_checkpoints": 0,
                                  "export_every": 0, "eval_every": 0, "eval_tokens": 0, "prepare_workers": 1,
                                  "max_bad_steps": 1, "log_every": 1},
-                     floats={"tokens": (0, None), "lr": (0, None), "min_lr_ratio": (0, 1), "decay_frac": (0, 1),
-                             "beta1": (0, 1), "beta2": (0, 1), "eps": (0, None), "weight_decay": (0, None),
-                             "grad_clip": (0, None), "heldout_frac": (0, 1)},
+                     floats={"tokens": (0, None), "lr": (0, None), "min_lr_ratio": (0, 1),
+                             "decay_frac": (0, 1), "beta1": (0, 1), "beta2": (0, 1), "eps": (0, None),
+                             "weight_decay": (0, None), "grad_clip": (0, None), "heldout_frac": (0, 1)},
                      choices={"schedule": ("cosine", "linear", "wsd", "constant"),
                               "activation_checkpointing": ("off", "block", "selective"),
                               "param_dtype": ("auto", "bfloat16", "float32"),
@@ -126,7 +127,8 @@ class Config:
 
 def check_ranges(cfg, *, ints: dict = {}, floats: dict = {}, choices: dict = {}):
     """Flag checks shared by train_mid and train_rl: ints {field: minimum}, floats {field: (lo, hi)} inclusive
-    (None = unbounded), choices {field: allowed values}; the first violation is a DataError naming the flag."""
+    (None = unbounded), choices {field: allowed values}; the first violation is a DataError naming the
+    flag."""
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     for name, lo in ints.items():
         v = getattr(cfg, name)
@@ -154,12 +156,13 @@ def check_resumed_config(cfg, altering: tuple, log, script: str):
     now = asdict(cfg)
     changed = {k: (saved[k], v) for k, v in now.items()
                if k in saved and saved[k] != v and k not in ("resume", "out")}  # a moved run folder is fine
-    text = lambda ks: ", ".join(f"--{k.replace('_', '-')} {changed[k][0]!r} -> {changed[k][1]!r}"  # noqa: E731
+    text = lambda ks: ", ".join(f"--{k.replace('_', '-')} {changed[k][0]!r} "  # noqa: E731
+                                f"-> {changed[k][1]!r}"
                                 for k in ks)
     bad = [k for k in changed if k in altering]
     if bad:
-        raise DataError(f"{latest}: --resume with changed settings that alter the run ({text(bad)}); pass the "
-                        f"checkpoint's values or start a new run with another --out")
+        raise DataError(f"{latest}: --resume with changed settings that alter the run ({text(bad)}); "
+                        f"pass the checkpoint's values or start a new run with another --out")
     if changed:
         log(f"[{script}] note: resuming {latest} with changed settings ({text(changed)})")
 
@@ -172,8 +175,9 @@ def latest_checkpoint(folder: Path):
 
 
 # --resume: settings whose change would mix two different runs (the rest only warn)
-RESUME_ALTERING = ("model", "data", "seq_len", "lr", "min_lr_ratio", "warmup", "schedule", "decay_frac", "beta1",
-                   "beta2", "eps", "weight_decay", "grad_clip", "seed", "heldout_frac", "param_dtype")
+RESUME_ALTERING = ("model", "data", "seq_len", "lr", "min_lr_ratio", "warmup", "schedule", "decay_frac",
+                   "beta1", "beta2", "eps", "weight_decay", "grad_clip", "seed", "heldout_frac",
+                   "param_dtype")
 
 
 DataError = cli.DataError  # bad data, a bad flag value: one line and exit code 2
@@ -190,7 +194,7 @@ class TrainingStopped(RuntimeError):
 @dataclass
 class Source:
     name: str
-    path: str  # glob (relative to the mixture file), a prepared shard folder, or hf://datasets/OWNER/NAME/GLOB
+    path: str  # glob (relative to the mixture file), a prepared shard folder or hf://datasets/OWNER/NAME/GLOB
     weight: float
     format: str = "text"  # text | qa | chat
     text_field: str = "text"
@@ -218,7 +222,8 @@ def read_mixture(path) -> list:
     except Exception as e:
         raise DataError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("sources"), dict) or not spec["sources"]:
-        raise DataError(f"{path}: expected a [sources.NAME] table (or {{\"sources\": {{NAME: ...}}}}) with at least one source")
+        raise DataError(f"{path}: expected a [sources.NAME] table (or {{\"sources\": {{NAME: ...}}}}) "
+                        "with at least one source")
     unknown = set(spec) - {"sources"}
     if unknown:
         raise DataError(f"{path}: unknown top-level fields {sorted(unknown)}; expected only 'sources'")
@@ -229,7 +234,8 @@ def read_mixture(path) -> list:
             raise DataError(f"{where}: expected a table with path and weight")
         bad = set(s) - SOURCE_FIELDS
         if bad:
-            raise DataError(f"{where}: unknown fields {sorted(bad)}; expected some of {sorted(SOURCE_FIELDS)}")
+            raise DataError(f"{where}: unknown fields {sorted(bad)}; "
+                            f"expected some of {sorted(SOURCE_FIELDS)}")
         if not isinstance(s.get("path"), str) or not s["path"]:
             raise DataError(f"{where}.path: missing (a file glob, a prepared folder, or hf://datasets/...)")
         w = s.get("weight")
@@ -257,7 +263,8 @@ def _source_files(source: Source) -> list:
         import fnmatch
         owner, name, pattern = (source.path.removeprefix("hf://datasets/").split("/", 2) + ["", ""])[:3]
         repo = f"{owner}/{name}"
-        names = [f for f in HfApi().list_repo_files(repo, repo_type="dataset") if fnmatch.fnmatch(f, pattern or "*")]
+        names = [f for f in HfApi().list_repo_files(repo, repo_type="dataset")
+                 if fnmatch.fnmatch(f, pattern or "*")]
         if not names:
             raise DataError(f"sources.{source.name}.path: no file of dataset {repo} matches {pattern!r}")
         return [hf_hub_download(repo, f, repo_type="dataset") for f in sorted(names)]
@@ -365,7 +372,8 @@ def _fingerprint(source: Source, files: list, tokenizer_dir: Path, heldout_frac:
 
 def prepare_source(source: Source, tokenizer_path, cache_dir, *, heldout_frac=0.05, workers=2,
                    shard_tokens=1 << 27, progress=True) -> Path:
-    """Tokenize a source into `cache_dir/NAME-FINGERPRINT/` (train_*.bin, heldout.bin, index.json); returns it.
+    """Tokenize a source into `cache_dir/NAME-FINGERPRINT/` (train_*.bin, heldout.bin, index.json);
+    returns it.
 
     A folder that already holds index.json is used as it is (a prepared source, or the same inputs again)."""
     if (Path(source.path) / "index.json").is_file():
@@ -427,7 +435,8 @@ def prepare_source(source: Source, tokenizer_path, cache_dir, *, heldout_frac=0.
         shutil.rmtree(tmp, ignore_errors=True)
         first = f" (first: {problems['first']})" if "first" in problems else ""
         raise DataError(f"sources.{source.name}: no usable documents in {len(files)} file(s); "
-                        f"{problems.get('invalid_json', 0)} invalid JSON lines, {problems.get('missing_field', 0)} "
+                        f"{problems.get('invalid_json', 0)} invalid JSON lines, "
+                        f"{problems.get('missing_field', 0)} "
                         f"records without '{_needed_field(source)}'{first}")
     heldout_tokens = 0
     if heldout:
@@ -464,13 +473,14 @@ class TokenSource:
         for s in index["shards"]:
             data = np.memmap(self.folder / s["file"], dtype=np.uint32, mode="r")
             self.shards.append(data)
-            counts.append(max(0, (len(data) - 1) // seq_len))  # windows overlap by one token (the last target)
+            # windows overlap by one token (the last target)
+            counts.append(max(0, (len(data) - 1) // seq_len))
         self.starts = np.cumsum([0] + counts)
         self.windows = int(self.starts[-1])
         self.tokens = sum(len(d) for d in self.shards)
         if self.windows == 0:
-            raise DataError(f"{self.folder}: source '{name}' has {self.tokens} tokens, fewer than seq_len + 1 = "
-                            f"{seq_len + 1}; lower --seq-len or add data")
+            raise DataError(f"{self.folder}: source '{name}' has {self.tokens} tokens, "
+                            f"fewer than seq_len + 1 = {seq_len + 1}; lower --seq-len or add data")
         h = index.get("heldout")
         self.heldout = np.memmap(self.folder / h["file"], dtype=np.uint32, mode="r") if h else None
 
@@ -583,11 +593,13 @@ def _selective_policy(ctx, op, *args, **kwargs):
 
 def shard_model(model: nn.Module, mesh, *, param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                 activation_checkpointing: str = "off", compile: bool = False) -> nn.Module:
-    """Activation checkpointing, then torch.compile, then fully_shard per block and the root (torchtitan's order).
-    Blocks keep their names (model.layers.N) so checkpoints and exports are unaffected."""
+    """Activation checkpointing, then torch.compile, then fully_shard per block and the root
+    (torchtitan's order). Blocks keep their names (model.layers.N) so checkpoints and exports are
+    unaffected."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if activation_checkpointing not in ("off", "block", "selective"):
-        raise DataError(f"--activation-checkpointing {activation_checkpointing!r}: expected off, block or selective")
+        raise DataError(f"--activation-checkpointing {activation_checkpointing!r}: "
+                        "expected off, block or selective")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     layers = model.model.layers
     for i, block in enumerate(layers):
@@ -595,13 +607,15 @@ def shard_model(model: nn.Module, mesh, *, param_dtype=torch.bfloat16, reduce_dt
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
             from torch.utils.checkpoint import create_selective_checkpoint_contexts
             if activation_checkpointing == "selective":
-                block = checkpoint_wrapper(block, context_fn=lambda: create_selective_checkpoint_contexts(_selective_policy))
+                block = checkpoint_wrapper(
+                    block, context_fn=lambda: create_selective_checkpoint_contexts(_selective_policy))
             else:
                 block = checkpoint_wrapper(block)
         if compile:
             block.compile()
         if mesh is not None:
-            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=_reshard_after_forward(model, i))
+            fully_shard(block, mesh=mesh, mp_policy=policy,
+                        reshard_after_forward=_reshard_after_forward(model, i))
         layers[i] = block
     if mesh is not None:
         fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -609,16 +623,16 @@ def shard_model(model: nn.Module, mesh, *, param_dtype=torch.bfloat16, reduce_dt
 
 
 def _reshard_after_forward(model: nn.Module, i: int) -> bool:
-    """shard_model's policy: blocks drop their gathered parameters after forward (backward gathers them again),
-    except the last block, whose backward comes right away. The root keeps its own (FSDP's rule)."""
+    """shard_model's policy: blocks drop their gathered parameters after forward (backward gathers them
+    again), except the last block, whose backward comes right away. The root keeps its own (FSDP's rule)."""
     return i < len(model.model.layers) - 1
 
 
 @contextlib.contextmanager
 def full_params(model: nn.Module):
-    """Every FSDP parameter gathered and kept gathered across forwards (generation runs each block once per new
-    token; resharding after each would all-gather the model per token); shard_model's policy restored and the
-    parameters resharded on exit. A no-op for an unsharded model."""
+    """Every FSDP parameter gathered and kept gathered across forwards (generation runs each block once per
+    new token; resharding after each would all-gather the model per token); shard_model's policy restored
+    and the parameters resharded on exit. A no-op for an unsharded model."""
     from torch.distributed.fsdp import FSDPModule
     if not isinstance(model, FSDPModule):
         yield model
@@ -637,9 +651,9 @@ def full_params(model: nn.Module):
 
 
 def reshard(model: nn.Module):
-    """Drop gathered parameters. FSDP2 leaves the root's (embeddings, final norm, lm_head) and the last block's
-    gathered after a forward without backward (evaluation); do this before anything that reads parameters
-    directly: the optimizer, a checkpoint, a soft update."""
+    """Drop gathered parameters. FSDP2 leaves the root's (embeddings, final norm, lm_head) and the last
+    block's gathered after a forward without backward (evaluation); do this before anything that reads
+    parameters directly: the optimizer, a checkpoint, a soft update."""
     from torch.distributed.fsdp import FSDPModule
     for m in model.modules():
         if isinstance(m, FSDPModule):
@@ -662,15 +676,16 @@ def build_optimizer(model: nn.Module, *, lr: float, betas=(0.9, 0.95), eps=1e-10
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)  # one kernel per step (CPU and CUDA)
+    # fused: one kernel per step (CPU and CUDA)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 
-def lr_at(step: int, *, peak: float, warmup: int, total: int, schedule: str = "cosine", min_ratio: float = 0.1,
-          decay_frac: float = 0.2) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine / linear to min_ratio x peak,
-    WSD (constant, then linear decay over the last decay_frac of the steps), or constant. Step k uses the
-    factor transformers' get_{cosine_with_min_lr,linear}_schedule_with_warmup give step k: k / warmup in the
-    warmup (so step `warmup` is the peak, the peak at step 0 without warmup), decay progress
+def lr_at(step: int, *, peak: float, warmup: int, total: int, schedule: str = "cosine",
+          min_ratio: float = 0.1, decay_frac: float = 0.2) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine / linear to min_ratio x
+    peak, WSD (constant, then linear decay over the last decay_frac of the steps), or constant. Step k uses
+    the factor transformers' get_{cosine_with_min_lr,linear}_schedule_with_warmup give step k: k / warmup in
+    the warmup (so step `warmup` is the peak, the peak at step 0 without warmup), decay progress
     (k - warmup) / (total - warmup)."""
     if schedule not in ("cosine", "linear", "wsd", "constant"):
         raise DataError(f"--schedule {schedule!r}: expected cosine, linear, wsd or constant")
@@ -703,7 +718,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
 
 class Checkpointer:
     """OUT/checkpoints/step_00000123/: DCP shards of model + optimizer (reshardable across world sizes),
-    extra.json (step, loader, config), rng_rankN.pt. Written as step_N.tmp and renamed when every rank is done."""
+    extra.json (step, loader, config), rng_rankN.pt. Written as step_N.tmp and renamed when every rank is
+    done."""
 
     def __init__(self, out_dir, d: Dist, *, keep: int = 2, async_save: bool = False):
         self.dir, self.dist, self.keep, self.async_save = Path(out_dir) / "checkpoints", d, keep, async_save
@@ -763,7 +779,8 @@ class Checkpointer:
         try:
             dcp.load(state, checkpoint_id=str(path))
         except Exception as e:
-            raise DataError(f"{path}: cannot load this checkpoint into the model ({str(e).splitlines()[0][:300]}); "
+            raise DataError(f"{path}: cannot load this checkpoint into the model "
+                            f"({str(e).splitlines()[0][:300]}); "
                             "is it from a different model?") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng = path / f"rng_rank{self.dist.rank}.pt"
@@ -773,7 +790,8 @@ class Checkpointer:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "numpy": np.random.get_state(), "python": random.getstate()}
 
 
@@ -827,9 +845,10 @@ class MetricsLog:
                 fh.write(json.dumps(record) + "\n")
 
 
-def plot_metrics(metrics_path, png_path, keys: list, title: str, *, overlay_path=None, overlay_title: str = ""):
-    """One panel per key against step from a metrics.jsonl (keys missing from it are left out), four panels per
-    row; with `overlay_path` (e.g. eval.jsonl) one more panel draws every series of that file together."""
+def plot_metrics(metrics_path, png_path, keys: list, title: str, *, overlay_path=None,
+                 overlay_title: str = ""):
+    """One panel per key against step from a metrics.jsonl (keys missing from it are left out), four panels
+    per row; with `overlay_path` (e.g. eval.jsonl) one more panel draws every series of that file together."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -841,9 +860,11 @@ def plot_metrics(metrics_path, png_path, keys: list, title: str, *, overlay_path
             panels.append((k, {k: pts}))
     if overlay_path is not None and Path(overlay_path).is_file():
         extra = cli.read_jsonl(overlay_path)
-        names = sorted({k for r in extra for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
+        names = sorted({k for r in extra for k, v in r.items()
+                        if k != "step" and isinstance(v, (int, float))})
         if names:
-            panels.append((overlay_title, {k: [(r["step"], r[k]) for r in extra if isinstance(r.get(k), (int, float))]
+            panels.append((overlay_title, {k: [(r["step"], r[k]) for r in extra
+                                               if isinstance(r.get(k), (int, float))]
                                            for k in names}))
     if not panels:
         return None
@@ -854,7 +875,8 @@ def plot_metrics(metrics_path, png_path, keys: list, title: str, *, overlay_path
         ax.axis("off")
     for ax, (name, series) in zip(axes.flat, panels):
         for label, pts in series.items():
-            ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None, label=label if len(series) > 1 else None)
+            ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None,
+                    label=label if len(series) > 1 else None)
         if len(series) > 1:
             ax.legend(fontsize=8)
         ax.set_title(name)
@@ -870,8 +892,9 @@ def plot_metrics(metrics_path, png_path, keys: list, title: str, *, overlay_path
 def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3 x forward), counted from the module itself:
 
-        matmuls     6 * N: N = every 2-D weight but the embedding table, plus lm_head (counted even when tied);
-                    routed experts count top_k / num_experts of their weights (a token visits top_k of them)
+        matmuls     6 * N: N = every 2-D weight but the embedding table, plus lm_head (counted even
+                    when tied); routed experts count top_k / num_experts of their weights (a token visits
+                    top_k of them)
         attention   12 * n_heads * head_dim * ctx per attention layer: QK^T and PV are 2 * 2 * n_heads *
                     head_dim * ctx forward; ctx = keys a query sees on average, (seq_len + 1) / 2 causal,
                     capped by a sliding window
@@ -902,12 +925,14 @@ def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
     return flops
 
 
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
-                    "A800": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A6000": 155.0}  # dense, no sparsity
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0,
+                    "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0,
+                    "A6000": 155.0}  # dense, no sparsity
 
 
 def peak_flops(device: torch.device) -> float | None:
-    """The card's dense bf16 peak (FLOP/s) from its name; None on CPU or an unknown card (MFU is not shown)."""
+    """The card's dense bf16 peak (FLOP/s) from its name; None on CPU or an unknown card
+    (MFU is not shown)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -932,7 +957,8 @@ def demo_mixture(folder) -> Path:
     champ, gym = cli.package_dir("champ_dataset"), cli.package_dir("reasoning_gym")
     if champ is None or gym is None:
         raise DataError("the demo mixture reads the champ-dataset and reasoning-gym packages: "
-                        "pip install --no-deps champ-dataset reasoning-gym (or pass --data your_mixture.toml)")
+                        "pip install --no-deps champ-dataset reasoning-gym "
+                        "(or pass --data your_mixture.toml)")
     folder.mkdir(parents=True, exist_ok=True)
     problems = cli.read_json(champ / "dataset_files" / "v0.json")["problems"]
     with open(folder / "math.jsonl", "w", encoding="utf-8") as fh:
@@ -1114,14 +1140,16 @@ def _start(cfg: Config, d: Dist) -> Run:
     heldout = {s.name: (heldout_windows(s, cfg.eval_tokens), s.eos_id) for s in token_sources}
     run = Run(cfg, d, out, base, sources, loader, model, optimizer,
               Checkpointer(out, d, keep=cfg.keep_checkpoints, async_save=cfg.async_save), None, None,
-              {k: v for k, v in heldout.items() if v[0]}, rows_per_rank, global_rows, tokens_per_step, total_steps,
-              model_flops_per_token(model, cfg.seq_len), peak_flops(d.device))
+              {k: v for k, v in heldout.items() if v[0]}, rows_per_rank, global_rows, tokens_per_step,
+              total_steps, model_flops_per_token(model, cfg.seq_len), peak_flops(d.device))
     resumed = _resume(run)
     run.metrics = MetricsLog(out / "metrics.jsonl", d, resume_step=run.start_step if resumed else None)
     run.evals = MetricsLog(out / "eval.jsonl", d, resume_step=run.start_step if resumed else None)
-    run.log(f"[train_mid] {cli.run_name(base)}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+    run.log(f"[train_mid] {cli.run_name(base)}: "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
             f"{d.world} rank(s) on {d.device.type}, mesh {cfg.mesh or d.world}, {total_steps} steps x "
-            f"{global_rows} sequences x {cfg.seq_len} tokens = {total_steps * tokens_per_step / 1e6:.2f}M tokens; "
+            f"{global_rows} sequences x {cfg.seq_len} tokens "
+            f"= {total_steps * tokens_per_step / 1e6:.2f}M tokens; "
             f"sources " + ", ".join(f"{s.name} {s.weight:g} ({t.tokens / 1e6:.2f}M tokens)"
                                     for s, t in zip(sources, token_sources)))
     return run
@@ -1132,7 +1160,8 @@ def _resume(run: Run) -> bool:
     cfg, d = run.cfg, run.d
     latest = run.ckpt.latest() if cfg.resume else None
     if cfg.resume and latest is None:
-        run.log(f"[train_mid] --resume: no complete checkpoint in {run.ckpt.dir}; starting from the base model")
+        run.log(f"[train_mid] --resume: no complete checkpoint in {run.ckpt.dir}; "
+                "starting from the base model")
     if latest is None:
         return False
     extra = cli.read_json(latest / "extra.json")
@@ -1144,7 +1173,8 @@ def _resume(run: Run) -> bool:
     run.loader.load_state_dict(extra["loader"])
     run.start_step = int(extra["step"])
     if extra["world"] != d.world:
-        run.log(f"[train_mid] resharding: checkpoint written by {extra['world']} ranks, resuming on {d.world}")
+        run.log(f"[train_mid] resharding: checkpoint written by {extra['world']} ranks, "
+                f"resuming on {d.world}")
     if extra["global_rows"] != run.global_rows:
         run.log(f"[train_mid] note: the checkpoint used {extra['global_rows']} sequences per step, this run "
                 f"{run.global_rows}; the data order continues from the same position")
@@ -1203,18 +1233,20 @@ def _train_step(run: Run, step: int) -> tuple:
     run.log(f"[train_mid] step {step}: non-finite loss {loss} / grad norm {grad_norm}; step skipped "
             f"({run.bad_in_row} in a row)")
     if run.bad_in_row >= cfg.max_bad_steps:
-        raise TrainingStopped(f"{run.bad_in_row} non-finite steps in a row (last at step {step}); lower --lr, "
-                              f"check the data, or resume from {run.ckpt.latest()}")
+        raise TrainingStopped(f"{run.bad_in_row} non-finite steps in a row (last at step {step}); "
+                              f"lower --lr, check the data, or resume from {run.ckpt.latest()}")
     return loss, grad_norm
 
 
 def _step_record(run: Run, step: int, loss: float, lr: float, grad_norm: float, dt: float) -> dict:
     d, loader, peak = run.d, run.loader, run.peak_flops
     tps = run.tokens_per_step / dt
-    return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": step * run.tokens_per_step,
-            "tokens_per_s": tps, "step_s": dt, "skipped_steps": run.skipped,
+    return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens": step * run.tokens_per_step, "tokens_per_s": tps, "step_s": dt,
+            "skipped_steps": run.skipped,
             "mfu": tps * run.flops_per_token / (peak * d.world) if peak else None,
-            "memory_gb": (torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda"  # peak; CPU: RSS
+            # peak; CPU: RSS
+            "memory_gb": (torch.cuda.max_memory_allocated(d.device) if d.device.type == "cuda"
                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9,
             **{f"mix/{s.name}": n / sum(loader.taken) for s, n in zip(run.sources, loader.taken)}}  # realised
 
@@ -1230,10 +1262,12 @@ def _log_step(run: Run, r: dict):
 
 
 def _save(run: Run, step: int):
-    """A DCP checkpoint every --save-every steps, an HF export every --export-every (the last step: _finish)."""
+    """A DCP checkpoint every --save-every steps, an HF export every --export-every
+    (the last step: _finish)."""
     cfg, mcfg = run.cfg, run.model.config
     if cfg.save_every and step % cfg.save_every == 0 and step < run.total_steps:
-        run.ckpt.save(step, run.model, run.optimizer, _extra(cfg, run.d, step, run.loader, mcfg, run.global_rows))
+        run.ckpt.save(step, run.model, run.optimizer,
+                      _extra(cfg, run.d, step, run.loader, mcfg, run.global_rows))
     if cfg.export_every and step % cfg.export_every == 0 and step < run.total_steps:
         export_hf(run.model, run.out / f"hf-step{step}", run.d, run.base, _export_dtype(cfg, mcfg))
 
@@ -1245,7 +1279,8 @@ def _finish(run: Run, step: int, losses: list) -> dict:
         run.ckpt.save(step, run.model, run.optimizer, _extra(cfg, d, step, run.loader, mcfg, run.global_rows))
     run.ckpt.wait()
     export_hf(run.model, out / "hf", d, run.base, _export_dtype(cfg, mcfg))
-    summary = {"steps": run.total_steps, "losses": losses, "export": str(out / "hf"), "skipped_steps": run.skipped}
+    summary = {"steps": run.total_steps, "losses": losses, "export": str(out / "hf"),
+               "skipped_steps": run.skipped}
     if d.main:
         records = cli.read_jsonl(out / "eval.jsonl") if run.heldout else []
         if records:
@@ -1253,8 +1288,10 @@ def _finish(run: Run, step: int, losses: list) -> dict:
             run.log("[train_mid] held-out loss, first -> last evaluation: " + ", ".join(
                 f"{k.removeprefix('heldout/')} {records[0][k]:.4f} -> {records[-1][k]:.4f}"
                 for k in records[0] if k.startswith("heldout/") and records[0][k] is not None))
-        png = plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "lr", "grad_norm", "tokens_per_s"],
-                           f"mid-training {cli.run_name(run.base)} ({d.world} x {d.device.type}, {time.strftime('%Y-%m-%d')})",
+        png = plot_metrics(out / "metrics.jsonl", out / "loss.png",
+                           ["loss", "lr", "grad_norm", "tokens_per_s"],
+                           f"mid-training {cli.run_name(run.base)} "
+                           f"({d.world} x {d.device.type}, {time.strftime('%Y-%m-%d')})",
                            overlay_path=out / "eval.jsonl", overlay_title="held-out loss per source")
         run.log(f"[train_mid] wrote {out / 'hf'} (Hugging Face folder), {out / 'metrics.jsonl'}"
                 + (f", {png}" if png else ""))
@@ -1276,8 +1313,9 @@ def _export_dtype(cfg: Config, mcfg):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Mid-train a Hugging Face base model on a weighted data mixture "
-                                                 "with FSDP2 (see the module docstring for torchrun commands).")
+    parser = argparse.ArgumentParser(description="Mid-train a Hugging Face base model on a weighted data "
+                                                 "mixture with FSDP2 (see the module docstring for torchrun "
+                                                 "commands).")
     parser.add_argument("command", nargs="?", default="train", choices=["train", "prepare"],
                         help="train (default) or prepare: only tokenize the mixture's sources")
     cfg, args = cli.parse_config(Config, argv, parser=parser)

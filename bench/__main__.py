@@ -8,7 +8,8 @@ a benchmark's flags. Each prints a markdown table naming the machine and the dat
     train_mid   one FSDP training step vs transformers wrapped the same way
     rl          one GRPO step (rollout, update) vs a TRL-like transformers loop
     kernels     the Triton kernels vs torch SDPA / the PyTorch scan (a CUDA GPU)
-    gpu         one GPU session: kernel correctness + speed, train_mid MFU, decode, an RL step (--dry-run: CPU)
+    gpu         one GPU session: kernel correctness + speed, train_mid MFU, decode, an RL step
+                (--dry-run: CPU)
 """
 import runpy
 import sys

@@ -30,7 +30,8 @@ def hf_generate_batch(hf, prompts, max_new_tokens, stop_ids, device, **sampling)
         mask[i, width - len(p):] = 1
     with torch.no_grad():
         out = hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                          eos_token_id=list(stop_ids), pad_token_id=stop_ids[0], **{"do_sample": False, **sampling})
+                          eos_token_id=list(stop_ids), pad_token_id=stop_ids[0],
+                          **{"do_sample": False, **sampling})
     rows = []
     for row in out[:, width:].tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
@@ -46,7 +47,8 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=192, help="new tokens per response at most")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="model.generate's compile")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="model.generate's compile")
     p.add_argument("--quantize", choices=["none", "bf16", "int8"], default="none", help="generation weights")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
@@ -61,7 +63,8 @@ def main():
     ours = M.load_model(args.model, device=args.device, dtype=dtype)
     folder = M.resolve_model_path(args.model)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": E.build_prompt("gsm8k", q, "plain")}]))
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user",
+                                                    "content": E.build_prompt("gsm8k", q, "plain")}]))
                for q in problems]
     stop = tok.eos_ids
 
@@ -77,20 +80,24 @@ def main():
     compile = {"auto": None, "on": True, "off": False}[args.compile]
     quantize = None if args.quantize == "none" else args.quantize
     ours_batch = lambda batch: [s.tokens for s in generate(ours, batch, max_new_tokens=args.max_new_tokens,
-                                                             stop_ids=stop, compile=compile, quantize=quantize)]
+                                                             stop_ids=stop, compile=compile,
+                                                             quantize=quantize)]
     hf_batch = lambda batch: hf_generate_batch(hf, batch, args.max_new_tokens, stop, args.device)
     run(lambda batch: ours_batch(batch[:1])), run(lambda batch: hf_batch(batch[:1]))  # warm-up
     t_hf, c_hf = run(hf_batch)
     t_ours, c_ours = run(ours_batch)
 
-    hardware = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"\nGSM8K ({source}), {len(problems)} problems, batch {args.batch_size}, greedy, <= {args.max_new_tokens} "
-          f"new tokens; {hardware}, {args.dtype}, compile {args.compile}, weights {args.quantize}, "
+    hardware = (torch.cuda.get_device_name() if args.device == "cuda"
+                else f"CPU {platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"\nGSM8K ({source}), {len(problems)} problems, batch {args.batch_size}, greedy, "
+          f"<= {args.max_new_tokens} new tokens; {hardware}, {args.dtype}, "
+          f"compile {args.compile}, weights {args.quantize}, "
           f"load average {os.getloadavg()[0]:.1f}, {date.today()}\n")
     print("| side | problems/s | correct | ratio |")
     print("|---|---:|---:|---:|")
     print(f"| transformers generate loop | {len(problems) / t_hf:.3f} | {c_hf}/{len(problems)} | 1.00x |")
-    print(f"| evaluate.py (model.generate) | {len(problems) / t_ours:.3f} | {c_ours}/{len(problems)} | {t_hf / t_ours:.2f}x |")
+    print(f"| evaluate.py (model.generate) | {len(problems) / t_ours:.3f} | {c_ours}/{len(problems)} | "
+          f"{t_hf / t_ours:.2f}x |")
 
 
 if __name__ == "__main__":

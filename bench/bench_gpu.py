@@ -2,7 +2,7 @@
 
     python -m bench gpu                          # writes bench_gpu.md and prints it
     python -m bench gpu --parts train,decode     # some of the parts
-    python -m bench gpu --dry-run                # every part end to end on CPU at tiny shapes (a test runs it)
+    python -m bench gpu --dry-run                # every part end to end on CPU, tiny shapes (a test runs it)
 
 Parts, each in its own try block (a failure is a row of the table; the other parts still run):
   correctness  bf16 Triton attention and SSD, forward and every gradient, on odd shapes vs fp64 / fp32
@@ -130,10 +130,10 @@ def kernel_cfg(cfg):
 
 def llama_1b(dry: bool) -> dict:
     """config.json of a Llama-3.2-1B-shaped model (tiny in the dry run)."""
-    raw = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=2048, intermediate_size=8192,
-               num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-               max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-               hidden_act="silu", bos_token_id=1, eos_token_id=2)
+    raw = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=2048,
+               intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+               tie_word_embeddings=True, hidden_act="silu", bos_token_id=1, eos_token_id=2)
     if dry:
         raw.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=512)
@@ -151,8 +151,8 @@ def nemotron_h(dry: bool) -> dict:
                tie_word_embeddings=False, layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2)
     if dry:
         raw.update(hidden_size=64, hybrid_override_pattern="M*-M", num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16, intermediate_size=128, mamba_num_heads=4, mamba_head_dim=32,
-                   n_groups=2, ssm_state_size=16, chunk_size=32, vocab_size=512)
+                   num_key_value_heads=2, head_dim=16, intermediate_size=128, mamba_num_heads=4,
+                   mamba_head_dim=32, n_groups=2, ssm_state_size=16, chunk_size=32, vocab_size=512)
     return raw
 
 
@@ -176,7 +176,8 @@ def part_correctness(cfg):
     rows = []
     failed, cells = _captured(BK.correctness, kernel_cfg(cfg))
     rows += [(f"attention {c[0]}: max err o, dq, dk, dv", " / ".join(x.split(" (")[0] for x in c[1:5]),
-              "torch " + " / ".join(x.split("(")[1].rstrip(")") for x in c[1:5]), c[-1] == "yes") for c in cells]
+              "torch " + " / ".join(x.split("(")[1].rstrip(")") for x in c[1:5]), c[-1] == "yes")
+             for c in cells]
     failed_ssd, cells = _captured(BK.ssd_correctness, kernel_cfg(cfg))
     rows += [(f"ssd {c[0]}: rel err", c[1].replace(" (", " [torch ").replace(")", "]"), "", c[-1] == "yes")
              for c in cells]
@@ -190,7 +191,8 @@ def part_attention(cfg):
     rows = []
     for d, s, b, hq, hkv, ours, fl, cu in BK.timing(kc):
         f = BK.fmt
-        rows.append((f"causal d{d} s{s} b{b} GQA {hq}/{hkv}: TFLOP/s fwd / bwd", f"{f(ours[0])} / {f(ours[1])}",
+        rows.append((f"causal d{d} s{s} b{b} GQA {hq}/{hkv}: TFLOP/s fwd / bwd",
+                     f"{f(ours[0])} / {f(ours[1])}",
                      f"flash {f(fl[0])} / {f(fl[1])}, cuDNN {f(cu[0])} / {f(cu[1])}", None))
     # packed documents and a window: block skipping, counted at dense-causal FLOPs
     s = max(int(x) for x in cfg.seqlens.split(",")) if cfg.dry_run else 8192
@@ -287,7 +289,8 @@ def part_decode(cfg):
         prompts = torch.randint(3, model.config.vocab_size, (batch, cfg.decode_prompt), generator=g).tolist()
         limit = f"HBM limit {batch * bw / weight_bytes:,.0f} tok/s" if bw else "HBM limit n/a"
         for compiled in ((False, True) if not cfg.dry_run else (False,)):  # CPU compile: a minute, skipped
-            run = lambda: generate(model, prompts, max_new_tokens=cfg.decode_new, compile=compiled)  # noqa: E731
+            run = lambda: generate(model, prompts, max_new_tokens=cfg.decode_new,  # noqa: E731
+                                   compile=compiled)
             run()  # warm-up (and compile)
             _sync()
             t = time.perf_counter()
@@ -311,7 +314,8 @@ def part_rl(cfg):
         R.train(rc)
         rec = [json.loads(line) for line in open(os.path.join(tmp, "metrics.jsonl")) if line.strip()][-1]
     return [(f"GRPO step, SmolLM2-135M, {cfg.rl_prompts} prompts x {cfg.rl_group}, <= {cfg.rl_new} new: "
-             f"rollout s / update s / step s", f"{rec['gen_s']:.2f} / {rec['train_s']:.2f} / {rec['step_s']:.2f}",
+             f"rollout s / update s / step s",
+             f"{rec['gen_s']:.2f} / {rec['train_s']:.2f} / {rec['step_s']:.2f}",
              f"{rec['gen_tok_s']:,.0f} gen tok/s, {rec['train_tok_s']:,.0f} train tok/s", None)]
 
 
@@ -367,7 +371,8 @@ def main(argv=None):
             if ok is False and (part == "correctness" or cfg.dry_run):
                 failed.append(f"{part}: {case}")
         print(f"[bench gpu] {part}: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
-    lines = [f"# python -m bench gpu: {card}, {now}, torch {torch.__version__}, triton {triton.__version__}", "",
+    lines = [f"# python -m bench gpu: {card}, {now}, torch {torch.__version__}, "
+             f"triton {triton.__version__}", "",
              "| part | case | result | baseline / limit | ok |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     if failed:

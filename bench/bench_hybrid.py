@@ -110,13 +110,16 @@ def main():
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     p.add_argument("--pattern", default="M-M*M-M-", help="hybrid_override_pattern of the benchmark model")
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary size")
-    p.add_argument("--prompt-len", type=int, default=512, help="prompt length of the model.py vs transformers rows")
+    p.add_argument("--prompt-len", type=int, default=512,
+                   help="prompt length of the model.py vs transformers rows")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per measurement")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes")
-    p.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096], help="context sweep prompt lengths")
+    p.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096],
+                   help="context sweep prompt lengths")
     p.add_argument("--sweep-batch", type=int, default=8,
                    help="context sweep batch size (KV caches grow with it, the weights read per step do not)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="context sweep: prefill in pieces of this many tokens")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="context sweep: prefill in pieces of this many tokens")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="folder for metrics.jsonl (optional)")
@@ -137,10 +140,12 @@ def main():
             t_ours = median_time(lambda: None, lambda _: ours_prefill(ours, ids, new), args.repeats, dev)
             rows.append((f"prefill b={batch}, {args.prompt_len} tokens", batch * args.prompt_len / t_hf,
                          batch * args.prompt_len / t_ours))
-            t_hf = median_time(lambda: hf_prefill(hf, ids), lambda s: hf_decode(hf, s, new), args.repeats, dev)
+            t_hf = median_time(lambda: hf_prefill(hf, ids), lambda s: hf_decode(hf, s, new),
+                               args.repeats, dev)
             t_ours = median_time(lambda: ours_prefill(ours, ids, new), lambda s: ours_decode(ours, s, new),
                                  args.repeats, dev)
-            rows.append((f"decode b={batch}, after {args.prompt_len}", batch * new / t_hf, batch * new / t_ours))
+            rows.append((f"decode b={batch}, after {args.prompt_len}", batch * new / t_hf,
+                         batch * new / t_ours))
         del hf
 
         # context sweep: decode tokens/s after prompts of each length, three layer patterns

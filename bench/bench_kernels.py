@@ -45,7 +45,8 @@ class Config:
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, field in Config.__dataclass_fields__.items():
         flag = "--" + name.replace("_", "-")
         if field.type is bool or field.type == "bool":
@@ -91,7 +92,8 @@ def _grads(fn, q, k, v, do, **kw):
 
 
 DEVICE = "cuda"
-DTYPE = torch.bfloat16  # the checked and timed dtype (bench_gpu --dry-run: fp32, the interpreter's bf16 is wrong)
+# the checked and timed dtype (bench_gpu --dry-run: fp32, the interpreter's bf16 is wrong)
+DTYPE = torch.bfloat16
 CHECKS = [  # name, b, hq, hkv, t, s, d, kwargs (doc_ids as (lengths, padding))
     ("causal d128 gqa8", 2, 16, 2, 1000, 1000, 128, dict(causal=True)),
     ("full d64 gqa2", 1, 4, 2, 777, 777, 64, dict(causal=False)),
@@ -243,8 +245,8 @@ def _ssd_grads(fn, v, chunk, seq_idx, use_h0):
     names = ["x", "dt", "A", "B", "C", "D", "dt_bias"] + (["h0"] if use_h0 else [])
     leaves = {k: v[k].detach().clone().requires_grad_() for k in names if v[k] is not None}
     y, final = fn(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk_size=chunk,
-                  D=leaves.get("D"), dt_bias=leaves["dt_bias"], dt_softplus=True, initial_states=leaves.get("h0"),
-                  seq_idx=seq_idx, return_final_states=True)
+                  D=leaves.get("D"), dt_bias=leaves["dt_bias"], dt_softplus=True,
+                  initial_states=leaves.get("h0"), seq_idx=seq_idx, return_final_states=True)
     loss = (y.float() * v["dy"].float()).sum() + (final.float() * v["dfinal"].float()).sum()
     return [y.detach(), final.detach(), *torch.autograd.grad(loss, list(leaves.values()))]
 
@@ -303,7 +305,8 @@ def _ssd_impls():
 
 
 def ssd_timing(cfg):
-    """Rows (tokens, batch, impl, fwd ms, fwd+bwd ms, GB/s fwd, GB/s fwd+bwd, TFLOP/s fwd, TFLOP/s fwd+bwd)."""
+    """Rows (tokens, batch, impl, fwd ms, fwd+bwd ms, GB/s fwd, GB/s fwd+bwd, TFLOP/s fwd,
+    TFLOP/s fwd+bwd)."""
     s = SSD_SHAPE
     h, p, g, n, Q = s["h"], s["p"], s["g"], s["n"], s["chunk"]
     os.environ["PRISM_SSD"] = "triton"
@@ -320,8 +323,8 @@ def ssd_timing(cfg):
         io_both = io_fwd + 2 * (2 * T * h * p + T * h + 2 * T * g * n)  # + dy, dx, ddt, dB, dC
         for name, fn in _ssd_impls().items():
             def fwd():
-                return fn(bf["x"], bf["dt"], v["A"], bf["B"], bf["C"], chunk_size=Q, D=v["D"], dt_bias=v["dt_bias"],
-                          dt_softplus=True)
+                return fn(bf["x"], bf["dt"], v["A"], bf["B"], bf["C"], chunk_size=Q, D=v["D"],
+                          dt_bias=v["dt_bias"], dt_softplus=True)
 
             def fwd_bwd():
                 torch.autograd.grad(fwd(), leaves, bf["dy"])
@@ -345,8 +348,8 @@ def ssd_timing(cfg):
 
 def ssd_section(cfg):
     s = NEMOTRON_H_8B
-    print(f"## SSD scan (kernels/ssd.py) — Nemotron-H-8B shapes: {s['h']} heads x {s['p']}, {s['g']} groups, "
-          f"state {s['n']}, chunk {s['chunk']}\n")
+    print(f"## SSD scan (kernels/ssd.py) — Nemotron-H-8B shapes: {s['h']} heads x {s['p']}, "
+          f"{s['g']} groups, state {s['n']}, chunk {s['chunk']}\n")
     if not cfg.skip_checks:
         print("### bf16 correctness (relative max error vs fp32 reference; torch on bf16 in parentheses)\n")
         failed = ssd_correctness(cfg)
@@ -354,11 +357,13 @@ def ssd_section(cfg):
         if failed:
             print(f"**FAILED: {', '.join(failed)}**\n")
     print(f"### bf16, seqlen {cfg.ssd_seqlen}, softplus Δ + dt_bias + D\n")
-    print("| tokens | batch | impl | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | fwd TFLOP/s | fwd+bwd TFLOP/s |")
+    print("| tokens | batch | impl | fwd ms | fwd+bwd ms | fwd GB/s | fwd+bwd GB/s | fwd TFLOP/s "
+          "| fwd+bwd TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     f = lambda x, d=2: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
     for tokens, b, name, t_f, t_b, gf, gb, tf, tb in ssd_timing(cfg):
-        print(f"| {tokens} | {b} | {name} | {f(t_f)} | {f(t_b)} | {f(gf, 0)} | {f(gb, 0)} | {f(tf, 1)} | {f(tb, 1)} |")
+        print(f"| {tokens} | {b} | {name} | {f(t_f)} | {f(t_b)} | {f(gf, 0)} | {f(gb, 0)} | {f(tf, 1)} "
+              f"| {f(tb, 1)} |")
 
 
 def main():
@@ -389,11 +394,12 @@ def main():
             print(f"**FAILED: {', '.join(failed)}**\n")
     print(f"### causal, bf16, {cfg.group} query heads per KV head, {cfg.tokens} tokens per batch; TFLOP/s "
           f"(fwd 4bs²hd/2, bwd 2.5x)\n")
-    print("| d | seq | batch | hq/hkv | ours fwd | ours bwd | SDPA flash fwd | flash bwd | SDPA cuDNN fwd | cuDNN bwd |")
+    print("| d | seq | batch | hq/hkv | ours fwd | ours bwd | SDPA flash fwd | flash bwd | SDPA cuDNN fwd "
+          "| cuDNN bwd |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for d, s, b, hq, hkv, ours, fl, cu in timing(cfg):
-        print(f"| {d} | {s} | {b} | {hq}/{hkv} | {fmt(ours[0])} | {fmt(ours[1])} | {fmt(fl[0])} | {fmt(fl[1])} "
-              f"| {fmt(cu[0])} | {fmt(cu[1])} |")
+        print(f"| {d} | {s} | {b} | {hq}/{hkv} | {fmt(ours[0])} | {fmt(ours[1])} | {fmt(fl[0])} "
+              f"| {fmt(fl[1])} | {fmt(cu[0])} | {fmt(cu[1])} |")
 
 
 if __name__ == "__main__":

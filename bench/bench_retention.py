@@ -35,7 +35,8 @@ def cpu_name() -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=M.DEFAULT_MODEL, help="model folder, hub id or the built-in default")
-    p.add_argument("--tasks", default="bigbench:emoji_movie,bigbench:logical_deduction,bigbench:hindu_knowledge",
+    p.add_argument("--tasks",
+                   default="bigbench:emoji_movie,bigbench:logical_deduction,bigbench:hindu_knowledge",
                    help="comma list of multiple-choice tasks (retention.py names)")
     p.add_argument("--data", default="", help="local files: task=path[,task=path]")
     p.add_argument("--items", type=int, default=16, help="items per task (the first N)")
@@ -71,26 +72,28 @@ def main():
             for shared in (False, True):
                 sync()
                 t0 = time.perf_counter()
-                scores[shared] = R.score_mc_items(model, tok, items, batch_tokens=args.batch_tokens, shared=shared)
+                scores[shared] = R.score_mc_items(model, tok, items, batch_tokens=args.batch_tokens,
+                                                  shared=shared)
                 sync()
                 times[shared].append(time.perf_counter() - t0)
         diff = max(abs(a - b) for x, y in zip(scores[True], scores[False]) for a, b in zip(x, y))
         acc = sum(R.mc_outcome(it, s)["correct"] for it, s in zip(items, scores[True])) / len(items)
         per, sh = (len(items) / statistics.median(times[s]) for s in (False, True))
         rows.append((task, len(items), n_choices, ctx_tokens, cont_tokens, per, sh, diff, acc))
-        print(f"{task}: per-choice {per:.2f} items/s, shared {sh:.2f} items/s ({sh / per:.2f}x), max |dlogprob| {diff:.1e}")
+        print(f"{task}: per-choice {per:.2f} items/s, shared {sh:.2f} items/s ({sh / per:.2f}x), "
+              f"max |dlogprob| {diff:.1e}")
 
     threads = torch.get_num_threads() if args.device == "cpu" else None
     where = (f"CPU: {cpu_name()}, {os.cpu_count()} cores, {threads} torch threads" if args.device == "cpu"
              else f"GPU: {torch.cuda.get_device_name()}")
     print(f"\n{where}, torch {torch.__version__}, {args.dtype}, {args.model}, {date.today().isoformat()}; "
           f"median of {args.repeats}, the two sides alternating.\n")
-    print("| task | items | choices / item | context tokens | choice tokens | per-choice items/s | shared-context "
-          "items/s | ratio | max abs Δ log-prob | acc (shared) |")
+    print("| task | items | choices / item | context tokens | choice tokens | per-choice items/s "
+          "| shared-context items/s | ratio | max abs Δ log-prob | acc (shared) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for task, n, nc, ct, cc, per, sh, diff, acc in rows:
-        print(f"| {task} | {n} | {nc:.1f} | {ct:.0f} | {cc:.1f} | {per:.2f} | {sh:.2f} | {sh / per:.2f}x | {diff:.1e} | "
-              f"{100 * acc:.0f}% |")
+        print(f"| {task} | {n} | {nc:.1f} | {ct:.0f} | {cc:.1f} | {per:.2f} | {sh:.2f} | {sh / per:.2f}x "
+              f"| {diff:.1e} | {100 * acc:.0f}% |")
 
 
 if __name__ == "__main__":

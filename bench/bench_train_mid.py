@@ -26,9 +26,10 @@ from bench_model import timed_pair
 
 def llama_1b_folder(tmp: str) -> str:
     import transformers
-    cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                                   tie_word_embeddings=True, rope_theta=500000.0)
+    cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                   num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                                   max_position_embeddings=8192, tie_word_embeddings=True,
+                                   rope_theta=500000.0)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp)
     return tmp
@@ -36,7 +37,8 @@ def llama_1b_folder(tmp: str) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=M.DEFAULT_MODEL, help="folder, hub id, smollm2-135m-instruct or llama-1b")
+    p.add_argument("--model", default=M.DEFAULT_MODEL,
+                   help="folder, hub id, smollm2-135m-instruct or llama-1b")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=2, help="sequences per rank per step")
@@ -50,10 +52,12 @@ def main():
         folder = llama_1b_folder(tmp) if args.model == "llama-1b" else str(M.resolve_model_path(args.model))
         param_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
         ours = M.load_model(folder, dtype=torch.float32)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                               attn_implementation="sdpa")
         mesh = T.build_mesh(d)
         for m in (ours, hf):
-            T.shard_model(m, mesh, param_dtype=param_dtype, activation_checkpointing=args.activation_checkpointing)
+            T.shard_model(m, mesh, param_dtype=param_dtype,
+                          activation_checkpointing=args.activation_checkpointing)
         ours.init_buffers()
         opts = [T.build_optimizer(m, lr=1e-5) for m in (ours, hf)]
 
@@ -86,13 +90,16 @@ def main():
                 f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
             n = sum(p.numel() for p in ours.parameters())
             print(f"\n{date.today()} | {device} | {d.world} rank(s) | torch {torch.__version__} | "
-                  f"transformers {transformers.__version__} | params {str(param_dtype).removeprefix('torch.')} | "
+                  f"transformers {transformers.__version__} | "
+                  f"params {str(param_dtype).removeprefix('torch.')} | "
                   f"AC {args.activation_checkpointing}\n")
-            print("| model | batch x seq | train_mid tok/s | transformers tok/s | ratio | train_mid MFU | transformers MFU |")
+            print("| model | batch x seq | train_mid tok/s | transformers tok/s | ratio | train_mid MFU "
+                  "| transformers MFU |")
             print("|---|---|---|---|---|---|---|")
-            mfu = (lambda t: f"{tokens / t * flops / (peak * d.world) * 100:.1f}%") if peak else (lambda t: "n/a")
-            print(f"| {args.model} ({n / 1e6:.0f}M) | {B} x {L} | {tokens / t_ours:,.0f} | {tokens / t_hf:,.0f} | "
-                  f"{t_hf / t_ours:.2f}x | {mfu(t_ours)} | {mfu(t_hf)} |")
+            mfu = ((lambda t: f"{tokens / t * flops / (peak * d.world) * 100:.1f}%") if peak
+                   else (lambda t: "n/a"))
+            print(f"| {args.model} ({n / 1e6:.0f}M) | {B} x {L} | {tokens / t_ours:,.0f} | "
+                  f"{tokens / t_hf:,.0f} | {t_hf / t_ours:.2f}x | {mfu(t_ours)} | {mfu(t_hf)} |")
     torch.distributed.destroy_process_group()
 
 

@@ -338,16 +338,16 @@ def _fwd_block(acc, m_i, l_i, q, qpos, qdoc, qmin, qmax, kmm_base, k_base, v_bas
         if _docs_meet(qmin, qmax, kmin, kmax):
             if POS_FULL:
                 if _docs_uniform(qmin, qmax, kmin, kmax):
-                    acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, qpos, qdoc, k_base, v_base, sks, svs, n0, S, window,
-                                              qk_scale, KDOC, CAUSAL, HAS_WINDOW, HAS_DOCS, False,
+                    acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, qpos, qdoc, k_base, v_base, sks, svs, n0, S,
+                                              window, qk_scale, KDOC, CAUSAL, HAS_WINDOW, HAS_DOCS, False,
                                               D, D_PAD, BN, UPCAST, DOT_PREC)
                 else:
-                    acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, qpos, qdoc, k_base, v_base, sks, svs, n0, S, window,
-                                              qk_scale, KDOC, CAUSAL, HAS_WINDOW, HAS_DOCS, True,
+                    acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, qpos, qdoc, k_base, v_base, sks, svs, n0, S,
+                                              window, qk_scale, KDOC, CAUSAL, HAS_WINDOW, HAS_DOCS, True,
                                               D, D_PAD, BN, UPCAST, DOT_PREC)
             else:
-                acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, qpos, qdoc, k_base, v_base, sks, svs, n0, S, window,
-                                          qk_scale, KDOC, CAUSAL, HAS_WINDOW, HAS_DOCS, True,
+                acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, qpos, qdoc, k_base, v_base, sks, svs, n0, S,
+                                          window, qk_scale, KDOC, CAUSAL, HAS_WINDOW, HAS_DOCS, True,
                                           D, D_PAD, BN, UPCAST, DOT_PREC)
     elif POS_FULL:
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, qpos, qdoc, k_base, v_base, sks, svs, n0, S, window,
@@ -402,21 +402,22 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KDOC, QMM, KMM, KRANGE,
     kmm_base = KMM + bi * tl.cdiv(S, BN) * 2
     b, c = _key_split(pid_m, T, S, window, lo, hi, CAUSAL, HAS_WINDOW, BM, BN)
     for n0 in range(lo, b, BN):  # partial blocks (window edge)
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, qpos, qdoc, qmin, qmax, kmm_base, k_base, v_base, sks, svs,
-                                   n0, S, window, qk_scale, kdoc_base, CAUSAL, HAS_WINDOW, HAS_DOCS, False,
-                                   D, D_PAD, BN, UPCAST, DOT_PREC)
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, qpos, qdoc, qmin, qmax, kmm_base, k_base, v_base, sks,
+                                   svs, n0, S, window, qk_scale, kdoc_base, CAUSAL, HAS_WINDOW, HAS_DOCS,
+                                   False, D, D_PAD, BN, UPCAST, DOT_PREC)
     for n0 in range(b, c, BN):  # full blocks: no mask
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, qpos, qdoc, qmin, qmax, kmm_base, k_base, v_base, sks, svs,
-                                   n0, S, window, qk_scale, kdoc_base, CAUSAL, HAS_WINDOW, HAS_DOCS, True,
-                                   D, D_PAD, BN, UPCAST, DOT_PREC)
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, qpos, qdoc, qmin, qmax, kmm_base, k_base, v_base, sks,
+                                   svs, n0, S, window, qk_scale, kdoc_base, CAUSAL, HAS_WINDOW, HAS_DOCS,
+                                   True, D, D_PAD, BN, UPCAST, DOT_PREC)
     for n0 in range(c, hi, BN):  # partial blocks (diagonal, key tail)
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, qpos, qdoc, qmin, qmax, kmm_base, k_base, v_base, sks, svs,
-                                   n0, S, window, qk_scale, kdoc_base, CAUSAL, HAS_WINDOW, HAS_DOCS, False,
-                                   D, D_PAD, BN, UPCAST, DOT_PREC)
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, qpos, qdoc, qmin, qmax, kmm_base, k_base, v_base, sks,
+                                   svs, n0, S, window, qk_scale, kdoc_base, CAUSAL, HAS_WINDOW, HAS_DOCS,
+                                   False, D, D_PAD, BN, UPCAST, DOT_PREC)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only rows beyond T can be empty; they are not stored
     o = acc / l_safe[:, None]
     o_base = O + bi.to(tl.int64) * sob + h.to(tl.int64) * soh
-    tl.store(o_base + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :], o.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(o_base + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=q_mask)
     lse = m_i + tl.math.log2(l_safe)  # log2-sum-exp2 of the scaled scores
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
@@ -432,8 +433,10 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, HQ, T,
     offs_d = tl.arange(0, D_PAD)
     mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
     rows = offs_m[:, None].to(tl.int64)
-    o = tl.load(O + bi.to(tl.int64) * sob + h.to(tl.int64) * soh + rows * sot + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + bi.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + rows * sdot + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(O + bi.to(tl.int64) * sob + h.to(tl.int64) * soh + rows * sot + offs_d[None, :],
+                mask=mask, other=0.0)
+    do = tl.load(DO + bi.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + rows * sdot + offs_d[None, :],
+                 mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
@@ -473,11 +476,11 @@ def _dkdv_step(dk, dv, k, v, kpos, kdoc, q_base, do_base, sqt, sdot, lse_base, d
 
 
 @_jit
-def _dkdv_block(dk, dv, k, v, kpos, kdoc, kmin, kmax, qmm_base, q_base, do_base, sqt, sdot, lse_base, delta_base,
-                KDOC, m0, T, S, window, qk_scale,
-                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, POS_FULL: tl.constexpr,
-                D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+def _dkdv_block(dk, dv, k, v, kpos, kdoc, kmin, kmax, qmm_base, q_base, do_base, sqt, sdot, lse_base,
+                delta_base, KDOC, m0, T, S, window, qk_scale,
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+                POS_FULL: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     """One query block for a key block; the same decisions as _fwd_block."""
     if HAS_DOCS:
         qmin = tl.load(qmm_base + (m0 // BM) * 2)
@@ -485,17 +488,17 @@ def _dkdv_block(dk, dv, k, v, kpos, kdoc, kmin, kmax, qmm_base, q_base, do_base,
         if _docs_meet(qmin, qmax, kmin, kmax):
             if POS_FULL:
                 if _docs_uniform(qmin, qmax, kmin, kmax):
-                    dk, dv = _dkdv_step(dk, dv, k, v, kpos, kdoc, q_base, do_base, sqt, sdot, lse_base, delta_base,
-                                        KDOC, m0, T, S, window, qk_scale, CAUSAL, HAS_WINDOW, HAS_DOCS, False,
-                                        D, D_PAD, BM, UPCAST, DOT_PREC)
+                    dk, dv = _dkdv_step(dk, dv, k, v, kpos, kdoc, q_base, do_base, sqt, sdot, lse_base,
+                                        delta_base, KDOC, m0, T, S, window, qk_scale, CAUSAL, HAS_WINDOW,
+                                        HAS_DOCS, False, D, D_PAD, BM, UPCAST, DOT_PREC)
                 else:
-                    dk, dv = _dkdv_step(dk, dv, k, v, kpos, kdoc, q_base, do_base, sqt, sdot, lse_base, delta_base,
-                                        KDOC, m0, T, S, window, qk_scale, CAUSAL, HAS_WINDOW, HAS_DOCS, True,
-                                        D, D_PAD, BM, UPCAST, DOT_PREC)
+                    dk, dv = _dkdv_step(dk, dv, k, v, kpos, kdoc, q_base, do_base, sqt, sdot, lse_base,
+                                        delta_base, KDOC, m0, T, S, window, qk_scale, CAUSAL, HAS_WINDOW,
+                                        HAS_DOCS, True, D, D_PAD, BM, UPCAST, DOT_PREC)
             else:
-                dk, dv = _dkdv_step(dk, dv, k, v, kpos, kdoc, q_base, do_base, sqt, sdot, lse_base, delta_base,
-                                    KDOC, m0, T, S, window, qk_scale, CAUSAL, HAS_WINDOW, HAS_DOCS, True,
-                                    D, D_PAD, BM, UPCAST, DOT_PREC)
+                dk, dv = _dkdv_step(dk, dv, k, v, kpos, kdoc, q_base, do_base, sqt, sdot, lse_base,
+                                    delta_base, KDOC, m0, T, S, window, qk_scale, CAUSAL, HAS_WINDOW,
+                                    HAS_DOCS, True, D, D_PAD, BM, UPCAST, DOT_PREC)
     elif POS_FULL:
         dk, dv = _dkdv_step(dk, dv, k, v, kpos, kdoc, q_base, do_base, sqt, sdot, lse_base, delta_base,
                             KDOC, m0, T, S, window, qk_scale, CAUSAL, HAS_WINDOW, HAS_DOCS, False,
@@ -524,8 +527,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDOC, QMM, KMM, QRANG
     offs_d = tl.arange(0, D_PAD)
     kv_mask = (offs_n[:, None] < S) & (offs_d[None, :] < D)
     rows = offs_n[:, None].to(tl.int64)
-    k = tl.load(K + bi.to(tl.int64) * skb + hk.to(tl.int64) * skh + rows * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + bi.to(tl.int64) * svb + hk.to(tl.int64) * svh + rows * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(K + bi.to(tl.int64) * skb + hk.to(tl.int64) * skh + rows * sks + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + bi.to(tl.int64) * svb + hk.to(tl.int64) * svh + rows * svs + offs_d[None, :],
+                mask=kv_mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -611,14 +616,17 @@ def _dq_block(dq, q, do, lse, delta, qpos, qdoc, qmin, qmax, kmm_base, k_base, v
         if _docs_meet(qmin, qmax, kmin, kmax):
             if POS_FULL:
                 if _docs_uniform(qmin, qmax, kmin, kmax):
-                    dq = _dq_step(dq, q, do, lse, delta, qpos, qdoc, k_base, v_base, sks, svs, KDOC, n0, S, window,
-                                  qk_scale, CAUSAL, HAS_WINDOW, HAS_DOCS, False, D, D_PAD, BN, UPCAST, DOT_PREC)
+                    dq = _dq_step(dq, q, do, lse, delta, qpos, qdoc, k_base, v_base, sks, svs, KDOC, n0, S,
+                                  window, qk_scale, CAUSAL, HAS_WINDOW, HAS_DOCS, False, D, D_PAD, BN, UPCAST,
+                                  DOT_PREC)
                 else:
-                    dq = _dq_step(dq, q, do, lse, delta, qpos, qdoc, k_base, v_base, sks, svs, KDOC, n0, S, window,
-                                  qk_scale, CAUSAL, HAS_WINDOW, HAS_DOCS, True, D, D_PAD, BN, UPCAST, DOT_PREC)
+                    dq = _dq_step(dq, q, do, lse, delta, qpos, qdoc, k_base, v_base, sks, svs, KDOC, n0, S,
+                                  window, qk_scale, CAUSAL, HAS_WINDOW, HAS_DOCS, True, D, D_PAD, BN, UPCAST,
+                                  DOT_PREC)
             else:
-                dq = _dq_step(dq, q, do, lse, delta, qpos, qdoc, k_base, v_base, sks, svs, KDOC, n0, S, window,
-                              qk_scale, CAUSAL, HAS_WINDOW, HAS_DOCS, True, D, D_PAD, BN, UPCAST, DOT_PREC)
+                dq = _dq_step(dq, q, do, lse, delta, qpos, qdoc, k_base, v_base, sks, svs, KDOC, n0, S,
+                              window, qk_scale, CAUSAL, HAS_WINDOW, HAS_DOCS, True, D, D_PAD, BN, UPCAST,
+                              DOT_PREC)
     elif POS_FULL:
         dq = _dq_step(dq, q, do, lse, delta, qpos, qdoc, k_base, v_base, sks, svs, KDOC, n0, S, window,
                       qk_scale, CAUSAL, HAS_WINDOW, HAS_DOCS, False, D, D_PAD, BN, UPCAST, DOT_PREC)
@@ -646,8 +654,10 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KDOC, QMM, KMM, KRANGE,
     rows_ok = offs_m < T
     q_mask = rows_ok[:, None] & (offs_d[None, :] < D)
     rows = offs_m[:, None].to(tl.int64)
-    q = tl.load(Q + bi.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows * sqt + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + bi.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + rows * sdot + offs_d[None, :], mask=q_mask, other=0.0)
+    q = tl.load(Q + bi.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows * sqt + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + bi.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + rows * sdot + offs_d[None, :],
+                 mask=q_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -673,14 +683,17 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KDOC, QMM, KMM, KRANGE,
     kmm_base = KMM + bi * tl.cdiv(S, BN) * 2
     b, c = _key_split(pid_m, T, S, window, lo, hi, CAUSAL, HAS_WINDOW, BM, BN)
     for n0 in range(lo, b, BN):  # partial blocks (window edge)
-        dq = _dq_block(dq, q, do, lse, delta, qpos, qdoc, qmin, qmax, kmm_base, k_base, v_base, sks, svs, kdoc_base,
-                       n0, S, window, qk_scale, CAUSAL, HAS_WINDOW, HAS_DOCS, False, D, D_PAD, BN, UPCAST, DOT_PREC)
+        dq = _dq_block(dq, q, do, lse, delta, qpos, qdoc, qmin, qmax, kmm_base, k_base, v_base, sks, svs,
+                       kdoc_base, n0, S, window, qk_scale, CAUSAL, HAS_WINDOW, HAS_DOCS, False, D, D_PAD, BN,
+                       UPCAST, DOT_PREC)
     for n0 in range(b, c, BN):  # full blocks: no mask
-        dq = _dq_block(dq, q, do, lse, delta, qpos, qdoc, qmin, qmax, kmm_base, k_base, v_base, sks, svs, kdoc_base,
-                       n0, S, window, qk_scale, CAUSAL, HAS_WINDOW, HAS_DOCS, True, D, D_PAD, BN, UPCAST, DOT_PREC)
+        dq = _dq_block(dq, q, do, lse, delta, qpos, qdoc, qmin, qmax, kmm_base, k_base, v_base, sks, svs,
+                       kdoc_base, n0, S, window, qk_scale, CAUSAL, HAS_WINDOW, HAS_DOCS, True, D, D_PAD, BN,
+                       UPCAST, DOT_PREC)
     for n0 in range(c, hi, BN):  # partial blocks (diagonal, key tail)
-        dq = _dq_block(dq, q, do, lse, delta, qpos, qdoc, qmin, qmax, kmm_base, k_base, v_base, sks, svs, kdoc_base,
-                       n0, S, window, qk_scale, CAUSAL, HAS_WINDOW, HAS_DOCS, False, D, D_PAD, BN, UPCAST, DOT_PREC)
+        dq = _dq_block(dq, q, do, lse, delta, qpos, qdoc, qmin, qmax, kmm_base, k_base, v_base, sks, svs,
+                       kdoc_base, n0, S, window, qk_scale, CAUSAL, HAS_WINDOW, HAS_DOCS, False, D, D_PAD, BN,
+                       UPCAST, DOT_PREC)
     dq = dq * sm_scale
     tl.store(DQ + bi.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + rows * sdqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -783,7 +796,8 @@ def _flash_backward(do, q, k, v, o, lse, causal, scale, window, kdoc):
         qmm, kmm, krange, qrange = doc_blocks(kdoc, t, bm, bn)
     kdoc_arg = kdoc if has_docs else q
     common = dict(CAUSAL=causal, HAS_WINDOW=window is not None, HAS_DOCS=has_docs, D=d, D_PAD=d_pad,
-                  BM=bm, BN=bn, UPCAST=upcast, DOT_PREC=prec, num_warps=cfg["warps"], num_stages=cfg["stages"])
+                  BM=bm, BN=bn, UPCAST=upcast, DOT_PREC=prec, num_warps=cfg["warps"],
+                  num_stages=cfg["stages"])
     dq, dk, dv = _empty(q.shape, like=q), _empty(k.shape, like=k), _empty(v.shape, like=v)
     _attn_bwd_dkdv_kernel[(triton.cdiv(s, bn), b * hkv)](
         q, k, v, do, lse, delta, dk, dv, kdoc_arg, qmm, kmm, qrange,

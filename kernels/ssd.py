@@ -6,8 +6,8 @@
     y_t = ssd_step(state, x_t, dt_t, A, B_t, C_t, D=D, dt_bias=dt_bias, dt_softplus=True)  # state updated
 
 Arguments follow mamba_ssm's `mamba_chunk_scan_combined` (and `ssd_scan_torch`, the pure-PyTorch
-scan below that the kernels are tested against): x (b, l, h, p), dt (b, l, h), A (h,), B and C (b, l, g, n) with
-head i reading group i // (h // g), D (h,) or (h, p), dt_bias (h,), initial_states (b, h, p, n),
+scan below that the kernels are tested against): x (b, l, h, p), dt (b, l, h), A (h,), B and C (b, l, g, n)
+with head i reading group i // (h // g), D (h,) or (h, p), dt_bias (h,), initial_states (b, h, p, n),
 seq_idx (b, l) ints. Returns y (b, l, h, p) in x's dtype [, final states (b, h, p, n) fp32].
 
 The maths (Dao & Gu 2024), per head, with Δ_t = clamp(softplus?(dt_t + dt_bias), *dt_limit):
@@ -23,7 +23,8 @@ The sequence is cut into chunks of Q = chunk_size steps (c = cdiv(l, Q); the tai
 Δ = 0 there). With a_t = Δ_t A and a^_i the cumulative sum of a inside the chunk (a^_end its last),
 each chunk is a quadratic form plus a carried state H (the state entering the chunk):
 
-    y_i = exp(a^_i) [s_i = s_in] C_i H^T  +  sum_{j<=i, s_j = s_i} (C_i . B_j) exp(a^_i - a^_j) Δ_j x_j  + D x_i
+    y_i = exp(a^_i) [s_i = s_in] C_i H^T
+          + sum_{j<=i, s_j = s_i} (C_i . B_j) exp(a^_i - a^_j) Δ_j x_j  + D x_i
     S   = sum_j [s_j = s_end] exp(a^_end - a^_j) Δ_j x_j B_j^T          (the chunk's own contribution)
     H'  = ρ H + S,   ρ = exp(a^_end) [s_end = s_in]                         (state entering the next chunk)
 
@@ -39,8 +40,9 @@ Kernels (grids; all accumulate in fp32; fp32 tl.dot, IEEE in the interpreter and
     _chunk_scan_kernel  (i-blk*p-blk, b*c, h)         y: inter-chunk term + causal loop over j blocks
   backward (the forward's Δ, a^ and H are recomputed, not saved: only the inputs are kept)
     _chunk_state_kernel MODE=1                        G (b, c, h, p, n)
-    _state_pass_bwd_kernel (cdiv(p*n, BS), b*h)       reverse over chunks: dS_c = dH_{c+1}, dH_c = G_c + ρ_c dH_{c+1},
-                                                      d initial state, ρ_c <dH_{c+1}, H_c> partials (per block)
+    _state_pass_bwd_kernel (cdiv(p*n, BS), b*h)       reverse over chunks: dS_c = dH_{c+1},
+                                                      dH_c = G_c + ρ_c dH_{c+1}, d initial state,
+                                                      ρ_c <dH_{c+1}, H_c> partials (per block)
     _scan_bwd_dx_kernel (j-blk, b*c, h)               dx, the direct dΔ, and da^: column sums of
                                                       T_ij = (C_i . B_j) exp(a^_i - a^_j) Δ_j (dy_i . x_j) in
                                                       the program, row sums as per-program partials
@@ -179,8 +181,8 @@ def _step_torch(state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit):
     return y
 
 
-def ssd_scan_torch(x, dt, A, B, C, *, chunk_size, D=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, INF),
-                   initial_states=None, seq_idx=None, return_final_states=False):
+def ssd_scan_torch(x, dt, A, B, C, *, chunk_size, D=None, dt_bias=None, dt_softplus=False,
+                   dt_limit=(0.0, INF), initial_states=None, seq_idx=None, return_final_states=False):
     """Chunked SSD scan in plain PyTorch (quadratic inside a chunk, a recurrence across chunks), fp32 inside,
     differentiable by autograd (nothing is updated in place): the path when the kernels cannot run, and the
     reference they are tested against. mamba.py re-exports it as `mamba.ssd_scan`.
@@ -231,7 +233,8 @@ def ssd_scan_torch(x, dt, A, B, C, *, chunk_size, D=None, dt_bias=None, dt_softp
     CB = torch.einsum("bcign,bcjgn->bcgij", C, B)  # (b, c, g, Q, Q)
     y = torch.einsum("bcgrij,bcjgrp->bcigrp", CB[:, :, :, None] * L, x_dt)  # (b, c, Q, g, r, p)
 
-    # 2. State each chunk builds by its end, starting from zero: S_c = sum_j exp(a_cum_end - a_cum_j) Δ_j x_j B_j^T.
+    # 2. State each chunk builds by its end, starting from zero:
+    # S_c = sum_j exp(a_cum_end - a_cum_j) Δ_j x_j B_j^T.
     decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, c, g, r, Q)
     if seg is not None:  # only the segment still open at the chunk's end survives
         decay_to_end = decay_to_end * (seg == seg[..., -1:])[:, :, None, None, :]
@@ -248,10 +251,13 @@ def ssd_scan_torch(x, dt, A, B, C, *, chunk_size, D=None, dt_bias=None, dt_softp
     a_chunk = F.pad(a_cum[..., -1].cumsum(1), (0, 0, 0, 0, 1, 0))  # (b, c+1, g, r) log-decay up to chunk k
     keep = torch.ones(c + 1, c + 1, dtype=torch.bool, device=x.device).tril()  # (k, z)
     if seg is not None:
-        seg_end = F.pad(seg[..., -1], (1, 0))  # (b, c+1): segment at the end of chunk k-1 (0 for the initial state)
+        # (b, c+1): segment at the end of chunk k-1 (0 for the initial state)
+        seg_end = F.pad(seg[..., -1], (1, 0))
         keep = keep & (seg_end[:, :, None] == seg_end[:, None, :])  # (b, k, z)
     keep = keep[..., None, None]  # (..., k, z, 1, 1)
-    decay_chunks = torch.exp((a_chunk[:, :, None] - a_chunk[:, None, :]).masked_fill(~keep, -INF))  # (b, k, z, g, r)
+    decay_chunks = torch.exp(
+        (a_chunk[:, :, None] - a_chunk[:, None, :]).masked_fill(~keep, -INF)
+    )  # (b, k, z, g, r)
     H = torch.einsum("bkzgr,bzgrpn->bkgrpn", decay_chunks, S)  # (b, c+1, g, r, p, n)
     H_in, h_final = H[:, :-1], H[:, -1]  # (b, c, g, r, p, n) entering each chunk, (b, g, r, p, n) final
 
@@ -277,7 +283,8 @@ def ssd_scan_torch(x, dt, A, B, C, *, chunk_size, D=None, dt_bias=None, dt_softp
 def _softplus(v):
     # softplus with threshold 20 (torch's, mamba_ssm's); exp(v) only of v <= 20 so nothing overflows
     small = tl.where(v < -15.0, v, 0.0)
-    return tl.where(v > 20.0, v, tl.where(v < -15.0, tl.exp(small), tl.log(1.0 + tl.exp(tl.minimum(v, 20.0)))))
+    return tl.where(v > 20.0, v, tl.where(v < -15.0, tl.exp(small),
+                                          tl.log(1.0 + tl.exp(tl.minimum(v, 20.0)))))
 
 
 @_jit
@@ -344,7 +351,8 @@ def _chunk_state_kernel(X, BC, DELTA, ACUM, SEG, OUT, L, H, NC, Q, R, P, N,
             keep = ok
             if HAS_SEQ:
                 keep = keep & (s == s_end)
-            w = tl.exp(tl.where(keep, a_end - a, -float("inf"))) * tl.load(DELTA + row + t, mask=t < Q, other=0.0)
+            w = (tl.exp(tl.where(keep, a_end - a, -float("inf")))
+                 * tl.load(DELTA + row + t, mask=t < Q, other=0.0))
         else:
             keep = ok
             if HAS_SEQ:
@@ -476,7 +484,8 @@ def _scan_bwd_dx_kernel(X, BM_, CM, DY, DELTA, ACUM, SEG, HIN, DS, DV, DX, DDT, 
                         HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, BLK: tl.constexpr, P_PAD: tl.constexpr,
                         N_PAD: tl.constexpr, DOT_PREC: tl.constexpr):
     """For the rows j of one block of one chunk of one head:
-    dx_j = Δ_j dxΔ_j + D dy_j,  dxΔ_j = [s_j = s_end] exp(a^_end - a^_j) dS B_j + sum_{i>=j} L_ij (C_i . B_j) dy_i
+    dx_j = Δ_j dxΔ_j + D dy_j,
+    dxΔ_j = [s_j = s_end] exp(a^_end - a^_j) dS B_j + sum_{i>=j} L_ij (C_i . B_j) dy_i
     DDT_j = x_j . dxΔ_j (the direct part of dΔ); DACUM_j = <dy_j, y_inter_j> - U_j - sum_i T_ij (T: see the
     module docstring); DAROW (b, h, c, nblk, Q): sum_j T_ij of this block, for the rows i (host sums);
     U_j = Δ_j x_j . (dS part of dxΔ_j), whose sum also goes to a^_end (host)."""
@@ -498,10 +507,14 @@ def _scan_bwd_dx_kernel(X, BM_, CM, DY, DELTA, ACUM, SEG, HIN, DS, DV, DX, DDT, 
     xo = bi * sx_b + hi * sx_h + pp[None, :] * sx_p
     yo = bi * sy_b + hi * sy_h + pp[None, :] * sy_p
     bo = bi * sb_b + gi * sb_g + nn[None, :] * sb_n
-    x_j = tl.load(X + xo + pos_j[:, None] * sx_l, mask=ok_j[:, None] & pmask[None, :], other=0.0).to(tl.float32)
-    dy_j = tl.load(DY + yo + pos_j[:, None] * sy_l, mask=ok_j[:, None] & pmask[None, :], other=0.0).to(tl.float32)
-    b_j = tl.load(BM_ + bo + pos_j[:, None] * sb_l, mask=ok_j[:, None] & nmask[None, :], other=0.0).to(tl.float32)
-    c_j = tl.load(CM + bo + pos_j[:, None] * sb_l, mask=ok_j[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+    x_j = tl.load(X + xo + pos_j[:, None] * sx_l, mask=ok_j[:, None] & pmask[None, :],
+                  other=0.0).to(tl.float32)
+    dy_j = tl.load(DY + yo + pos_j[:, None] * sy_l, mask=ok_j[:, None] & pmask[None, :],
+                   other=0.0).to(tl.float32)
+    b_j = tl.load(BM_ + bo + pos_j[:, None] * sb_l, mask=ok_j[:, None] & nmask[None, :],
+                  other=0.0).to(tl.float32)
+    c_j = tl.load(CM + bo + pos_j[:, None] * sb_l, mask=ok_j[:, None] & nmask[None, :],
+                  other=0.0).to(tl.float32)
     so = (((bi * NC + ci) * H + hi) * P + pp[:, None]) * N + nn[None, :]
     smask = pmask[:, None] & nmask[None, :]
     ds = tl.load(DS + so, mask=smask, other=0.0)  # (P_PAD, N_PAD)
@@ -517,7 +530,8 @@ def _scan_bwd_dx_kernel(X, BM_, CM, DY, DELTA, ACUM, SEG, HIN, DS, DV, DX, DDT, 
     dxdt = tl.dot(b_j, tl.trans(ds), input_precision=DOT_PREC) * w_j[:, None]  # (BLK, P_PAD)
     u_j = d_j * tl.sum(x_j * dxdt, axis=1)
     # inter-chunk output term, rows j read as outputs: d a^_j += dy_j . y_inter_j
-    y_in = tl.dot(c_j, tl.trans(hin), input_precision=DOT_PREC) * tl.exp(tl.where(keep_in, a_j, -float("inf")))[:, None]
+    y_in = (tl.dot(c_j, tl.trans(hin), input_precision=DOT_PREC)
+            * tl.exp(tl.where(keep_in, a_j, -float("inf")))[:, None])
     dacum = tl.sum(dy_j * y_in, axis=1) - u_j
     # intra-chunk: output rows i >= j
     for i0 in range(jb * BLK, Q, BLK):
@@ -525,8 +539,10 @@ def _scan_bwd_dx_kernel(X, BM_, CM, DY, DELTA, ACUM, SEG, HIN, DS, DV, DX, DDT, 
         pos_i = ci * Q + i
         ok_i = (i < Q) & (pos_i < L)
         a_i = tl.load(ACUM + row + i, mask=i < Q, other=0.0)
-        dy_i = tl.load(DY + yo + pos_i[:, None] * sy_l, mask=ok_i[:, None] & pmask[None, :], other=0.0).to(tl.float32)
-        c_i = tl.load(CM + bo + pos_i[:, None] * sb_l, mask=ok_i[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+        dy_i = tl.load(DY + yo + pos_i[:, None] * sy_l, mask=ok_i[:, None] & pmask[None, :],
+                       other=0.0).to(tl.float32)
+        c_i = tl.load(CM + bo + pos_i[:, None] * sb_l, mask=ok_i[:, None] & nmask[None, :],
+                      other=0.0).to(tl.float32)
         keep = (i[None, :] >= j[:, None]) & ok_i[None, :] & ok_j[:, None]  # (BLK_j, BLK_i)
         if HAS_SEQ:
             s_i = tl.load(SEG + bi * L + pos_i, mask=ok_i, other=-2)
@@ -581,8 +597,10 @@ def _scan_bwd_dbdc_kernel(X, BM_, CM, DY, DELTA, ACUM, SEG, HIN, DS, DB, DC, L, 
         a_k = tl.load(ACUM + row + k, mask=k < Q, other=0.0)
         d_k = tl.load(DELTA + row + k, mask=k < Q, other=0.0)
         a_end = tl.load(ACUM + row + Q - 1)
-        x_k = tl.load(X + xo + pos_k[:, None] * sx_l, mask=ok_k[:, None] & pmask[None, :], other=0.0).to(tl.float32)
-        dy_k = tl.load(DY + yo + pos_k[:, None] * sy_l, mask=ok_k[:, None] & pmask[None, :], other=0.0).to(tl.float32)
+        x_k = tl.load(X + xo + pos_k[:, None] * sx_l, mask=ok_k[:, None] & pmask[None, :],
+                      other=0.0).to(tl.float32)
+        dy_k = tl.load(DY + yo + pos_k[:, None] * sy_l, mask=ok_k[:, None] & pmask[None, :],
+                       other=0.0).to(tl.float32)
         so = (((bi * NC + ci) * H + hi) * P + pp[:, None]) * N + nn[None, :]
         smask = pmask[:, None] & nmask[None, :]
         hin = tl.load(HIN + so, mask=smask, other=0.0)  # (P_PAD, N_PAD)
@@ -597,7 +615,8 @@ def _scan_bwd_dbdc_kernel(X, BM_, CM, DY, DELTA, ACUM, SEG, HIN, DS, DB, DC, L, 
             ok_j = (j < Q) & (pos_j < L)
             a_j = tl.load(ACUM + row + j, mask=j < Q, other=0.0)
             d_j = tl.load(DELTA + row + j, mask=j < Q, other=0.0)
-            x_j = tl.load(X + xo + pos_j[:, None] * sx_l, mask=ok_j[:, None] & pmask[None, :], other=0.0).to(tl.float32)
+            x_j = tl.load(X + xo + pos_j[:, None] * sx_l, mask=ok_j[:, None] & pmask[None, :],
+                          other=0.0).to(tl.float32)
             b_j = tl.load(BM_ + bo + pos_j[:, None] * sb_l, mask=ok_j[:, None] & nmask[None, :],
                           other=0.0).to(tl.float32)
             keep = (j[None, :] <= k[:, None]) & ok_j[None, :] & ok_k[:, None]
@@ -662,8 +681,8 @@ def _dt_bwd_kernel(DT, DT_BIAS, A, DELTA, DACUM, DDT_DIRECT, DDT, DA_PART, L, H,
 
 @_jit
 def _step_kernel(STATE, X, DT, DT_BIAS, A, BM_, CM, DV, Y, H, R, P, N,
-                 ss_b, ss_h, ss_p, ss_n, sx_b, sx_h, sx_p, sdt_b, sdt_h, sb_b, sb_g, sb_n, sy_b, sy_h, sy_p, sd_h, sd_p,
-                 lo, hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
+                 ss_b, ss_h, ss_p, ss_n, sx_b, sx_h, sx_p, sdt_b, sdt_h, sb_b, sb_g, sb_n, sy_b, sy_h, sy_p,
+                 sd_h, sd_p, lo, hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
                  BP: tl.constexpr, N_PAD: tl.constexpr):
     """One token: h <- exp(Δ A) h + Δ x B^T (in place, fp32 maths); y = h C + D x."""
     bi, hi_ = tl.program_id(0) // H, tl.program_id(0) % H
@@ -726,7 +745,8 @@ class _Ctx:
         self.bs = min(16 * MAX_BLOCK, _pow2(self.pn))  # state elements per program in the passes
         self.bh = min(16, _pow2(self.h, 1))
         self.prec = _dot_precision(x.is_cuda)
-        self.warps = 8 if x.is_cuda and self.blk * self.n_pad >= 64 * 128 else 4  # big fp32 tiles: spread them
+        # big fp32 tiles: spread them
+        self.warps = 8 if x.is_cuda and self.blk * self.n_pad >= 64 * 128 else 4
 
 
 def _forward_states(k, x, dt, A, B, dt_bias, softplus, lo, hi, h0, seg):
@@ -797,7 +817,8 @@ class _SSDScan(torch.autograd.Function):
         if dfinal is not None:
             dfinal = dfinal.float().contiguous()
         _state_pass_bwd_kernel[(nsb, k.b * k.h)](
-            G, hin, dfinal if dfinal is not None else G, acum, seg_arg, dS, dh0, drho, k.l, k.h, k.nc, k.Q, k.pn,
+            G, hin, dfinal if dfinal is not None else G, acum, seg_arg, dS, dh0, drho,
+            k.l, k.h, k.nc, k.Q, k.pn,
             HAS_DFINAL=dfinal is not None, HAS_SEQ=has_seq, BS=k.bs)
         # dx, direct dΔ, da^
         nblk = triton.cdiv(k.Q, k.blk)
@@ -809,7 +830,8 @@ class _SSDScan(torch.autograd.Function):
         # row-sum partials: a block writes only rows at or after its own, so the rest must read as zero
         darow = torch.zeros(k.b, k.h, k.nc, nblk, k.Q, device=x.device, dtype=f32)
         _scan_bwd_dx_kernel[(nblk, k.b * k.nc, k.h)](
-            x, B, C, dy, delta, acum, seg_arg, hin, dS, Dv if D is not None else x, dx, ddt_direct, dacum, darow, u,
+            x, B, C, dy, delta, acum, seg_arg, hin, dS, Dv if D is not None else x,
+            dx, ddt_direct, dacum, darow, u,
             k.l, k.h, k.nc, k.Q, k.r, k.p, k.n, *_strides4(x), *_strides4(B), *_strides4(dy),
             *(Dv.stride() if D is not None else (0, 0)),
             HAS_D=D is not None, HAS_SEQ=has_seq, BLK=k.blk, P_PAD=k.p_pad, N_PAD=k.n_pad, DOT_PREC=k.prec,
@@ -825,7 +847,8 @@ class _SSDScan(torch.autograd.Function):
         ddt32 = _empty(k.b, k.l, k.h, like=x, dtype=f32)
         da_part = _empty(k.b * k.nc, k.h, like=x, dtype=f32)
         _dt_bwd_kernel[(k.b * k.nc, triton.cdiv(k.h, k.bh))](
-            dt, dt_bias if dt_bias is not None else dt, A, delta, dacum.contiguous(), ddt_direct, ddt32, da_part,
+            dt, dt_bias if dt_bias is not None else dt, A, delta, dacum.contiguous(), ddt_direct,
+            ddt32, da_part,
             k.l, k.h, k.nc, k.Q, dt.stride(0), dt.stride(1), dt.stride(2), lo, hi,
             HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, Q_PAD=k.q_pad, BH=k.bh)
         dA = da_part.sum(0).to(A.dtype) if ctx.needs_input_grad[2] else None
@@ -833,7 +856,8 @@ class _SSDScan(torch.autograd.Function):
         if D is not None and ctx.needs_input_grad[5]:
             prod = (dy.float() * x.float()).sum((0, 1))  # (h, p)
             dD = (prod.sum(-1) if D.dim() == 1 else prod).to(D.dtype)
-        ddt_bias = ddt32.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None and ctx.needs_input_grad[6] else None
+        ddt_bias = (ddt32.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None and ctx.needs_input_grad[6]
+                    else None)
         dh0_out = dh0.to(h0.dtype) if h0 is not None and ctx.needs_input_grad[7] else None
         return (dx, ddt32.to(dt.dtype), dA, dB, dC, dD, ddt_bias, dh0_out,
                 None, None, None, None, None)
@@ -844,9 +868,9 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, dt_bias=None, dt_softplus=Fa
     """Chunked SSD scan; mamba_chunk_scan_combined's arguments (see the module docstring).
     Returns y (b, l, h, p) in x's dtype [, final states (b, h, p, n) fp32]."""
     if not use_triton(x):  # the chunked PyTorch scan (checks its arguments itself)
-        return ssd_scan_torch(x, dt, A, B, C, chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
-                              dt_limit=dt_limit, initial_states=initial_states, seq_idx=seq_idx,
-                              return_final_states=return_final_states)
+        return ssd_scan_torch(x, dt, A, B, C, chunk_size=chunk_size, D=D, dt_bias=dt_bias,
+                              dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states,
+                              seq_idx=seq_idx, return_final_states=return_final_states)
     _check_scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_limit, initial_states, seq_idx)
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     if x.shape[1] == 0:
