@@ -26,7 +26,8 @@ One step, top to bottom:
      in `minibatches` optimizer steps, `ppo_epochs` times over the rollout batch; pi_old is recomputed by the
      trainer at the start of the step; log-probs are chunked through the lm_head (model.forward(labels=...)).
   6. The reference policy is soft-updated every `ref_update_every` steps: ref <- alpha * theta + (1 - alpha) * ref.
-Checkpoints (DCP), HF export, metrics and plots come from train_mid.py.
+Checkpoints (DCP), HF export, metrics and plots come from train_mid.py. One process in fp32 (the CPU demo)
+trains plain modules: FSDP would shard and cast nothing there, only add copies of the weights and gradients.
 """
 from __future__ import annotations
 
@@ -307,12 +308,14 @@ def rollouts(model, tok, problems: list, cfg: Config, *, n: int, temperature: fl
     prompts = [tok.encode(prompt_text(p, tok, cfg)) for p in problems]
     jobs = [(p, ids) for p, ids in zip(problems, prompts) for _ in range(n)]
     out = []
+    # a policy in training generates as it is: prepare_generation's fused projections would copy its weights
+    fuse = False if any(p.requires_grad for p in model.parameters()) else None
     with T.full_params(model):  # gathered once, kept across the per-token forwards
         for start in range(0, len(jobs), cfg.gen_batch):
             batch = jobs[start:start + cfg.gen_batch]
             samples = M.generate(model, [ids for _, ids in batch], max_new_tokens=cfg.max_new_tokens,
                                  temperature=temperature, top_p=cfg.top_p, stop_ids=tok.eos_ids,
-                                 seed=seed * 7919 + start, progress=cfg.progress)
+                                 seed=seed * 7919 + start, progress=cfg.progress, fuse=fuse)
             for (p, ids), s in zip(batch, samples):
                 stopped = bool(s.tokens) and s.tokens[-1] in tok.eos_ids
                 body = s.tokens[:-1] if stopped else s.tokens
@@ -571,6 +574,7 @@ def _filter(cfg: Config, d) -> Path:
              "other": _band(cfg.filter_other, cfg.filter_k, "filter-other")}
     base = resolve_policy(cfg.model)
     model = M.load_model(str(base), device=d.device, dtype=T.resolve_param_dtype(cfg.param_dtype, d.device))
+    model.requires_grad_(False)  # sampling only: rollouts may fuse a generation copy of its weights
     tok = M.load_tokenizer(str(base))
     problems = load_prompts(cfg.prompts, log=log) if cfg.prompts else arithmetic_problems(cfg.demo_max, cfg.demo_eval, cfg.seed)[0]
     mine = problems[d.rank::d.world]
@@ -711,7 +715,7 @@ class Run:
     out: Path
     base: Path  # the starting policy's folder
     tok: object
-    model: object  # pi_theta, FSDP-sharded
+    model: object  # pi_theta, FSDP-sharded (a plain module for one fp32 process)
     ref: object  # pi_ref (None when beta = 0)
     optimizer: object
     ckpt: object
@@ -771,6 +775,9 @@ def _setup(cfg: Config, d) -> Run:
         raise DataError(f"{base}: the tokenizer has no EOS / stop token; responses could never stop")
     param_dtype = T.resolve_param_dtype(cfg.param_dtype, d.device)
     mesh = T.build_mesh(d, cfg.mesh)
+    if d.world == 1 and param_dtype == torch.float32:  # FSDP would shard and cast nothing, yet it gathers a
+        # second copy of the weights for generation and keeps unsharded gradients across micro-batches
+        mesh = None  # plain modules (shard_model still checkpoints activations); numerically the same
     model = M.load_model(str(base), device="cpu", dtype=torch.float32)  # fp32 master weights, sharded below
     T.shard_model(model, mesh, param_dtype=param_dtype, activation_checkpointing=cfg.activation_checkpointing,
                   compile=cfg.compile)

@@ -355,6 +355,29 @@ def test_tiny_model_learns_trivial_task(tiny, digits, tmp_path):
     M.load_model(str(tmp_path / "learn" / "hf"), dtype=torch.float32)
 
 
+def test_one_process_keeps_one_copy_of_the_weights(tiny, digits, tmp_path, monkeypatch):
+    """One process in fp32: policy and reference are plain modules (FSDP would shard and cast nothing, yet
+    gather a second copy of the weights to generate and hold unsharded gradients across micro-batches), and
+    rollouts sample from the very tensors AdamW updates (no fused generation copy): ~1 GB of the demo's
+    peak RSS."""
+    from torch.distributed.fsdp import FSDPModule
+    seen, real_generate = [], M.generate
+
+    def spy(model, prompts, **kw):
+        seen.append((kw.get("fuse"), {p.data_ptr() for p in model.parameters()}))
+        return real_generate(model, prompts, **kw)
+    runs, real_setup = [], R._setup
+    monkeypatch.setattr(M, "generate", spy)
+    monkeypatch.setattr(R, "_setup", lambda cfg, d: runs.append(real_setup(cfg, d)) or runs[-1])
+    R.train(tiny_cfg(tiny, digits, tmp_path / "one", steps=1, eval_prompts=str(digits), eval_samples=2))
+    run = runs[0]
+    assert not any(isinstance(m, FSDPModule) for net in (run.model, run.ref) for m in net.modules())
+    trained = {p.data_ptr() for g in run.optimizer.param_groups for p in g["params"]}
+    assert len(seen) == 3  # held-out before, the step's rollouts, held-out after
+    assert all(fuse is False and ptrs == trained for fuse, ptrs in seen)
+    assert not {p.data_ptr() for p in run.ref.parameters()} & trained  # the reference must not move with it
+
+
 def test_all_equal_rewards_are_not_a_silent_update(tiny, digits, tmp_path):
     """Rewards that cannot differ (no bonus, no penalties, an unreachable answer): every group is dropped, the
     step says trained: false, and the weights do not move."""
