@@ -928,13 +928,13 @@ def _micro_step(run: Run, mb: dict, same_forward: bool, acc: TokenStats) -> floa
     cfg, d = run.cfg, run.d
     logp, ent = token_logprobs(run.model, mb, d.device, temperature=cfg.temperature, chunk=cfg.logprob_chunk,
                                entropy=True)  # (R, L) each
-    logp, ent = logp.float(), ent.float()
+    logp, ent = logp.float(), ent.detach().float()  # entropy is only logged: its graph goes before backward
     dev = logp.device
     old, gen = (logp.detach() if same_forward else mb["old"].to(dev)), mb["gen"].to(dev)  # (R, L)
     loss, diag = grpo_loss(logp, old, gen, mb["ref"].to(dev), mb["adv"].to(dev), mb["weight"].to(dev),
                            eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, is_cap=cfg.is_cap)
     (loss * d.world).backward()  # FSDP averages over ranks; the weights are global already
-    acc.add(mb["weight"].to(dev) > 0, diag, ent.detach(), torch.exp(old - gen), cfg.is_cap)
+    acc.add(mb["weight"].to(dev) > 0, diag, ent, torch.exp(old - gen), cfg.is_cap)
     return float(loss.detach())
 
 
