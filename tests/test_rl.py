@@ -378,6 +378,21 @@ def test_one_process_keeps_one_copy_of_the_weights(tiny, digits, tmp_path, monke
     assert not {p.data_ptr() for p in run.ref.parameters()} & trained  # the reference must not move with it
 
 
+@pytest.mark.skipif(R._glibc() is None, reason="glibc's malloc only")
+def test_trim_heap_gives_back_freed_blocks():
+    """Blocks under the 8 MB mmap threshold live in the heap; freed between live ones they stay resident until
+    trim_heap, which update_phase calls after each backward (the demo's peak: ~0.2 GB less)."""
+    d = type("D", (), {"device": torch.device("cpu")})()
+    R.tune_malloc(d)
+    page = os.sysconf("SC_PAGE_SIZE")
+    rss = lambda: int(Path("/proc/self/statm").read_text().split()[1]) * page  # noqa: E731
+    blocks = [torch.ones(1 << 18) for _ in range(400)]  # 400 x 1 MB
+    del blocks[::2]  # 200 MB of holes between live blocks
+    before = rss()
+    R.trim_heap(d)
+    assert before - rss() > 100e6, (before, rss())
+
+
 def test_all_equal_rewards_are_not_a_silent_update(tiny, digits, tmp_path):
     """Rewards that cannot differ (no bonus, no penalties, an unreachable answer): every group is dropped, the
     step says trained: false, and the weights do not move."""
