@@ -26,7 +26,8 @@ One step, top to bottom:
      in `minibatches` optimizer steps, `ppo_epochs` times over the rollout batch; pi_old is recomputed by the
      trainer at the start of the step; log-probs are chunked through the lm_head (model.forward(labels=...)).
   6. The reference policy is soft-updated every `ref_update_every` steps: ref <- alpha * theta + (1 - alpha) * ref.
-Checkpoints (DCP), HF export, metrics and plots come from train_mid.py.
+Checkpoints (DCP), HF export, metrics and plots come from train_mid.py. One process in fp32 (the CPU demo)
+trains plain modules: FSDP would shard and cast nothing there, only add copies of the weights and gradients.
 """
 from __future__ import annotations
 
@@ -310,12 +311,14 @@ def rollouts(model, tok, problems: list, cfg: Config, *, n: int, temperature: fl
     prompts = [tok.encode(prompt_text(p, tok, cfg)) for p in problems]
     jobs = [(p, ids) for p, ids in zip(problems, prompts) for _ in range(n)]
     out = []
+    # a policy in training generates as it is: prepare_generation's fused projections would copy its weights
+    fuse = False if any(p.requires_grad for p in model.parameters()) else None
     with T.full_params(model):  # gathered once, kept across the per-token forwards
         for start in range(0, len(jobs), cfg.gen_batch):
             batch = jobs[start:start + cfg.gen_batch]
             samples = generate(model, [ids for _, ids in batch], max_new_tokens=cfg.max_new_tokens,
                                  temperature=temperature, top_p=cfg.top_p, stop_ids=tok.eos_ids,
-                                 seed=seed * 7919 + start, progress=cfg.progress)
+                                 seed=seed * 7919 + start, progress=cfg.progress, fuse=fuse)
             for (p, ids), s in zip(batch, samples):
                 stopped = bool(s.tokens) and s.tokens[-1] in tok.eos_ids
                 body = s.tokens[:-1] if stopped else s.tokens
@@ -574,6 +577,7 @@ def _filter(cfg: Config, d) -> Path:
              "other": _band(cfg.filter_other, cfg.filter_k, "filter-other")}
     base = resolve_policy(cfg.model)
     model = M.load_model(str(base), device=d.device, dtype=T.resolve_param_dtype(cfg.param_dtype, d.device))
+    model.requires_grad_(False)  # sampling only: rollouts may fuse a generation copy of its weights
     tok = M.load_tokenizer(str(base))
     problems = load_prompts(cfg.prompts, log=log) if cfg.prompts else arithmetic_problems(cfg.demo_max, cfg.demo_eval, cfg.seed)[0]
     mine = problems[d.rank::d.world]
@@ -714,7 +718,7 @@ class Run:
     out: Path
     base: Path  # the starting policy's folder
     tok: object
-    model: object  # pi_theta, FSDP-sharded
+    model: object  # pi_theta, FSDP-sharded (a plain module for one fp32 process)
     ref: object  # pi_ref (None when beta = 0)
     optimizer: object
     ckpt: object
@@ -754,6 +758,7 @@ def _setup(cfg: Config, d) -> Run:
     _check(cfg, d.world)
     log = print if d.main else (lambda *a, **k: None)
     T.check_resumed_config(cfg, RESUME_ALTERING, log, "train_rl")  # before any work
+    tune_malloc(d)
     out = Path(cfg.out)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -774,6 +779,9 @@ def _setup(cfg: Config, d) -> Run:
         raise DataError(f"{base}: the tokenizer has no EOS / stop token; responses could never stop")
     param_dtype = T.resolve_param_dtype(cfg.param_dtype, d.device)
     mesh = T.build_mesh(d, cfg.mesh)
+    if d.world == 1 and param_dtype == torch.float32:  # FSDP would shard and cast nothing, yet it gathers a
+        # second copy of the weights for generation and keeps unsharded gradients across micro-batches
+        mesh = None  # plain modules (shard_model still checkpoints activations); numerically the same
     model = M.load_model(str(base), device="cpu", dtype=torch.float32)  # fp32 master weights, sharded below
     T.shard_model(model, mesh, param_dtype=param_dtype, activation_checkpointing=cfg.activation_checkpointing,
                   compile=cfg.compile)
@@ -830,6 +838,7 @@ def rollout_phase(run: Run, step: int) -> tuple:
     t0 = time.perf_counter()
     outs = rollouts(run.model, run.tok, mine, cfg, n=cfg.group_size, temperature=cfg.temperature,
                     seed=cfg.seed * 1_000_003 + step * 1009 + d.rank)
+    trim_heap(d)  # the KV cache and per-token activations
     return outs, (time.perf_counter() - t0, sum(len(o["tokens"]) for o in outs))
 
 
@@ -899,6 +908,7 @@ def update_phase(run: Run, step: int, batch: dict) -> dict:
         for mbs in batch["micro"]:
             for mb in mbs:
                 res["n_nan"] += _old_and_ref(model, run.ref, mb, d, cfg, old=not same_forward)
+    trim_heap(d)
     for _ in range(cfg.ppo_epochs):
         for mbs in batch["micro"]:
             mb_loss = 0.0
@@ -906,6 +916,7 @@ def update_phase(run: Run, step: int, batch: dict) -> dict:
                 if hasattr(model, "set_requires_gradient_sync"):  # reduce-scatter once, after the last
                     model.set_requires_gradient_sync(i == len(mbs) - 1)
                 mb_loss += _micro_step(run, mb, same_forward, res["acc"])
+                trim_heap(d)  # this backward's activations and (tokens x vocab) tensors: the step's peak
             gn = T.clip_grad_norm(model, cfg.grad_clip)
             mb_loss = _allreduce([mb_loss], d)[0]
             if math.isfinite(gn) and math.isfinite(mb_loss):
@@ -914,6 +925,7 @@ def update_phase(run: Run, step: int, batch: dict) -> dict:
                 res["skipped"] += 1
                 run.log(f"[train_rl] step {step}: non-finite loss {mb_loss} / grad norm {gn}; update skipped")
             run.optimizer.zero_grad(set_to_none=True)
+            trim_heap(d)
             res["grad_norms"].append(gn)
             res["losses"].append(mb_loss)
     return res
@@ -924,13 +936,13 @@ def _micro_step(run: Run, mb: dict, same_forward: bool, acc: TokenStats) -> floa
     cfg, d = run.cfg, run.d
     logp, ent = token_logprobs(run.model, mb, d.device, temperature=cfg.temperature, chunk=cfg.logprob_chunk,
                                entropy=True)  # (R, L) each
-    logp, ent = logp.float(), ent.float()
+    logp, ent = logp.float(), ent.detach().float()  # entropy is only logged: its graph goes before backward
     dev = logp.device
     old, gen = (logp.detach() if same_forward else mb["old"].to(dev)), mb["gen"].to(dev)  # (R, L)
     loss, diag = grpo_loss(logp, old, gen, mb["ref"].to(dev), mb["adv"].to(dev), mb["weight"].to(dev),
                            eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, is_cap=cfg.is_cap)
     (loss * d.world).backward()  # FSDP averages over ranks; the weights are global already
-    acc.add(mb["weight"].to(dev) > 0, diag, ent.detach(), torch.exp(old - gen), cfg.is_cap)
+    acc.add(mb["weight"].to(dev) > 0, diag, ent, torch.exp(old - gen), cfg.is_cap)
     return float(loss.detach())
 
 
@@ -997,6 +1009,38 @@ def log_phase(run: Run, step: int, lr: float, outs: list, scores: list, batch: d
     return record
 
 
+_LIBC = []  # [glibc handle or None], looked up once
+
+
+def _glibc():
+    if not _LIBC:
+        try:
+            import ctypes
+            libc = ctypes.CDLL("libc.so.6")
+            _LIBC.append(libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None)
+        except OSError:  # not glibc (macOS, musl): nothing to tune
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+def tune_malloc(d):
+    """CPU, glibc: blocks of 8 MB and more always get their own mmap, so they go back to the OS when freed.
+    glibc's default threshold rises to 32 MB after big frees, and then the 10-40 MB (tokens x vocab) log-prob
+    tensors land in the heap, where the holes they leave stay resident (~0.1 GB of the demo's peak)."""
+    libc = _glibc() if d.device.type == "cpu" else None
+    if libc is not None:
+        libc.mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD (fixing it also stops glibc raising it)
+
+
+def trim_heap(d):
+    """CPU, glibc: hand the heap's free pages back to the OS (malloc_trim, ~10 ms). Generation, the log-prob
+    passes and each backward free hundreds of MB of small blocks between the weights, gradients and AdamW
+    state; trimmed after each phase they no longer count toward the peak (~0.2 GB on the demo)."""
+    libc = _glibc() if d.device.type == "cpu" else None
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def peak_memory_gb(d) -> float:
     """The peak memory so far, largest over ranks: max_memory_allocated on CUDA, peak RSS (ru_maxrss) on CPU."""
     import resource
@@ -1012,6 +1056,7 @@ def heldout_eval(run: Run, when: str) -> dict:
     """Held-out reward / accuracy / format before or after training (written to heldout_WHEN.json)."""
     run.model.eval()
     res = evaluate_policy(run.model, run.tok, run.heldout, run.cfg, seed=run.cfg.seed + 99991)
+    trim_heap(run.d)
     run.log(f"[train_rl] held-out {when}: reward {res['reward']:.3f} accuracy {res['accuracy']:.3f} format "
             f"{res['format']:.3f} length {res['response_len']:.1f} ({res['n']} responses); e.g. "
             f"{res['examples'][0]!r}")
