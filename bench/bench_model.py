@@ -22,6 +22,7 @@ from datetime import date
 
 import torch
 
+import generate as G
 import model as M
 
 
@@ -134,7 +135,7 @@ def bench(label, hf, ours, args, device, rows, limits):
 
         for quantize in args.quantize:
             q = None if quantize == "none" else quantize
-            gm = M.prepare_generation(ours, quantize=q)  # built once, as a caller generating repeatedly would
+            gm = G.prepare_generation(ours, quantize=q)  # built once, as a caller generating repeatedly would
 
             def ours_generate():
                 M.generate(gm, prompts.tolist(), max_new_tokens=new, compile=COMPILE[args.compile])
