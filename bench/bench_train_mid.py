@@ -21,7 +21,7 @@ import torch
 
 import model as M
 import train_mid as T
-from bench_model import timed_pair
+from bench.bench_model import timed_pair
 
 
 def llama_1b_folder(tmp: str) -> str:
