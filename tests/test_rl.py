@@ -363,13 +363,13 @@ def test_one_process_keeps_one_copy_of_the_weights(tiny, digits, tmp_path, monke
     rollouts sample from the very tensors AdamW updates (no fused generation copy): ~1 GB of the demo's
     peak RSS."""
     from torch.distributed.fsdp import FSDPModule
-    seen, real_generate = [], M.generate
+    seen, real_generate = [], R.generate
 
     def spy(model, prompts, **kw):
         seen.append((kw.get("fuse"), {p.data_ptr() for p in model.parameters()}))
         return real_generate(model, prompts, **kw)
     runs, real_setup = [], R._setup
-    monkeypatch.setattr(M, "generate", spy)
+    monkeypatch.setattr(R, "generate", spy)
     monkeypatch.setattr(R, "_setup", lambda cfg, d: runs.append(real_setup(cfg, d)) or runs[-1])
     R.train(tiny_cfg(tiny, digits, tmp_path / "one", steps=1, eval_prompts=str(digits), eval_samples=2))
     run = runs[0]
