@@ -6,10 +6,10 @@
 Evaluation and GRPO rollouts spend most of their time here. A decode step of a small model is bound by its
 matmuls' memory traffic and per-op overhead, so generation works from a copy of the model built for it
 (`prepare_generation`: q/k/v and gate/up fused into one matmul each, fp32 and bf16 weights in oneDNN's
-blocked layout on CPU, optional bf16 or weight-only int8 weights, as gpt-fast does) and runs decode steps of fixed shapes: the KV
-cache and the Mamba conv/SSM states are allocated once at the batch's maximum length, so the step can be
-compiled once (CUDA graphs on CUDA) and never recompiles within a call. Eager steps drop finished rows as
-they finish and attend over the filled slots only.
+blocked layout on CPU, optional bf16 or weight-only int8 weights, as gpt-fast does) and runs decode steps of
+fixed shapes: the KV cache and the Mamba conv/SSM states are allocated once at the batch's maximum length,
+so the step can be compiled once (CUDA graphs on CUDA) and never recompiles within a call. Eager steps drop
+finished rows as they finish and attend over the filled slots only.
 
 Log-probs are those of the distribution each token was drawn from (what GRPO's importance weights need);
 sampling is Gumbel-max with noise drawn per original row, so a row's tokens depend on the seed alone.
@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
-from model import (NEMOTRON_FP32_KEYS, MLP, Attention, CausalLM, DecodeCache, GraniteMoE, KVCache, NemotronHMoE,
-                   rope_inv_freq, DEFAULT_MODEL, load_model, load_tokenizer)
+from model import (NEMOTRON_FP32_KEYS, MLP, Attention, CausalLM, DecodeCache, GraniteMoE, KVCache,
+                   NemotronHMoE, rope_inv_freq, DEFAULT_MODEL, load_model, load_tokenizer)
 
 
 @dataclass
@@ -34,7 +34,8 @@ class Sample:
     logprobs: list  # log-probability of each new token under the distribution it was drawn from
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator, rows=None, batch=None) -> tuple:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator, rows=None,
+                batch=None) -> tuple:
     """(B, V) logits -> (B,) tokens and their (B,) log-probs, without a host sync.
 
     Greedy (temperature 0) reports log-probs under the model's unscaled distribution; sampling reports
@@ -70,7 +71,8 @@ class Int8Linear(nn.Module):
         super().__init__()
         w = linear.weight.detach()
         scales = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
-        self.register_buffer("weight", torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        w_int8 = torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
+        self.register_buffer("weight", w_int8)
         self.compute_dtype = w.dtype
         self.register_buffer("scales", scales.to(torch.bfloat16 if w.device.type == "cpu" else w.dtype))
         self.bias = linear.bias
@@ -81,7 +83,8 @@ class Int8Linear(nn.Module):
         N, K = self.weight.shape
         if x.device.type == "cpu" and K % 64 == 0 and N % 16 == 0:  # ATen's int8-weight kernel (it crashed on
             # some odd shapes in torch 2.13, e.g. K = 50): no dequantised copy of W
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales)
+            y = y.to(x.dtype)
         else:  # inductor fuses the conversion into the matmul's prologue when compiled
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         if self.bias is not None:
@@ -158,7 +161,8 @@ def _fused_linear(linears: list) -> nn.Linear:
 
 
 PACKED = (torch.float32, torch.bfloat16)  # weights TransposedLinear takes
-GENERATION_FP32 = ("A_log", "D", "dt_bias", "e_score_correction_bias") + NEMOTRON_FP32_KEYS  # kept fp32 in "bf16"
+# kept fp32 in a "bf16" copy
+GENERATION_FP32 = ("A_log", "D", "dt_bias", "e_score_correction_bias") + NEMOTRON_FP32_KEYS
 
 
 def prepare_generation(model: CausalLM, *, fuse: bool = True, quantize: str | None = None) -> CausalLM:
@@ -166,8 +170,9 @@ def prepare_generation(model: CausalLM, *, fuse: bool = True, quantize: str | No
     save_model writes are unchanged): q/k/v and gate/up projections fused into one matmul each (new tensors,
     built from the current weights) and, on CPU, every fp32 or bf16 linear weight also stored in oneDNN's
     blocked layout and fp32 ones transposed (TransposedLinear: up to two more copies of the weights for the
-    copy's lifetime), and optionally the weights in bf16 (`quantize="bf16"`) or weight-only int8 with per-channel scales (`quantize="int8"`, every nn.Linear including lm_head; the embedding and the
-    small mixer tensors stay as they are). Build it again after the weights change. An FSDP-wrapped model is
+    copy's lifetime), and optionally the weights in bf16 (`quantize="bf16"`) or weight-only int8 with
+    per-channel scales (`quantize="int8"`, every nn.Linear including lm_head; the embedding and the small
+    mixer tensors stay as they are). Build it again after the weights change. An FSDP-wrapped model is
     returned as it is (its parameters are gathered per call; fusing would copy them): no fusion there, and
     quantize raises."""
     if quantize not in (None, "bf16", "int8"):
@@ -184,7 +189,8 @@ def prepare_generation(model: CausalLM, *, fuse: bool = True, quantize: str | No
         done = {}
         for name, m in gm.named_modules():
             for pname, p in list(m._parameters.items()):
-                if p is not None and p.dtype == torch.float32 and not f"{name}.{pname}".endswith(GENERATION_FP32):
+                keep_fp32 = f"{name}.{pname}".endswith(GENERATION_FP32)
+                if p is not None and p.dtype == torch.float32 and not keep_fp32:
                     if id(p) not in done:  # tied weights stay tied
                         done[id(p)] = nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
                     m._parameters[pname] = done[id(p)]
@@ -216,10 +222,11 @@ def _has_moe(model: CausalLM) -> bool:
 
 
 def _use_compile(compile, model: CausalLM, device) -> bool:
-    """compile=None (auto): on CUDA only. Measured on this project's 2-core CPU (SmolLM2-135M, fp32): inductor's
-    warm-up takes ~110 s and the compiled step was no faster than the eager one (the matmuls are library calls
-    either way), so CPU stays eager unless asked. Never in auto for MoE (routing syncs with the host: graph
-    breaks) or FSDP-wrapped models (their blocks may be compiled already)."""
+    """compile=None (auto): on CUDA only. On CPU it does not pay (measured on this project's 2-core Xeon,
+    SmolLM2-135M fp32, b=8, 1 thread): each new (batch, cache length) compiles for ~25 s, and the compiled
+    step ran at 98 ms against eager's 80 (72 ms with inductor's weight freezing, which then bakes the
+    weights in), while the matmuls, at the memory limit already, are ~53 ms of either. Never in auto for MoE
+    (routing syncs with the host: graph breaks) or FSDP-wrapped models (their blocks may be compiled)."""
     if compile is not None:
         return bool(compile)
     return torch.device(device).type == "cuda" and not _has_moe(model) and not _is_fsdp(model)
@@ -342,12 +349,6 @@ def _compiled_step(device):
     return _COMPILED_STEPS[kind]
 
 
-def _decode_step(model: CausalLM, token: torch.Tensor, doc_ids: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
-    """The dynamic-length decode step (the cache's filled slots only), kept for comparison."""
-    return model.logits(model.hidden_states(token, doc_ids, cache)[:, -1])  # (B, V)
-
-
-
 def _progress(total: int, enabled: bool):  # generate's `progress` argument hides cli.progress's name there
     return cli.progress(total=total, desc="generate", unit="tok", enabled=enabled)
 
@@ -355,8 +356,8 @@ def _progress(total: int, enabled: bool):  # generate's `progress` argument hide
 def main(argv=None):
     import argparse
     import time
-    p = argparse.ArgumentParser(description="Generate a reply with a Hugging Face model folder, hub id or the "
-                                            "built-in default (SmolLM2-135M-Instruct).",
+    p = argparse.ArgumentParser(description="Generate a reply with a Hugging Face model folder, hub id or "
+                                            "the built-in default (SmolLM2-135M-Instruct).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompt", nargs="*", default=["What is the capital of France?"], help="the user message")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder, hub id, or the built-in default")
@@ -364,11 +365,14 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
+    p.add_argument("--raw", action="store_true",
+                   help="feed the prompt as plain text, without the chat template")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                    help="weights dtype: float32 or bfloat16")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--quantize", choices=["none", "bf16", "int8"], default="none",
+                   help="weights for this generation only: bf16, or weight-only int8 with per-channel scales")
     args = p.parse_args(argv)
 
     def check():  # every flag before the model loads
@@ -394,11 +398,14 @@ def main(argv=None):
         prompt = tok.encode(text)
         t1 = time.perf_counter()
         [sample] = generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, stop_ids=tok.eos_ids, seed=args.seed, compile=args.compile)
+                            top_p=args.top_p, stop_ids=tok.eos_ids, seed=args.seed, compile=args.compile,
+                            quantize=None if args.quantize == "none" else args.quantize)
         t2 = time.perf_counter()
         print(tok.decode([t for t in sample.tokens if t not in tok.eos_ids]))
+        weights = "" if args.quantize == "none" else f", {args.quantize} weights"
         print(f"[{len(prompt)} prompt tokens, {len(sample.tokens)} new tokens in {t2 - t1:.2f} s "
-              f"({len(sample.tokens) / (t2 - t1):.1f} tok/s); load {t1 - t0:.1f} s; {args.device} {args.dtype}]")
+              f"({len(sample.tokens) / (t2 - t1):.1f} tok/s); load {t1 - t0:.1f} s; "
+              f"{args.device} {args.dtype}{weights}]")
 
     cli.run_main(run, "generate.py")
 
