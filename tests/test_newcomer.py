@@ -162,3 +162,18 @@ def test_hub_unavailable_noted_once(monkeypatch, capsys):
     monkeypatch.setattr(E, "_HUB_REACHABLE", {"ok": False})
     E.load_task("gsm8k")
     assert "hub unavailable" not in capsys.readouterr().out
+
+
+def test_rl_demo_peak_memory_under_4gb(tmp_path):
+    """The RL demo as the README runs it (the built-in SmolLM2-135M, fp32, one process, its default steps)
+    prints its peak RSS every step and keeps it under the 4 GB goal (without the demo's memory defaults,
+    `--activation-checkpointing off --micro-rows 32`, its first step alone peaks at 6.2 GB)."""
+    out = tmp_path / "rl"
+    p = subprocess.run([sys.executable, str(ROOT / "train_rl.py"), "--out", str(out)],
+                       cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert " | mem " in p.stdout + p.stderr  # the per-step log line shows it
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == R.Config().steps
+    peak = max(s["memory_gb"] for s in steps)  # peak RSS so far, so the last step's is the run's
+    assert 1.0 < peak < 4.0, peak  # the fp32 weights alone are 0.54 GB
