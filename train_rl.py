@@ -57,9 +57,9 @@ import train_mid as T
 
 @dataclass
 class Config:
-    model: str = ""  # policy to start from: folder or hub id; "" = out/mid/hf when it exists, else model.DEFAULT_MODEL
-    prompts: str = ""  # RL prompts: comma list of files (.jsonl/.json/.parquet) or hub:deepscaler, hub:skywork-or1-math, hub:skywork-or1-code; "" = generated sums (the demo)
-    eval_prompts: str = ""  # held-out prompts scored before and after training; "" = the demo's held-out sums (none for other --prompts)
+    model: str = ""  # initial policy: folder or hub id; "" = out/mid/hf if present, else model.DEFAULT_MODEL
+    prompts: str = ""  # comma list of .jsonl/.json/.parquet files or hub:deepscaler etc.; "" = demo sums
+    eval_prompts: str = ""  # held-out prompts scored before/after training; "" = demo held-out sums if any
     out: str = "out/rl"  # run folder: metrics.jsonl, checkpoints/, hf/, rl.png
     steps: int = 6  # RL steps (rollout batch + updates). Paper: 1000
     group_size: int = 8  # G: responses per prompt. Paper: 16
@@ -77,35 +77,37 @@ class Config:
     eps_low: float = 0.2  # clip: rho >= 1 - eps_low for negative advantages
     eps_high: float = 0.28  # clip: rho <= 1 + eps_high for positive advantages (clip-higher)
     beta: float = 0.05  # KL penalty coefficient; 0 = no reference model
-    ref_alpha: float = 0.6  # Polyak weight of the policy in a reference update: ref <- alpha*theta + (1-alpha)*ref
+    ref_alpha: float = 0.6  # policy's Polyak weight in a reference update: ref <- alpha*theta + (1-alpha)*ref
     ref_update_every: int = 0  # steps between reference updates; 0 = the reference stays the initial policy
     is_cap: float = 2.0  # C: truncated importance weight min(pi_old / pi_gen, C); 0 = no correction
     eta: float = 1e-6  # eta in A = (r - mean) / (std + eta)
     std_ddof: int = 0  # ddof of std(r) in A: 0 = population std (open-instruct), 1 = unbiased (TRL)
-    loss_norm: str = "batch"  # loss / trained tokens: batch = of the minibatch on all ranks (open-instruct) | group
-    dr_grpo: bool = False  # Dr.GRPO: A = r - mean, constant normaliser G x max_new_tokens (overrides --loss-norm)
+    loss_norm: str = "batch"  # loss / trained tokens: batch = minibatch on all ranks (open-instruct) | group
+    dr_grpo: bool = False  # Dr.GRPO: A = r - mean, fixed normaliser G*max_new_tokens (overrides --loss-norm)
     drop_zero_variance: bool = True  # drop groups whose graded reward (correct + format) is all equal (DAPO)
-    format_bonus: float = 0.2  # reward for the <think> ... </think> answer form itself (paper: 0, format is only a gate)
+    format_bonus: float = 0.2  # reward for the <think> ... </think> answer form (paper: 0, format only gates)
     stop_penalty: float = 0.1  # subtracted when a response ends without a stop token
     repetition_penalty: float = 0.5  # subtracted x the fraction of repeated n-grams in a response
     repetition_ngram: int = 4  # n of the repetition measure (token n-grams)
-    overlong: str = "penalty"  # responses cut at max_new_tokens: penalty (stop_penalty) | mask (no loss, DAPO)
+    overlong: str = "penalty"  # cut responses (max_new_tokens): penalty (stop_penalty) | mask (no loss, DAPO)
     math_fallback: bool = True  # math: accept the last number of the answer's last line when nothing is boxed
-    system_prompt: str = "Think inside <think> </think>, then write the answer."  # system message; "" = the template's own
+    system_prompt: str = ("Think inside <think> </think>, "  # system message; "" = the template's own
+                          "then write the answer.")
     example_user: str = "What is 2 + 3?"  # a worked example shown as a first chat turn (the demo); "" = none
     example_answer: str = "<think> 2 + 3 = 5 </think> 5"  # the assistant's reply in that example turn
-    think_instruction: bool = False  # append evaluate.py's THINK_INSTRUCTION to each user message (paper setup)
+    think_instruction: bool = False  # add evaluate.py's THINK_INSTRUCTION to each user message (paper setup)
     demo_max: int = 10  # demo: operands of the generated sums are 1..demo_max
     demo_eval: int = 32  # demo: held-out sums (never trained on)
     eval_samples: int = 2  # responses per held-out prompt
     eval_temperature: float = -1.0  # held-out sampling temperature; < 0 = --temperature
     gen_batch: int = 64  # sequences per generate() call
-    pack_tokens: int = 0  # training rows: sequences packed into rows of up to this many tokens; 0 = one per row (CPU: attention with a dense document mask costs more than padding)
-    micro_rows: int = 8  # rows per forward/backward pass (gradient accumulation over the rest; activations scale with it)
-    logprob_chunk: int = 1024  # tokens per chunk through the lm_head (no (tokens x vocab) fp32 tensor at once)
+    # CPU: attention with a dense document mask costs more than padding
+    pack_tokens: int = 0  # sequences packed into training rows of up to this many tokens; 0 = one per row
+    micro_rows: int = 8  # rows per forward/backward (gradient accumulation over the rest; activations scale)
+    logprob_chunk: int = 1024  # tokens per chunk through lm_head (no (tokens x vocab) fp32 tensor at once)
     filter_k: int = 16  # filter: samples per prompt for the pass rate
-    filter_math: str = "1-1"  # filter: kept numbers of correct samples (lo-hi) for math. Paper: exactly 1 of 16
-    filter_other: str = "1-16"  # filter: kept numbers of correct samples (lo-hi) for code and science. Paper: >= 1
+    filter_math: str = "1-1"  # filter: kept correct-sample counts (lo-hi) for math. Paper: exactly 1 of 16
+    filter_other: str = "1-16"  # filter: kept correct-sample counts (lo-hi) for code and science. Paper: >= 1
     filter_out: str = ""  # filter: output JSONL; "" = OUT/prompts.filtered.jsonl
     code_timeout_s: float = 6.0  # code rewards: wall-clock limit per program run
     code_workers: int = 4  # code rewards: programs graded in parallel
@@ -114,7 +116,7 @@ class Config:
     keep_checkpoints: int = 1  # complete checkpoints kept (0 = all)
     resume: bool = False  # continue from the latest complete checkpoint in OUT/checkpoints
     mesh: str = ""  # "" = FSDP over all ranks; "RxS" = HSDP
-    activation_checkpointing: str = "block"  # off | block | selective; block: recomputed in backward (less memory)
+    activation_checkpointing: str = "block"  # off | block (recomputed in backward, less memory) | selective
     compile: bool = False  # torch.compile each decoder block
     device: str = "auto"  # cpu, cuda, or auto
     param_dtype: str = "auto"  # compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32
