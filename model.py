@@ -33,9 +33,11 @@ import mamba
 from cli import ModelNotFound, read_json, write_json
 from kernels.attention import attention as kernel_attention
 
-DEFAULT_MODEL = "smollm2-135m-instruct"  # the built-in default: SmolLM2-135M-Instruct (see resolve_model_path)
+# the built-in default: SmolLM2-135M-Instruct (see resolve_model_path)
+DEFAULT_MODEL = "smollm2-135m-instruct"
 DENSE_MODEL_TYPES = ("llama", "mistral", "granite", "qwen2", "qwen3")
-HYBRID_MODEL_TYPES = ("nemotron_h", "granitemoehybrid", "mamba2")  # Mamba2 layers placed by the config's pattern
+# Mamba2 layers placed by the config's pattern
+HYBRID_MODEL_TYPES = ("nemotron_h", "granitemoehybrid", "mamba2")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,7 +69,8 @@ class ModelConfig:
     residual_multiplier: float = 1.0  # granite: each block's output is scaled by this before the residual add
     logits_scaling: float = 1.0  # granite: logits are divided by this
     # Hybrid families (nemotron_h, granitemoehybrid, mamba2); the defaults describe a dense model.
-    layer_types: list = field(default_factory=list)  # hybrids: per layer 'mamba' | 'attention' | 'mlp' | 'moe'
+    # hybrids: per layer 'mamba' | 'attention' | 'mlp' | 'moe'
+    layer_types: list = field(default_factory=list)
     use_rope: bool = True  # False: attention without positions (Nemotron-H, Granite 'nope')
     mamba: dict | None = None  # keyword arguments of mamba.Mamba2Mixer for the Mamba layers
     moe: dict | None = None  # mixture of experts: num_experts, top_k, intermediate_size and router settings
@@ -87,7 +90,8 @@ def _get(raw: dict, name: str, source: str, kind=int, default=..., minimum=None)
             raise ValueError(f"{source}: required field '{name}' is missing")
         return default
     value = raw[name]
-    ok = isinstance(value, bool) if kind is bool else (isinstance(value, (int, float)) and not isinstance(value, bool))
+    ok = isinstance(value, bool) if kind is bool else (isinstance(value, (int, float))
+                                                       and not isinstance(value, bool))
     if kind is int and ok and float(value) != int(value):
         ok = False
     if not ok:
@@ -112,8 +116,8 @@ def _rope_settings(raw: dict, source: str) -> tuple[float, dict | None]:
     required = {"linear": ["factor"], "dynamic": ["factor"],
                 "llama3": ["factor", "low_freq_factor", "high_freq_factor"]}
     if rope_type not in required:
-        raise ValueError(f"{source}: field 'rope_scaling' has rope_type '{rope_type}', which is not supported "
-                         f"(supported: default, {', '.join(required)})")
+        raise ValueError(f"{source}: field 'rope_scaling' has rope_type '{rope_type}', which is not "
+                         f"supported (supported: default, {', '.join(required)})")
     for key in required[rope_type]:
         if not isinstance(merged.get(key), (int, float)):
             raise ValueError(f"{source}: field 'rope_scaling.{key}' is required for rope_type '{rope_type}'")
@@ -153,14 +157,15 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         raise ValueError(f"{source}: field 'num_attention_heads' ({heads}) must be a multiple of "
                          f"'num_key_value_heads' ({kv_heads})")
     if raw.get("head_dim") is None and hidden % heads:
-        raise ValueError(f"{source}: field 'hidden_size' ({hidden}) is not divisible by 'num_attention_heads' "
-                         f"({heads}) and no 'head_dim' is given")
+        raise ValueError(f"{source}: field 'hidden_size' ({hidden}) is not divisible by "
+                         f"'num_attention_heads' ({heads}) and no 'head_dim' is given")
     head_dim = _get(raw, "head_dim", source, default=hidden // heads, minimum=2)
     if head_dim % 2:
         raise ValueError(f"{source}: field 'head_dim' ({head_dim}) must be even for RoPE")
     act = raw.get("hidden_act", "silu")
     if act != "silu":
-        raise ValueError(f"{source}: field 'hidden_act' is {act!r}; only 'silu' (SwiGLU) is supported for {model_type}")
+        raise ValueError(f"{source}: field 'hidden_act' is {act!r}; only 'silu' (SwiGLU) is supported "
+                         f"for {model_type}")
     theta, scaling = _rope_settings(raw, source)
     max_pos = _get(raw, "max_position_embeddings", source, default=4096, minimum=1)
 
@@ -222,12 +227,14 @@ LAYER_TYPE_NAMES = {"mamba": "mamba", "linear_attention": "mamba", "attention": 
 
 
 def _pick(raw: dict, name: str, legacy: str) -> str:
-    """The field name to read: transformers lets an old Nemotron-H name (`mamba_n_groups`) override the new one."""
+    """The field name to read: transformers lets an old Nemotron-H name (`mamba_n_groups`) override the new
+    one."""
     return legacy if raw.get(legacy) is not None else name
 
 
 def _float_pair(raw: dict, name: str, source: str, default: tuple) -> tuple:
-    """A (low, high) pair such as time_step_limit. transformers writes infinity as {"__float__": "Infinity"}."""
+    """A (low, high) pair such as time_step_limit. transformers writes infinity as
+    {"__float__": "Infinity"}."""
     value = raw.get(name)
     if value is None:
         return default
@@ -236,11 +243,13 @@ def _float_pair(raw: dict, name: str, source: str, default: tuple) -> tuple:
         if isinstance(v, dict) and set(v) == {"__float__"}:
             v = v["__float__"]
         if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-            raise ValueError(f"{source}: field '{name}' should be a pair of numbers [low, high], got {value!r}")
+            raise ValueError(f"{source}: field '{name}' should be a pair of numbers [low, high], "
+                             f"got {value!r}")
         try:
             return float(v)
         except ValueError:
-            raise ValueError(f"{source}: field '{name}' should be a pair of numbers [low, high], got {value!r}") from None
+            raise ValueError(f"{source}: field '{name}' should be a pair of numbers [low, high], "
+                             f"got {value!r}") from None
 
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise ValueError(f"{source}: field '{name}' should be a pair [low, high], got {value!r}")
@@ -259,7 +268,8 @@ def _layer_type_list(raw: dict, name: str, source: str, allowed: tuple) -> list:
         kind = LAYER_TYPE_NAMES.get(t) if isinstance(t, str) else None
         if kind not in allowed:
             names = sorted(n for n, k in LAYER_TYPE_NAMES.items() if k in allowed)
-            raise ValueError(f"{source}: field '{name}' has unknown entry {t!r} at layer {i}; expected one of {names}")
+            raise ValueError(f"{source}: field '{name}' has unknown entry {t!r} at layer {i}; "
+                             f"expected one of {names}")
         kinds.append(kind)
     return kinds
 
@@ -273,17 +283,20 @@ def _hybrid_layer_types(raw: dict, source: str, model_type: str) -> list:
         pattern = raw.get("hybrid_override_pattern")
         if pattern is not None:
             if not isinstance(pattern, str) or not pattern:
-                raise ValueError(f"{source}: field 'hybrid_override_pattern' should be a non-empty string such as "
-                                 f"'M-M*-', got {pattern!r}")
+                raise ValueError(f"{source}: field 'hybrid_override_pattern' should be a non-empty string "
+                                 f"such as 'M-M*-', got {pattern!r}")
             unknown = sorted(set(pattern) - set(NEMOTRON_PATTERN))
             if unknown:
-                raise ValueError(f"{source}: field 'hybrid_override_pattern' has unknown characters {unknown}; "
-                                 f"expected 'M' (Mamba2), '*' (attention), '-' (MLP) or 'E' (MoE)")
+                raise ValueError(f"{source}: field 'hybrid_override_pattern' has unknown characters "
+                                 f"{unknown}; expected 'M' (Mamba2), '*' (attention), '-' (MLP) "
+                                 f"or 'E' (MoE)")
             from_pattern = [NEMOTRON_PATTERN[c] for c in pattern]
         if raw.get("layers_block_type") is not None:
-            from_list = _layer_type_list(raw, "layers_block_type", source, ("mamba", "attention", "mlp", "moe"))
+            from_list = _layer_type_list(raw, "layers_block_type", source,
+                                         ("mamba", "attention", "mlp", "moe"))
         if from_pattern is None and from_list is None:
-            raise ValueError(f"{source}: nemotron_h needs field 'hybrid_override_pattern' or 'layers_block_type'")
+            raise ValueError(f"{source}: nemotron_h needs field 'hybrid_override_pattern' or "
+                             f"'layers_block_type'")
         if from_pattern is not None and from_list is not None and from_pattern != from_list:
             raise ValueError(f"{source}: fields 'hybrid_override_pattern' and 'layers_block_type' disagree")
         kinds, field_name = (from_list, "layers_block_type") if from_list is not None else (
@@ -291,38 +304,46 @@ def _hybrid_layer_types(raw: dict, source: str, model_type: str) -> list:
     else:  # granitemoehybrid; transformers' default is every layer Mamba
         if raw.get("layer_types") is None:
             return ["mamba"] * _get(raw, "num_hidden_layers", source, minimum=1)
-        kinds, field_name = _layer_type_list(raw, "layer_types", source, ("mamba", "attention")), "layer_types"
+        kinds, field_name = _layer_type_list(raw, "layer_types", source,
+                                             ("mamba", "attention")), "layer_types"
     n = _get(raw, "num_hidden_layers", source, default=len(kinds), minimum=1)
     if n != len(kinds):
-        raise ValueError(f"{source}: field '{field_name}' describes {len(kinds)} layers but 'num_hidden_layers' is {n}")
+        raise ValueError(f"{source}: field '{field_name}' describes {len(kinds)} layers but "
+                         f"'num_hidden_layers' is {n}")
     return kinds
 
 
 def _mamba_settings(raw: dict, source: str, model_type: str, hidden: int) -> dict:
     """Keyword arguments of mamba.Mamba2Mixer from each family's field names, dimensions checked."""
     if model_type == "nemotron_h":
-        heads_f, head_dim_f, groups_f = "mamba_num_heads", "mamba_head_dim", _pick(raw, "n_groups", "mamba_n_groups")
+        heads_f, head_dim_f, groups_f = ("mamba_num_heads", "mamba_head_dim",
+                                         _pick(raw, "n_groups", "mamba_n_groups"))
         heads = _get(raw, heads_f, source, default=128, minimum=1)
         head_dim = _get(raw, head_dim_f, source, default=64, minimum=1)
         kw = dict(state_size=_get(raw, "ssm_state_size", source, default=128, minimum=1),
                   n_groups=_get(raw, groups_f, source, default=8, minimum=1),
-                  conv_kernel=_get(raw, _pick(raw, "conv_kernel", "mamba_d_conv"), source, default=4, minimum=1),
-                  chunk_size=_get(raw, _pick(raw, "chunk_size", "mamba_chunk_size"), source, default=128, minimum=1),
-                  use_conv_bias=_get(raw, _pick(raw, "use_conv_bias", "mamba_conv_bias"), source, kind=bool, default=True),
-                  use_bias=_get(raw, "use_bias", source, kind=bool, default=False),  # transformers ignores mamba_proj_bias
+                  conv_kernel=_get(raw, _pick(raw, "conv_kernel", "mamba_d_conv"), source, default=4,
+                                   minimum=1),
+                  chunk_size=_get(raw, _pick(raw, "chunk_size", "mamba_chunk_size"), source, default=128,
+                                  minimum=1),
+                  use_conv_bias=_get(raw, _pick(raw, "use_conv_bias", "mamba_conv_bias"), source, kind=bool,
+                                     default=True),
+                  # transformers ignores mamba_proj_bias
+                  use_bias=_get(raw, "use_bias", source, kind=bool, default=False),
                   norm_eps=_get(raw, "layer_norm_epsilon", source, kind=float, default=1e-5, minimum=0.0),
                   # transformers' Nemotron-H mixer clamps Δ to (time_step_min, inf), not to time_step_limit
                   time_step_limit=(_get(raw, _pick(raw, "time_step_min", "mamba_dt_min"), source, kind=float,
                                         default=0.001, minimum=0.0), math.inf))
-        act_field, expand = "mamba_hidden_act", None  # Nemotron-H's Mamba width is heads * head_dim, not expand * hidden
+        # Nemotron-H's Mamba width is heads * head_dim, not expand * hidden
+        act_field, expand = "mamba_hidden_act", None
     elif model_type == "granitemoehybrid":
         heads_f, head_dim_f, groups_f = "mamba_n_heads", "mamba_d_head", "mamba_n_groups"
         heads = _get(raw, heads_f, source, default=128, minimum=1)
         expand = _get(raw, "mamba_expand", source, default=2, minimum=1)
         if raw.get(head_dim_f) in (None, "auto"):  # transformers: expand * hidden // heads
             if expand * hidden % heads:
-                raise ValueError(f"{source}: field '{heads_f}' ({heads}) must divide 'mamba_expand' * 'hidden_size' "
-                                 f"({expand} * {hidden}) when 'mamba_d_head' is 'auto'")
+                raise ValueError(f"{source}: field '{heads_f}' ({heads}) must divide 'mamba_expand' * "
+                                 f"'hidden_size' ({expand} * {hidden}) when 'mamba_d_head' is 'auto'")
             raw_head_dim = dict(raw, mamba_d_head=expand * hidden // heads)
         else:
             raw_head_dim = raw
@@ -373,29 +394,33 @@ def _moe_settings(raw: dict, source: str, model_type: str) -> dict:
         top_k = _get(raw, "num_experts_per_tok", source, default=2, minimum=1)
         moe = dict(num_experts=experts, top_k=top_k,
                    intermediate_size=_get(raw, "intermediate_size", source, default=11008, minimum=1))
-    else:  # nemotron_h: sigmoid router with a score-correction bias, grouped top-k, relu2 experts, a shared expert
+    else:
+        # nemotron_h: sigmoid router with a score-correction bias, grouped top-k, relu2 experts,
+        # a shared expert
         experts_f = _pick(raw, "n_routed_experts", "num_local_experts")
         experts = _get(raw, experts_f, source, default=8, minimum=1)
         top_k = _get(raw, "num_experts_per_tok", source, default=2, minimum=1)
         n_group = _get(raw, "n_group", source, default=1, minimum=1)
         topk_group = _get(raw, "topk_group", source, default=1, minimum=1)
         if experts % n_group or experts // n_group < 2:
-            raise ValueError(f"{source}: field 'n_group' ({n_group}) must divide '{experts_f}' ({experts}) into "
-                             f"groups of at least 2 experts")
+            raise ValueError(f"{source}: field 'n_group' ({n_group}) must divide '{experts_f}' ({experts}) "
+                             f"into groups of at least 2 experts")
         if topk_group > n_group:
-            raise ValueError(f"{source}: field 'topk_group' ({topk_group}) is larger than 'n_group' ({n_group})")
+            raise ValueError(f"{source}: field 'topk_group' ({topk_group}) is larger than "
+                             f"'n_group' ({n_group})")
         if top_k > topk_group * (experts // n_group):
             raise ValueError(f"{source}: field 'num_experts_per_tok' ({top_k}) is more than the {topk_group} "
                              f"selected groups hold ({topk_group * (experts // n_group)} experts)")
         moe = dict(num_experts=experts, top_k=top_k, n_group=n_group, topk_group=topk_group,
                    intermediate_size=_get(raw, "moe_intermediate_size", source, default=7688, minimum=1),
-                   shared_intermediate_size=_get(raw, "moe_shared_expert_intermediate_size", source, default=7688,
-                                                 minimum=1),
+                   shared_intermediate_size=_get(raw, "moe_shared_expert_intermediate_size", source,
+                                                 default=7688, minimum=1),
                    latent_size=_get(raw, "moe_latent_size", source, default=None, minimum=1),
                    norm_topk_prob=_get(raw, "norm_topk_prob", source, kind=bool, default=True),
                    routed_scaling_factor=_get(raw, "routed_scaling_factor", source, kind=float, default=1.0))
     if top_k > experts:
-        raise ValueError(f"{source}: field 'num_experts_per_tok' ({top_k}) is more than the {experts} experts")
+        raise ValueError(f"{source}: field 'num_experts_per_tok' ({top_k}) is more than the "
+                         f"{experts} experts")
     return moe
 
 
@@ -422,31 +447,35 @@ def hybrid_config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig
             head_dim = hidden // heads
             position = raw.get("position_embedding_type")
             if position not in (None, "nope", "rope"):
-                raise ValueError(f"{source}: field 'position_embedding_type' is {position!r}; expected 'rope' or 'nope'")
+                raise ValueError(f"{source}: field 'position_embedding_type' is {position!r}; "
+                                 f"expected 'rope' or 'nope'")
             use_rope = position == "rope"
             if use_rope:
                 theta, scaling = _rope_settings(raw, source)
                 if head_dim % 2:
-                    raise ValueError(f"{source}: head dimension 'hidden_size' / 'num_attention_heads' ({head_dim}) "
-                                     f"must be even for RoPE")
+                    raise ValueError(f"{source}: head dimension 'hidden_size' / 'num_attention_heads' "
+                                     f"({head_dim}) must be even for RoPE")
         else:  # nemotron_h: head_dim (transformers; default 128), or attention_head_dim (NVIDIA's configs)
             head_dim = _get(raw, "head_dim", source, default=None, minimum=1)
             alt = _get(raw, "attention_head_dim", source, default=None, minimum=1)
             if head_dim is not None and alt is not None and head_dim != alt:
-                raise ValueError(f"{source}: fields 'head_dim' ({head_dim}) and 'attention_head_dim' ({alt}) disagree")
+                raise ValueError(f"{source}: fields 'head_dim' ({head_dim}) and "
+                                 f"'attention_head_dim' ({alt}) disagree")
             head_dim = head_dim or alt or 128
 
     mlp_act, intermediate, shared = "silu", 0, 0
     if model_type == "nemotron_h":
         mlp_act = raw.get("mlp_hidden_act", "relu2")
         if mlp_act != "relu2":
-            raise ValueError(f"{source}: field 'mlp_hidden_act' is {mlp_act!r}; only 'relu2' is supported for nemotron_h")
+            raise ValueError(f"{source}: field 'mlp_hidden_act' is {mlp_act!r}; only 'relu2' is supported "
+                             f"for nemotron_h")
         if "mlp" in kinds:
             intermediate = _get(raw, "intermediate_size", source, default=21504, minimum=1)
     elif granite:
         act = raw.get("hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"{source}: field 'hidden_act' is {act!r}; only 'silu' (SwiGLU) is supported for {model_type}")
+            raise ValueError(f"{source}: field 'hidden_act' is {act!r}; only 'silu' (SwiGLU) is supported "
+                             f"for {model_type}")
         shared = _get(raw, "shared_intermediate_size", source, default=1024, minimum=1)
     moe = None
     if granite or "moe" in kinds:
@@ -471,7 +500,8 @@ def hybrid_config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig
         tie_word_embeddings=_get(raw, "tie_word_embeddings", source, kind=bool, default=False),
         qkv_bias=_get(raw, "attention_bias", source, kind=bool, default=False) if granite else False,
         o_bias=_get(raw, "attention_bias", source, kind=bool, default=False) if granite else False,
-        mlp_bias=_get(raw, "mlp_bias", source, kind=bool, default=False) if model_type == "nemotron_h" else False,
+        mlp_bias=(_get(raw, "mlp_bias", source, kind=bool, default=False) if model_type == "nemotron_h"
+                  else False),
         qk_norm=False,
         sliding_windows=[None] * len(kinds),
         **(_granite_multipliers(raw, source, attention_default=1.0) if granite else {}),
@@ -481,8 +511,8 @@ def hybrid_config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig
         moe=moe,
         mlp_act=mlp_act,
         shared_intermediate_size=shared,
-        residual_in_fp32=_get(raw, "residual_in_fp32", source, kind=bool, default=True) if model_type == "mamba2"
-        else False,
+        residual_in_fp32=(_get(raw, "residual_in_fp32", source, kind=bool, default=True)
+                          if model_type == "mamba2" else False),
         norm_weight_fp32=model_type == "nemotron_h",
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_eos_ids(raw),
@@ -581,7 +611,8 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
+                                                        cfg.head_dim)
         self.scale = cfg.attention_scale if cfg.attention_scale is not None else self.head_dim ** -0.5
         self.window = cfg.sliding_windows[layer]
         self.use_rope = cfg.use_rope
@@ -596,7 +627,8 @@ class Attention(nn.Module):
 
     def allocate_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
         shape = (batch, self.n_kv_heads, max_len, self.head_dim)
-        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype),
+                       torch.zeros(shape, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, ctx: "Context", cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -729,7 +761,8 @@ def mixture_of_experts(x, weights, experts, num_experts: int, expert_forward) ->
     out = torch.zeros(x.shape, dtype=weights.dtype, device=x.device)  # (N, D)
     counts = torch.bincount(experts.flatten(), minlength=num_experts)  # (E,)
     for e in counts.nonzero()[:, 0].tolist():
-        token, slot = (experts == e).nonzero(as_tuple=True)  # the tokens routed to e, and at which of their k slots
+        # the tokens routed to e, and at which of their k slots
+        token, slot = (experts == e).nonzero(as_tuple=True)
         y = expert_forward(e, x[token]) * weights[token, slot, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out
@@ -782,9 +815,10 @@ class GraniteMoE(nn.Module):
 
 
 class SigmoidRouter(nn.Module):
-    """Nemotron-H's router (DeepSeek-V3 style): sigmoid scores s; experts chosen by s + e_score_correction_bias
-    among the topk_group best of n_group groups (a group scores its two best); weights are the chosen s,
-    renormalised (norm_topk_prob) and times routed_scaling_factor. Checkpoints keep weight and bias in fp32."""
+    """Nemotron-H's router (DeepSeek-V3 style): sigmoid scores s; experts chosen by
+    s + e_score_correction_bias among the topk_group best of n_group groups (a group scores its two best);
+    weights are the chosen s, renormalised (norm_topk_prob) and times routed_scaling_factor. Checkpoints keep
+    weight and bias in fp32."""
 
     def __init__(self, hidden: int, moe: dict):
         super().__init__()
@@ -801,7 +835,8 @@ class SigmoidRouter(nn.Module):
         choice = scores + self.e_score_correction_bias.float()
         if self.n_group > 1:
             per_group = self.num_experts // self.n_group
-            group_scores = choice.view(-1, self.n_group, per_group).topk(2, dim=-1).values.sum(-1)  # (N, n_group)
+            # (N, n_group)
+            group_scores = choice.view(-1, self.n_group, per_group).topk(2, dim=-1).values.sum(-1)
             best = group_scores.topk(self.topk_group, dim=-1).indices
             keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
             choice = choice.masked_fill(~keep.repeat_interleave(per_group, dim=1), -math.inf)
@@ -813,7 +848,8 @@ class SigmoidRouter(nn.Module):
 
 
 class NemotronHMoE(nn.Module):
-    """Nemotron-H's MoE layer: routed relu² experts (optionally in a smaller latent width) plus a shared expert."""
+    """Nemotron-H's MoE layer: routed relu² experts (optionally in a smaller latent width) plus a shared
+    expert."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -833,14 +869,16 @@ class NemotronHMoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])  # (N, H)
         weights, experts = self.gate(flat)
         h = self.fc1_latent_proj(flat) if self.latent else flat
-        y = mixture_of_experts(h, weights, experts, self.num_experts, lambda e, t: self.experts[e](t)).to(h.dtype)
+        y = mixture_of_experts(h, weights, experts, self.num_experts,
+                               lambda e, t: self.experts[e](t)).to(h.dtype)
         if self.latent:
             y = self.fc2_latent_proj(y)
         return y.view(x.shape) + self.shared_experts(x)
 
 
 class MixerLayer(nn.Module):
-    """A Nemotron-H or Mamba2 layer: x + mixer(norm(x)); the mixer is a Mamba2, attention, MLP or MoE block."""
+    """A Nemotron-H or Mamba2 layer: x + mixer(norm(x)); the mixer is a Mamba2, attention, MLP or MoE
+    block."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -877,7 +915,8 @@ class MixerLayer(nn.Module):
 
 class GraniteHybridLayer(nn.Module):
     """A GraniteMoeHybrid (Granite 4.0) layer: x += m * mixer(norm1(x)) with a Mamba2 or attention mixer, then
-    x += m * (shared_mlp(h) + moe(h)) with h = norm2(x), m the residual multiplier; no MoE when it has no experts."""
+    x += m * (shared_mlp(h) + moe(h)) with h = norm2(x), m the residual multiplier; no MoE when it has no
+    experts."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -931,7 +970,8 @@ class DecodeCache:
     def __init__(self, model: "CausalLM", batch: int, max_len: int, device, dtype):
         self.layers = [layer.allocate_cache(batch, max_len, device, dtype) for layer in model.model.layers]
         self.doc_ids = torch.full((batch, max_len), -1, dtype=torch.long, device=device)  # (B, S_max)
-        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) RoPE position of next token
+        # (B,) RoPE position of next token
+        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
         self.max_len = max_len
 
@@ -1071,7 +1111,8 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden is fp32 when the residual stream is (mamba2's residual_in_fp32) while lm_head may be bf16
-        dtype = getattr(self.lm_head, "compute_dtype", None) or self.lm_head.weight.dtype  # Int8Linear: its scales'
+        # Int8Linear: its scales'
+        dtype = getattr(self.lm_head, "compute_dtype", None) or self.lm_head.weight.dtype
         logits = self.lm_head(hidden.to(dtype))
         return logits if self.config.logits_scaling == 1 else logits / self.config.logits_scaling
 
@@ -1087,8 +1128,8 @@ class CausalLM(nn.Module):
         hidden = self.hidden_states(input_ids, doc_ids, cache)
         if labels is None:
             return self.logits(hidden)
-        rows, cols = (labels >= 0).nonzero(as_tuple=True)  # only labelled positions need the vocabulary (RL: not
-        h_all, y_all = hidden[rows, cols], labels[rows, cols]  # the prompt); (N, H), (N,)
+        rows, cols = (labels >= 0).nonzero(as_tuple=True)  # only labelled positions need the vocabulary
+        h_all, y_all = hidden[rows, cols], labels[rows, cols]  # (RL: not the prompt); (N, H), (N,)
         N = len(y_all)
         logp, ent = [], []
         for start in range(0, N, chunk_tokens):
@@ -1140,8 +1181,9 @@ def resolve_model_path(name_or_path: str) -> Path:
 
 
 def _download(repo_id: str) -> Path:
-    """The hub snapshot of `repo_id` (the local cache when offline); a mistyped folder such as `out/nope` looks
-    like a hub id, so a failure names both possibilities instead of huggingface_hub's chained tracebacks."""
+    """The hub snapshot of `repo_id` (the local cache when offline); a mistyped folder such as `out/nope`
+    looks like a hub id, so a failure names both possibilities instead of huggingface_hub's chained
+    tracebacks."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
     patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken"]
@@ -1180,14 +1222,17 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-# Nemotron-H and Mamba2 checkpoints name the decoder `backbone` (embeddings, norm_f); ours is `model` (embed_tokens,
-# norm) for every family, so the rest of the project never asks which kind it has. Inside a layer the names are
-# the checkpoint's own. (our prefix, checkpoint prefix); loading also accepts the aliases below.
+# Nemotron-H and Mamba2 checkpoints name the decoder `backbone` (embeddings, norm_f); ours is `model`
+# (embed_tokens, norm) for every family, so the rest of the project never asks which kind it has. Inside a
+# layer the names are the checkpoint's own. (our prefix, checkpoint prefix); loading also accepts the
+# aliases below.
 BACKBONE_KEYS = (("model.embed_tokens.", "backbone.embeddings."), ("model.norm.", "backbone.norm_f."),
                  ("model.layers.", "backbone.layers."))
 BACKBONE_KEY_ALIASES = (("model.embed_tokens.", "backbone.embedding."),  # old Mamba2 checkpoints
-                        ("model.embed_tokens.", "model.embeddings."), ("model.norm.", "model.norm_f."))  # transformers' own
-NEMOTRON_FP32_KEYS = ("mixer.gate.weight", "mixer.gate.e_score_correction_bias")  # router kept in fp32 like transformers
+                        # transformers' own
+                        ("model.embed_tokens.", "model.embeddings."), ("model.norm.", "model.norm_f."))
+# router kept in fp32 like transformers
+NEMOTRON_FP32_KEYS = ("mixer.gate.weight", "mixer.gate.e_score_correction_bias")
 
 
 def to_checkpoint_key(cfg: ModelConfig, name: str) -> str:
@@ -1234,21 +1279,25 @@ def load_model(name_or_path: str, *, device="cpu", dtype=torch.bfloat16) -> Caus
     for file in weight_files(folder):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
-                if key.endswith(IGNORED_CHECKPOINT_KEYS) or (cfg.tie_word_embeddings and key == "lm_head.weight"):
+                if (key.endswith(IGNORED_CHECKPOINT_KEYS)
+                        or (cfg.tie_word_embeddings and key == "lm_head.weight")):
                     continue
                 if cfg.model_type == "nemotron_h" and key.startswith("mtp."):
-                    continue  # multi-token-prediction head (Nemotron 3): unused for generation, as in transformers
+                    # multi-token-prediction head (Nemotron 3): unused for generation, as in transformers
+                    continue
                 name = from_checkpoint_key(cfg, key)  # our parameter name (differs for backbone.* families)
                 if name not in expected:
                     raise ValueError(f"{file}: unexpected tensor '{key}' for model_type '{cfg.model_type}'")
                 if name in seen:
-                    raise ValueError(f"{file}: tensor '{key}' appears twice (under two names) in the checkpoint")
+                    raise ValueError(f"{file}: tensor '{key}' appears twice (under two names) "
+                                     f"in the checkpoint")
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != tuple(expected[name]):
                     raise ValueError(f"{file}: tensor '{key}' has shape {shape}, config.json implies "
                                      f"{tuple(expected[name])}")
                 keep_fp32 = cfg.model_type == "nemotron_h" and name.endswith(NEMOTRON_FP32_KEYS)
-                _set_tensor(model, name, f.get_tensor(key).to(device=device, dtype=torch.float32 if keep_fp32 else dtype))
+                _set_tensor(model, name,
+                            f.get_tensor(key).to(device=device, dtype=torch.float32 if keep_fp32 else dtype))
                 seen.add(name)
     missing = sorted(to_checkpoint_key(cfg, k) for k in set(expected) - seen)
     if missing:
@@ -1294,7 +1343,8 @@ def save_model(model: CausalLM, out_dir, tokenizer_from=None, *, state_dict: dic
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         write_json(tmp / WEIGHT_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     hf = dict(cfg.hf)
-    hf["dtype"] = hf["torch_dtype"] = str(dtype).removeprefix("torch.")  # transformers 5 reads dtype, older torch_dtype
+    # transformers 5 reads dtype, older torch_dtype
+    hf["dtype"] = hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     write_json(tmp / "config.json", hf)
     if tokenizer_from is not None:
         source = resolve_model_path(str(tokenizer_from))

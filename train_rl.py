@@ -14,18 +14,21 @@ One step, top to bottom:
      from the FSDP shards), temperature / top-p, at most `max_new_tokens`; the sampler's log-probs are kept.
   3. Rewards (graders.py): correct answer + format bonus, 0 unless the response has the
      `<think> ... </think> answer` form; minus penalties for a missing stop token and repeated n-grams.
-  4. Advantages: A_i = (r_i - mean(r)) / (std(r) + eta) within each group, population std (Dr.GRPO: r_i - mean(r));
-     groups whose graded reward (correct + format) is all equal carry no signal and are dropped (counted).
+  4. Advantages: A_i = (r_i - mean(r)) / (std(r) + eta) within each group, population std
+     (Dr.GRPO: r_i - mean(r)); groups whose graded reward (correct + format) is all equal carry no signal and
+     are dropped (counted).
   5. Loss (per response token t of response o_i, ratio rho = pi_theta / pi_old):
         w    = min(pi_old / pi_gen, C)                                  truncated importance weight
         L_pg = -w * min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)   decoupled clip
         L_kl = beta * (pi_ref / pi_theta - log(pi_ref / pi_theta) - 1)  k3 estimator of KL(pi_theta || pi_ref)
-        L    = sum_{i, t} (L_pg + L_kl) / sum_j |o_j|     (token-level over the minibatch on all ranks; --loss-norm
-               group: 1 / sum_{j in g} |o_j| per group, mean over groups; Dr.GRPO: 1 / (#groups G max_new_tokens))
+        L    = sum_{i, t} (L_pg + L_kl) / sum_j |o_j|     (token-level over the minibatch on all ranks;
+               --loss-norm group: 1 / sum_{j in g} |o_j| per group, mean over groups;
+               Dr.GRPO: 1 / (#groups G max_new_tokens))
         (the k3 log-ratio is clamped to +-40; top-p < 1 is refused with C > 0: pi_gen would be the nucleus')
      in `minibatches` optimizer steps, `ppo_epochs` times over the rollout batch; pi_old is recomputed by the
      trainer at the start of the step; log-probs are chunked through the lm_head (model.forward(labels=...)).
-  6. The reference policy is soft-updated every `ref_update_every` steps: ref <- alpha * theta + (1 - alpha) * ref.
+  6. The reference policy is soft-updated every `ref_update_every` steps:
+     ref <- alpha * theta + (1 - alpha) * ref.
 Checkpoints (DCP), HF export, metrics and plots come from train_mid.py. One process in fp32 (the CPU demo)
 trains plain modules: FSDP would shard and cast nothing there, only add copies of the weights and gradients.
 """
@@ -54,9 +57,9 @@ import train_mid as T
 
 @dataclass
 class Config:
-    model: str = ""  # policy to start from: folder or hub id; "" = out/mid/hf when it exists, else model.DEFAULT_MODEL
-    prompts: str = ""  # RL prompts: comma list of files (.jsonl/.json/.parquet) or hub:deepscaler, hub:skywork-or1-math, hub:skywork-or1-code; "" = generated sums (the demo)
-    eval_prompts: str = ""  # held-out prompts scored before and after training; "" = the demo's held-out sums (none for other --prompts)
+    model: str = ""  # initial policy: folder or hub id; "" = out/mid/hf if present, else model.DEFAULT_MODEL
+    prompts: str = ""  # comma list of .jsonl/.json/.parquet files or hub:deepscaler etc.; "" = demo sums
+    eval_prompts: str = ""  # held-out prompts scored before/after training; "" = demo held-out sums if any
     out: str = "out/rl"  # run folder: metrics.jsonl, checkpoints/, hf/, rl.png
     steps: int = 6  # RL steps (rollout batch + updates). Paper: 1000
     group_size: int = 8  # G: responses per prompt. Paper: 16
@@ -74,35 +77,37 @@ class Config:
     eps_low: float = 0.2  # clip: rho >= 1 - eps_low for negative advantages
     eps_high: float = 0.28  # clip: rho <= 1 + eps_high for positive advantages (clip-higher)
     beta: float = 0.05  # KL penalty coefficient; 0 = no reference model
-    ref_alpha: float = 0.6  # Polyak weight of the policy in a reference update: ref <- alpha*theta + (1-alpha)*ref
+    ref_alpha: float = 0.6  # policy's Polyak weight in a reference update: ref <- alpha*theta + (1-alpha)*ref
     ref_update_every: int = 0  # steps between reference updates; 0 = the reference stays the initial policy
     is_cap: float = 2.0  # C: truncated importance weight min(pi_old / pi_gen, C); 0 = no correction
     eta: float = 1e-6  # eta in A = (r - mean) / (std + eta)
     std_ddof: int = 0  # ddof of std(r) in A: 0 = population std (open-instruct), 1 = unbiased (TRL)
-    loss_norm: str = "batch"  # loss / trained tokens: batch = of the minibatch on all ranks (open-instruct) | group
-    dr_grpo: bool = False  # Dr.GRPO: A = r - mean, constant normaliser G x max_new_tokens (overrides --loss-norm)
+    loss_norm: str = "batch"  # loss / trained tokens: batch = minibatch on all ranks (open-instruct) | group
+    dr_grpo: bool = False  # Dr.GRPO: A = r - mean, fixed normaliser G*max_new_tokens (overrides --loss-norm)
     drop_zero_variance: bool = True  # drop groups whose graded reward (correct + format) is all equal (DAPO)
-    format_bonus: float = 0.2  # reward for the <think> ... </think> answer form itself (paper: 0, format is only a gate)
+    format_bonus: float = 0.2  # reward for the <think> ... </think> answer form (paper: 0, format only gates)
     stop_penalty: float = 0.1  # subtracted when a response ends without a stop token
     repetition_penalty: float = 0.5  # subtracted x the fraction of repeated n-grams in a response
     repetition_ngram: int = 4  # n of the repetition measure (token n-grams)
-    overlong: str = "penalty"  # responses cut at max_new_tokens: penalty (stop_penalty) | mask (no loss, DAPO)
+    overlong: str = "penalty"  # cut responses (max_new_tokens): penalty (stop_penalty) | mask (no loss, DAPO)
     math_fallback: bool = True  # math: accept the last number of the answer's last line when nothing is boxed
-    system_prompt: str = "Think inside <think> </think>, then write the answer."  # system message; "" = the template's own
+    system_prompt: str = ("Think inside <think> </think>, "  # system message; "" = the template's own
+                          "then write the answer.")
     example_user: str = "What is 2 + 3?"  # a worked example shown as a first chat turn (the demo); "" = none
     example_answer: str = "<think> 2 + 3 = 5 </think> 5"  # the assistant's reply in that example turn
-    think_instruction: bool = False  # append evaluate.py's THINK_INSTRUCTION to each user message (paper setup)
+    think_instruction: bool = False  # add evaluate.py's THINK_INSTRUCTION to each user message (paper setup)
     demo_max: int = 10  # demo: operands of the generated sums are 1..demo_max
     demo_eval: int = 32  # demo: held-out sums (never trained on)
     eval_samples: int = 2  # responses per held-out prompt
     eval_temperature: float = -1.0  # held-out sampling temperature; < 0 = --temperature
     gen_batch: int = 64  # sequences per generate() call
-    pack_tokens: int = 0  # training rows: sequences packed into rows of up to this many tokens; 0 = one per row (CPU: attention with a dense document mask costs more than padding)
-    micro_rows: int = 8  # rows per forward/backward pass (gradient accumulation over the rest; activations scale with it)
-    logprob_chunk: int = 1024  # tokens per chunk through the lm_head (no (tokens x vocab) fp32 tensor at once)
+    # CPU: attention with a dense document mask costs more than padding
+    pack_tokens: int = 0  # sequences packed into training rows of up to this many tokens; 0 = one per row
+    micro_rows: int = 8  # rows per forward/backward (gradient accumulation over the rest; activations scale)
+    logprob_chunk: int = 1024  # tokens per chunk through lm_head (no (tokens x vocab) fp32 tensor at once)
     filter_k: int = 16  # filter: samples per prompt for the pass rate
-    filter_math: str = "1-1"  # filter: kept numbers of correct samples (lo-hi) for math. Paper: exactly 1 of 16
-    filter_other: str = "1-16"  # filter: kept numbers of correct samples (lo-hi) for code and science. Paper: >= 1
+    filter_math: str = "1-1"  # filter: kept correct-sample counts (lo-hi) for math. Paper: exactly 1 of 16
+    filter_other: str = "1-16"  # filter: kept correct-sample counts (lo-hi) for code and science. Paper: >= 1
     filter_out: str = ""  # filter: output JSONL; "" = OUT/prompts.filtered.jsonl
     code_timeout_s: float = 6.0  # code rewards: wall-clock limit per program run
     code_workers: int = 4  # code rewards: programs graded in parallel
@@ -111,7 +116,7 @@ class Config:
     keep_checkpoints: int = 1  # complete checkpoints kept (0 = all)
     resume: bool = False  # continue from the latest complete checkpoint in OUT/checkpoints
     mesh: str = ""  # "" = FSDP over all ranks; "RxS" = HSDP
-    activation_checkpointing: str = "block"  # off | block | selective; block: recomputed in backward (less memory)
+    activation_checkpointing: str = "block"  # off | block (recomputed in backward, less memory) | selective
     compile: bool = False  # torch.compile each decoder block
     device: str = "auto"  # cpu, cuda, or auto
     param_dtype: str = "auto"  # compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32
@@ -130,15 +135,16 @@ THINK_PREFILL = "<think>\n"  # the response starts inside the think block, as ev
 
 
 def to_problem(rec: dict, where: str) -> dict:
-    """One record in our schema, DeepScaleR's {problem, answer} or Skywork-OR1's verl schema {prompt: [messages],
-    reward_model: {ground_truth}, ability} -> {id, prompt, domain, answer, choices, tests}. Raises DataError
-    naming `where` (file and line) and the field."""
+    """One record in our schema, DeepScaleR's {problem, answer} or Skywork-OR1's verl schema
+    {prompt: [messages], reward_model: {ground_truth}, ability} -> {id, prompt, domain, answer, choices,
+    tests}. Raises DataError naming `where` (file and line) and the field."""
     if "reward_model" in rec:  # Skywork-OR1 (verl): ground_truth is a JSON string
         msgs = rec.get("prompt")
         if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict):
             raise DataError(f"{where}: field 'prompt' should be a list of chat messages (Skywork-OR1 schema)")
         prompt = msgs[-1].get("content", "")
-        domain = "code" if str(rec.get("ability", rec.get("data_source", ""))).lower().startswith("code") else "math"
+        domain = ("code" if str(rec.get("ability", rec.get("data_source", ""))).lower().startswith("code")
+                  else "math")
         gt = (rec["reward_model"] or {}).get("ground_truth")
         try:
             gt = json.loads(gt) if isinstance(gt, str) else gt
@@ -146,15 +152,19 @@ def to_problem(rec: dict, where: str) -> dict:
             pass  # a bare answer string
         rec = {"prompt": prompt, "domain": domain}
         if domain == "code":
-            if not isinstance(gt, dict) or not isinstance(gt.get("inputs"), list) or not isinstance(gt.get("outputs"), list):
-                raise DataError(f"{where}: reward_model.ground_truth should hold {{inputs: [...], outputs: [...]}}")
+            if (not isinstance(gt, dict) or not isinstance(gt.get("inputs"), list)
+                    or not isinstance(gt.get("outputs"), list)):
+                raise DataError(f"{where}: reward_model.ground_truth should hold "
+                                f"{{inputs: [...], outputs: [...]}}")
             fn = gt.get("fn_name")
             tests = []
             for x, y in zip(gt["inputs"], gt["outputs"]):
-                if fn:  # call-based: one JSON argument per line, as evaluate.py's functional harness reads them
+                # call-based: one JSON argument per line, as evaluate.py's functional harness reads them
+                if fn:
                     x = "\n".join(json.dumps(a) for a in (x if isinstance(x, list) else [x]))
                     y = json.dumps(y[0] if isinstance(y, list) and len(y) == 1 else y)
-                tests.append({"input": x if isinstance(x, str) else json.dumps(x), "output": y if isinstance(y, str) else json.dumps(y),
+                tests.append({"input": x if isinstance(x, str) else json.dumps(x),
+                              "output": y if isinstance(y, str) else json.dumps(y),
                               **({"fn_name": fn} if fn else {})})
             rec["tests"] = tests
         else:
@@ -174,10 +184,12 @@ def to_problem(rec: dict, where: str) -> dict:
         raise DataError(f"{where}: field 'domain' is {domain!r}, expected one of {', '.join(DOMAINS)}")
     if domain == "code":
         if not tests:
-            raise DataError(f"{where}: a code prompt needs 'tests' (a string of asserts or a list of {{input, output}})")
+            raise DataError(f"{where}: a code prompt needs 'tests' (a string of asserts or a list of "
+                            f"{{input, output}})")
     elif choices is not None:
         if not isinstance(choices, dict) or not answer or not re.fullmatch(r"[A-Z]", answer.strip()):
-            raise DataError(f"{where}: a multiple-choice prompt needs 'choices' {{letter: text}} and 'answer' a letter")
+            raise DataError(f"{where}: a multiple-choice prompt needs 'choices' {{letter: text}} and "
+                            f"'answer' a letter")
     elif answer is None:
         raise DataError(f"{where}: no 'answer' (or 'choices' / 'tests') to grade against")
     return {"id": rec.get("id", where), "prompt": prompt, "domain": domain, "answer": answer,
@@ -193,10 +205,11 @@ HUB_SETS = {  # name -> (dataset repo, file patterns)
 
 def _hub_files(name: str) -> list:
     if name not in HUB_SETS:
-        raise DataError(f"--prompts hub:{name}: unknown set; expected one of {', '.join('hub:' + k for k in HUB_SETS)}")
+        raise DataError(f"--prompts hub:{name}: unknown set; expected one of "
+                        f"{', '.join('hub:' + k for k in HUB_SETS)}")
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not E.hub_reachable():
-        raise DataError(f"--prompts hub:{name}: the hub is not reachable; download {HUB_SETS[name][0]} and pass its "
-                        "files with --prompts PATH")
+        raise DataError(f"--prompts hub:{name}: the hub is not reachable; download {HUB_SETS[name][0]} and "
+                        "pass its files with --prompts PATH")
     from huggingface_hub import snapshot_download
     repo, patterns = HUB_SETS[name]
     folder = Path(snapshot_download(repo, repo_type="dataset", allow_patterns=patterns))
@@ -224,9 +237,11 @@ def load_prompts(spec: str, *, log=print) -> list:
                     if len(reasons) < 3:
                         reasons.append(str(e))
     if skipped:
-        log(f"[train_rl] skipped {skipped} prompt records without a usable answer, e.g. " + "; ".join(reasons))
+        log(f"[train_rl] skipped {skipped} prompt records without a usable answer, e.g. "
+            + "; ".join(reasons))
     if not problems:
-        raise DataError(f"--prompts {spec}: no usable prompt records" + (f" ({reasons[0]})" if reasons else ""))
+        raise DataError(f"--prompts {spec}: no usable prompt records"
+                        + (f" ({reasons[0]})" if reasons else ""))
     return problems
 
 
@@ -242,7 +257,8 @@ def arithmetic_problems(max_operand: int, n_eval: int, seed: int) -> tuple:
 
 
 def prompt_text(problem: dict, tok, cfg: Config) -> str:
-    """Chat template (system message, an optional worked example turn, the user turn) + the "<think>\\n" prefill."""
+    """Chat template (system message, an optional worked example turn, the user turn) + the "<think>\\n"
+    prefill."""
     user = problem["prompt"]
     if problem["domain"] == "science" and problem.get("choices"):
         user += "\n\n" + "\n".join(f"{k}) {v}" for k, v in problem["choices"].items())
@@ -250,7 +266,8 @@ def prompt_text(problem: dict, tok, cfg: Config) -> str:
         user += "\n\n" + E.THINK_INSTRUCTION
     msgs = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     if cfg.example_user:  # one-shot: a small model copies a worked turn far more readily than an instruction
-        msgs += [{"role": "user", "content": cfg.example_user}, {"role": "assistant", "content": cfg.example_answer}]
+        msgs += [{"role": "user", "content": cfg.example_user},
+                 {"role": "assistant", "content": cfg.example_answer}]
     return tok.apply_chat_template(msgs + [{"role": "user", "content": user}]) + THINK_PREFILL
 
 
@@ -266,8 +283,8 @@ def repetition_fraction(tokens: list, n: int) -> float:
 
 def score_responses(problems: list, texts: list, stopped: list, tokens: list, cfg: Config) -> list:
     """Per response: {reward, correct, format, stop, repetition, grader_error, empty}. The reward parts sum to
-    the reward: correct (1 if the grader accepts the answer) and format (the bonus) only count when the response
-    has the `<think> ... </think> answer` form; stop and repetition are penalties (<= 0)."""
+    the reward: correct (1 if the grader accepts the answer) and format (the bonus) only count when the
+    response has the `<think> ... </think> answer` form; stop and repetition are penalties (<= 0)."""
     out, code_jobs = [], []
     for i, (p, text, st, toks) in enumerate(zip(problems, texts, stopped, tokens)):
         answer = graders.strip_think(text)
@@ -286,12 +303,12 @@ def score_responses(problems: list, texts: list, stopped: list, tokens: list, cf
                     r["is_correct"] = graders.grade_choice(answer, p["answer"], choices=p["choices"])[0]
                 else:
                     r["is_correct"] = graders.grade_math(answer, p["answer"], fallback=cfg.math_fallback)[0]
-            except Exception:  # noqa: BLE001 - a grader bug or a bad gold must not stop training: no credit, counted
-                r["grader_error"] = True
+            except Exception:  # noqa: BLE001 - a grader bug or a bad gold must not stop training:
+                r["grader_error"] = True  # no credit, counted
         out.append(r)
     if code_jobs:
-        verdicts = graders.run_many([(prog, problems[i]["tests"]) for i, prog in code_jobs], workers=cfg.code_workers,
-                              timeout_s=cfg.code_timeout_s)
+        verdicts = graders.run_many([(prog, problems[i]["tests"]) for i, prog in code_jobs],
+                                    workers=cfg.code_workers, timeout_s=cfg.code_timeout_s)
         for (i, _), (ok, reason) in zip(code_jobs, verdicts):
             out[i]["is_correct"] = bool(ok)
             out[i]["grader_error"] = reason.startswith("sandbox error")
@@ -354,7 +371,8 @@ def sequence_weights(lengths: list, groups: list, *, norm: str, n_groups: float 
                      group_size: int = 0, max_len: int = 0) -> list:
     """The loss weight of each token of each response; lengths: |o_i| of each kept response (0 = masked),
     groups: its group index. norm:
-      batch   1 / n_tokens, n_tokens = sum |o_j| over the whole minibatch on all ranks (open-instruct; TRL dapo)
+      batch   1 / n_tokens, n_tokens = sum |o_j| over the whole minibatch on all ranks (open-instruct;
+              TRL dapo)
       group   1 / (n_groups * sum_{j in g} |o_j|): token-level inside each group, then the mean over groups
       dr_grpo 1 / (n_groups * G * max_len): Dr.GRPO's constant normaliser; dropped responses change nothing
     n_groups: trained groups of the minibatch on all ranks."""
@@ -368,7 +386,8 @@ def sequence_weights(lengths: list, groups: list, *, norm: str, n_groups: float 
     return [1.0 / (n_groups * total[g]) if L and total[g] else 0.0 for L, g in zip(lengths, groups)]
 
 
-LOG_RATIO_CLAMP = 40.0  # |log pi_ref - log pi_theta| bound in k3: exp(> ~88) is inf in fp32 (open-instruct: 40)
+# |log pi_ref - log pi_theta| bound in k3: exp(> ~88) is inf in fp32 (open-instruct: 40)
+LOG_RATIO_CLAMP = 40.0
 
 
 def grpo_token_loss(logp, logp_old, logp_gen, logp_ref, adv, *, eps_low: float, eps_high: float, beta: float,
@@ -376,7 +395,8 @@ def grpo_token_loss(logp, logp_old, logp_gen, logp_ref, adv, *, eps_low: float, 
     """Per-token GRPO loss; every argument (N,) (or any equal shape). Returns (loss per token, diagnostics).
 
     rho    = pi_theta / pi_old                             (exp of a log-prob difference)
-    w      = min(pi_old / pi_gen, C)                       truncated importance weight (sampler/trainer gap), no grad
+    w      = min(pi_old / pi_gen, C)                       truncated importance weight (sampler/trainer gap),
+                                                           no grad
     L_pg   = -w * min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)
     L_kl   = beta * (exp(q) - q - 1),  q = clamp(log pi_ref - log pi_theta, +-40)   (k3, unbiased, >= 0)"""
     rho = torch.exp(logp - logp_old)
@@ -405,7 +425,8 @@ def grpo_loss(logp, logp_old, logp_gen, logp_ref, adv, weight, **kw) -> tuple:
 
 @torch.no_grad()
 def polyak_update(ref, policy, alpha: float):
-    """ref <- alpha * theta + (1 - alpha) * ref (TR-DPO / open-instruct soft update); shards update locally."""
+    """ref <- alpha * theta + (1 - alpha) * ref (TR-DPO / open-instruct soft update); shards update
+    locally."""
     for r, p in zip(ref.parameters(), policy.parameters()):
         r.mul_(1 - alpha).add_(p.detach().to(r.dtype), alpha=alpha)
 
@@ -440,9 +461,11 @@ def pack_rows(seqs: list, row_tokens: int) -> dict:
         rows.append(cur)
     L = max(sum(len(seqs[i].prompt) + len(seqs[i].response) for i in r) for r in rows) if rows else 1
     R = max(1, len(rows))
-    t = {"input_ids": torch.zeros(R, L, dtype=torch.long), "doc_ids": torch.full((R, L), -1, dtype=torch.long),
+    t = {"input_ids": torch.zeros(R, L, dtype=torch.long),
+         "doc_ids": torch.full((R, L), -1, dtype=torch.long),
          "labels": torch.full((R, L), -100, dtype=torch.long), "adv": torch.zeros(R, L),
-         "gen": torch.zeros(R, L), "weight": torch.zeros(R, L), "seq": torch.full((R, L), -1, dtype=torch.long)}
+         "gen": torch.zeros(R, L), "weight": torch.zeros(R, L),
+         "seq": torch.full((R, L), -1, dtype=torch.long)}
     for r, members in enumerate(rows):
         off = 0
         for d, i in enumerate(members):
@@ -467,7 +490,8 @@ def dummy_rows() -> dict:
 
 
 def micro_batches(rows: dict | None, micro_rows: int, n: int) -> list:
-    """Split packed rows into exactly n micro-batches (the ranks agree on n); missing ones are padding rows."""
+    """Split packed rows into exactly n micro-batches (the ranks agree on n); missing ones are padding
+    rows."""
     R = 0 if rows is None else rows["input_ids"].shape[0]
     out = [{k: v[i:i + micro_rows] for k, v in rows.items()} for i in range(0, R, micro_rows)]
     return out + [dummy_rows() for _ in range(n - len(out))]
@@ -485,7 +509,8 @@ def _old_and_ref(model, ref, mb: dict, d, cfg: Config, *, old: bool) -> int:
     """Fill mb["old"] (pi_old: the trainer's log-probs before any update of this step, unless the single
     forward of the update provides them) and mb["ref"]; responses with a non-finite value are taken out of the
     loss. Returns how many were."""
-    lp = lambda m: token_logprobs(m, mb, d.device, temperature=cfg.temperature, chunk=cfg.logprob_chunk).float().cpu()
+    lp = lambda m: token_logprobs(m, mb, d.device, temperature=cfg.temperature,
+                                  chunk=cfg.logprob_chunk).float().cpu()
     if old:
         mb["old"] = lp(model)
     mb["ref"] = lp(ref) if ref is not None else torch.zeros_like(mb["gen"])
@@ -501,11 +526,12 @@ def _old_and_ref(model, ref, mb: dict, d, cfg: Config, *, old: bool) -> int:
 
 
 class TokenStats:
-    """Sums over the trained tokens of a step (weight > 0): KL, entropy, clip fractions, importance weights."""
+    """Sums over the trained tokens of a step (weight > 0): KL, entropy, clip fractions, importance
+    weights."""
 
     def __init__(self):
-        self.sums = torch.zeros(8, dtype=torch.float64)  # tokens, kl, entropy, clip_low, clip_high, is_w, is_truncated,
-        # kl_clamped
+        # tokens, kl, entropy, clip_low, clip_high, is_w, is_truncated, kl_clamped
+        self.sums = torch.zeros(8, dtype=torch.float64)
         self.lo, self.hi = math.inf, -math.inf
 
     def add(self, on, diag, entropy, raw_is, cap):
@@ -524,9 +550,10 @@ class TokenStats:
         lo = _allreduce([self.lo], d, dist.ReduceOp.MIN)[0]
         hi = _allreduce([self.hi], d, dist.ReduceOp.MAX)[0]
         n = max(s[0], 1.0)
-        return {"tokens": s[0], "kl": s[1] / n if has_ref else None, "entropy": s[2] / n, "clip_frac": (s[3] + s[4]) / n,
-                "clip_low_frac": s[3] / n, "clip_high_frac": s[4] / n, "is_weight_mean": s[5] / n,
-                "is_truncated_frac": s[6] / n, "kl_clamped": int(s[7]), "is_weight_min": lo if s[0] else None, "is_weight_max": hi if s[0] else None}
+        return {"tokens": s[0], "kl": s[1] / n if has_ref else None, "entropy": s[2] / n,
+                "clip_frac": (s[3] + s[4]) / n, "clip_low_frac": s[3] / n, "clip_high_frac": s[4] / n,
+                "is_weight_mean": s[5] / n, "is_truncated_frac": s[6] / n, "kl_clamped": int(s[7]),
+                "is_weight_min": lo if s[0] else None, "is_weight_max": hi if s[0] else None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,8 +566,8 @@ def evaluate_policy(model, tok, problems: list, cfg: Config, *, seed: int) -> di
     if dist.is_initialized():  # each rank scores its share; the sums are reduced below
         problems = problems[dist.get_rank()::dist.get_world_size()]
     outs = rollouts(model, tok, problems, cfg, n=cfg.eval_samples, temperature=temperature, seed=seed)
-    scores = score_responses([o["problem"] for o in outs], [o["text"] for o in outs], [o["stopped"] for o in outs],
-                             [o["tokens"] for o in outs], cfg)
+    scores = score_responses([o["problem"] for o in outs], [o["text"] for o in outs],
+                             [o["stopped"] for o in outs], [o["tokens"] for o in outs], cfg)
     local = torch.tensor([[s["reward"], s["correct"], float(s["is_format"]), float(len(o["tokens"])), 1.0]
                           for s, o in zip(scores, outs)] or [[0.0] * 5], dtype=torch.float64).sum(0)
     if dist.is_initialized():
@@ -548,22 +575,25 @@ def evaluate_policy(model, tok, problems: list, cfg: Config, *, seed: int) -> di
     n = float(local[4])
     n = max(n, 1.0)
     return {"reward": float(local[0]) / n, "accuracy": float(local[1]) / n, "format": float(local[2]) / n,
-            "response_len": float(local[3]) / n, "n": int(local[4]), "examples": [o["text"] for o in outs[:2]] or [""]}
+            "response_len": float(local[3]) / n, "n": int(local[4]),
+            "examples": [o["text"] for o in outs[:2]] or [""]}
 
 
 def _band(text: str, k: int, flag: str) -> tuple:
     try:
         lo, hi = (int(x) for x in text.split("-"))
     except ValueError:
-        raise DataError(f"--{flag} {text!r}: expected LO-HI correct samples out of --filter-k, e.g. 1-1") from None
+        raise DataError(f"--{flag} {text!r}: expected LO-HI correct samples out of --filter-k, "
+                        f"e.g. 1-1") from None
     if not 0 <= lo <= min(hi, k):
         raise DataError(f"--{flag} {text!r}: need 0 <= LO <= HI and LO <= --filter-k {k}")
     return lo, min(hi, k)
 
 
 def pass_rate_filter(cfg: Config) -> Path:
-    """Sample filter_k answers per prompt with the model and keep the prompts whose number of correct samples is in
-    the domain's band (paper: math exactly 1/16, code and science >= 1/16); writes them with their pass rate."""
+    """Sample filter_k answers per prompt with the model and keep the prompts whose number of correct samples
+    is in the domain's band (paper: math exactly 1/16, code and science >= 1/16); writes them with their pass
+    rate."""
     d = T.setup_distributed(cfg.device)
     try:
         return _filter(cfg, d)
@@ -579,12 +609,14 @@ def _filter(cfg: Config, d) -> Path:
     model = M.load_model(str(base), device=d.device, dtype=T.resolve_param_dtype(cfg.param_dtype, d.device))
     model.requires_grad_(False)  # sampling only: rollouts may fuse a generation copy of its weights
     tok = M.load_tokenizer(str(base))
-    problems = load_prompts(cfg.prompts, log=log) if cfg.prompts else arithmetic_problems(cfg.demo_max, cfg.demo_eval, cfg.seed)[0]
+    problems = (load_prompts(cfg.prompts, log=log) if cfg.prompts
+                else arithmetic_problems(cfg.demo_max, cfg.demo_eval, cfg.seed)[0])
     mine = problems[d.rank::d.world]
     kept = []
     for start in range(0, len(mine), max(1, cfg.gen_batch // cfg.filter_k)):
         chunk = mine[start:start + max(1, cfg.gen_batch // cfg.filter_k)]
-        outs = rollouts(model, tok, chunk, cfg, n=cfg.filter_k, temperature=cfg.temperature, seed=cfg.seed + start)
+        outs = rollouts(model, tok, chunk, cfg, n=cfg.filter_k, temperature=cfg.temperature,
+                        seed=cfg.seed + start)
         scores = score_responses([o["problem"] for o in outs], [o["text"] for o in outs],
                                  [o["stopped"] for o in outs], [o["tokens"] for o in outs], cfg)
         for j, p in enumerate(chunk):
@@ -592,7 +624,8 @@ def _filter(cfg: Config, d) -> Path:
             lo, hi = bands["math" if p["domain"] == "math" else "other"]
             if lo <= c <= hi:
                 kept.append({k: v for k, v in p.items() if v is not None} | {"pass_rate": c / cfg.filter_k})
-        log(f"[train_rl] filter: {min(start + len(chunk), len(mine))}/{len(mine)} prompts scored, {len(kept)} kept")
+        log(f"[train_rl] filter: {min(start + len(chunk), len(mine))}/{len(mine)} prompts scored, "
+            f"{len(kept)} kept")
     gathered = [None] * d.world
     dist.all_gather_object(gathered, kept)
     out = Path(cfg.filter_out or Path(cfg.out) / "prompts.filtered.jsonl")
@@ -620,41 +653,44 @@ def resolve_policy(name: str) -> Path:
 
 @torch.no_grad()
 def _root_forward(model, d):
-    """One tiny forward through the root module: FSDP2 initialises itself lazily from the root's first forward,
-    and generation (under full_params) calls the blocks directly, which would otherwise initialise them alone."""
+    """One tiny forward through the root module: FSDP2 initialises itself lazily from the root's first
+    forward, and generation (under full_params) calls the blocks directly, which would otherwise initialise
+    them alone."""
     model(torch.zeros(1, 1, dtype=torch.long, device=d.device))
     T.reshard(model)
 
 
 def check_config(cfg: Config):
     """Every flag's range, before any prompt is read or a model loaded (a DataError names the flag)."""
-    T.check_ranges(cfg, ints={"steps": 1, "group_size": 2, "prompts_per_step": 1, "max_new_tokens": 1, "warmup": 0,
-                              "minibatches": 1, "ppo_epochs": 1, "ref_update_every": 0, "repetition_ngram": 1,
-                              "demo_max": 1, "demo_eval": 1, "eval_samples": 1, "gen_batch": 1, "pack_tokens": 0,
-                              "micro_rows": 1, "logprob_chunk": 1, "filter_k": 1, "code_workers": 1,
-                              "save_every": 0, "keep_checkpoints": 0},
+    T.check_ranges(cfg, ints={"steps": 1, "group_size": 2, "prompts_per_step": 1, "max_new_tokens": 1,
+                              "warmup": 0, "minibatches": 1, "ppo_epochs": 1, "ref_update_every": 0,
+                              "repetition_ngram": 1, "demo_max": 1, "demo_eval": 1, "eval_samples": 1,
+                              "gen_batch": 1, "pack_tokens": 0, "micro_rows": 1, "logprob_chunk": 1,
+                              "filter_k": 1, "code_workers": 1, "save_every": 0, "keep_checkpoints": 0},
                    floats={"temperature": (0, None), "top_p": (0, 1), "lr": (0, None), "min_lr_ratio": (0, 1),
                            "weight_decay": (0, None), "grad_clip": (0, None), "eps_low": (0, 1),
                            "eps_high": (0, None), "beta": (0, None), "ref_alpha": (0, 1), "is_cap": (0, None),
                            "eta": (0, None), "code_timeout_s": (0, None)},
                    choices={"overlong": ("penalty", "mask"), "loss_norm": ("batch", "group"),
                             "activation_checkpointing": ("off", "block", "selective"),
-                            "param_dtype": ("auto", "bfloat16", "float32"), "device": ("auto", "cpu", "cuda")})
+                            "param_dtype": ("auto", "bfloat16", "float32"),
+                            "device": ("auto", "cpu", "cuda")})
     if cfg.temperature <= 0 or cfg.top_p <= 0:
-        raise DataError(f"--temperature {cfg.temperature:g} / --top-p {cfg.top_p:g}: GRPO samples; expected > 0")
+        raise DataError(f"--temperature {cfg.temperature:g} / --top-p {cfg.top_p:g}: GRPO samples; "
+                        f"expected > 0")
     _band(cfg.filter_math, cfg.filter_k, "filter-math")
     _band(cfg.filter_other, cfg.filter_k, "filter-other")
     _check(cfg, int(os.environ.get("WORLD_SIZE", 1)))
 
 
 # --resume: settings whose change would mix two different runs (the rest, such as --steps, only warn)
-RESUME_ALTERING = ("model", "prompts", "group_size", "prompts_per_step", "max_new_tokens", "temperature", "top_p",
-                   "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "minibatches", "ppo_epochs",
-                   "eps_low", "eps_high", "beta", "ref_alpha", "ref_update_every", "is_cap", "eta", "std_ddof",
-                   "loss_norm", "dr_grpo", "drop_zero_variance", "format_bonus", "stop_penalty",
-                   "repetition_penalty", "repetition_ngram", "overlong", "math_fallback", "system_prompt",
-                   "example_user", "example_answer", "think_instruction", "demo_max", "demo_eval", "seed",
-                   "param_dtype")
+RESUME_ALTERING = ("model", "prompts", "group_size", "prompts_per_step", "max_new_tokens", "temperature",
+                   "top_p", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "minibatches",
+                   "ppo_epochs", "eps_low", "eps_high", "beta", "ref_alpha", "ref_update_every", "is_cap",
+                   "eta", "std_ddof", "loss_norm", "dr_grpo", "drop_zero_variance", "format_bonus",
+                   "stop_penalty", "repetition_penalty", "repetition_ngram", "overlong", "math_fallback",
+                   "system_prompt", "example_user", "example_answer", "think_instruction", "demo_max",
+                   "demo_eval", "seed", "param_dtype")
 
 
 def _check(cfg: Config, world: int):
@@ -672,10 +708,10 @@ def _check(cfg: Config, world: int):
         raise DataError(f"--loss-norm {cfg.loss_norm!r}: expected batch or group")
     if cfg.std_ddof not in (0, 1):
         raise DataError(f"--std-ddof {cfg.std_ddof}: expected 0 (population) or 1 (unbiased)")
-    if cfg.top_p < 1 and cfg.is_cap > 0:  # the sampler reports log-probs of the renormalised nucleus, pi_old is
-        # the full softmax: pi_old / pi_gen would be biased low on every token
-        raise DataError(f"--top-p {cfg.top_p}: truncated importance sampling (--is-cap {cfg.is_cap}) needs the "
-                        "full-distribution sampler log-probs; use --top-p 1 or --is-cap 0")
+    if cfg.top_p < 1 and cfg.is_cap > 0:  # the sampler reports log-probs of the renormalised nucleus,
+        # pi_old is the full softmax: pi_old / pi_gen would be biased low on every token
+        raise DataError(f"--top-p {cfg.top_p}: truncated importance sampling (--is-cap {cfg.is_cap}) needs "
+                        "the full-distribution sampler log-probs; use --top-p 1 or --is-cap 0")
 
 
 def _prompt_order(n: int, seed: int, epoch: int) -> list:
@@ -810,10 +846,10 @@ def _setup(cfg: Config, d) -> Run:
     metrics = T.MetricsLog(out / "metrics.jsonl", d, resume_step=start_step if latest is not None else None)
 
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"[train_rl] {cli.run_name(base)}: {n_params / 1e6:.1f}M parameters, {d.world} rank(s) on {d.device.type}; task "
-        f"{task}: {len(problems)} prompts, {len(heldout)} held out; {cfg.steps} steps x {cfg.prompts_per_step} "
-        f"prompts x {cfg.group_size} responses, <= {cfg.max_new_tokens} new tokens, lr {cfg.lr:g}, "
-        f"beta {cfg.beta:g}")
+    log(f"[train_rl] {cli.run_name(base)}: {n_params / 1e6:.1f}M parameters, {d.world} rank(s) on "
+        f"{d.device.type}; task {task}: {len(problems)} prompts, {len(heldout)} held out; {cfg.steps} steps "
+        f"x {cfg.prompts_per_step} prompts x {cfg.group_size} responses, <= {cfg.max_new_tokens} new tokens, "
+        f"lr {cfg.lr:g}, beta {cfg.beta:g}")
     return Run(cfg, d, log, out, base, tok, model, ref, optimizer, ckpt, ref_dir, metrics, problems, heldout,
                start_step)
 
@@ -871,7 +907,8 @@ def advantage_phase(run: Run, outs: list, scores: list, rewards, graded) -> dict
         if cfg.overlong == "mask" and not o["stopped"]:
             n_overlong_masked += 1
             continue
-        seqs.append(Sequence(o["prompt"], o["tokens"], o["logprobs"], float(adv[g, i % cfg.group_size]), 0.0, g))
+        seqs.append(Sequence(o["prompt"], o["tokens"], o["logprobs"], float(adv[g, i % cfg.group_size]),
+                             0.0, g))
     mb_groups = [sorted({s.group for s in seqs})[k::cfg.minibatches] for k in range(cfg.minibatches)]
     mb_seqs = [[s for s in seqs if s.group in set(gs)] for gs in mb_groups]
     # per minibatch, over ranks: trained groups and tokens (the normalisers)
@@ -947,7 +984,8 @@ def _micro_step(run: Run, mb: dict, same_forward: bool, acc: TokenStats) -> floa
 
 
 def reference_phase(run: Run, step: int):
-    """ref <- alpha theta + (1 - alpha) ref every `ref_update_every` steps, whether this step trained or not."""
+    """ref <- alpha theta + (1 - alpha) ref every `ref_update_every` steps, whether this step trained or
+    not."""
     if run.ref is not None and run.cfg.ref_update_every and step % run.cfg.ref_update_every == 0:
         T.reshard(run.ref)
         T.reshard(run.model)
@@ -962,8 +1000,8 @@ def log_phase(run: Run, step: int, lr: float, outs: list, scores: list, batch: d
     per_seq = [(o["problem"]["domain"], s, len(o["tokens"]), o["stopped"]) for o, s in zip(outs, scores)]
     gathered = [None] * d.world
     dist.all_gather_object(gathered, (per_seq, int(varied.sum()), len(varied), batch["n_nan"] + upd["n_nan"],
-                                      batch["n_overlong_masked"], gen[1], gen[0], batch["train_tokens"], train_s,
-                                      int(batch["varied_total"].sum())))
+                                      batch["n_overlong_masked"], gen[1], gen[0], batch["train_tokens"],
+                                      train_s, int(batch["varied_total"].sum())))
     ts = upd["acc"].reduce(d, has_ref=run.ref is not None)
     all_seq = [x for g in gathered for x in g[0]]
     record = {"step": step, "lr": lr, "trained": trained,
@@ -985,7 +1023,8 @@ def log_phase(run: Run, step: int, lr: float, outs: list, scores: list, batch: d
         "groups": sum(g[2] for g in gathered), "groups_zero_variance": sum(g[2] - g[9] for g in gathered),
         "groups_zero_variance_graded": sum(g[2] - g[1] for g in gathered),
         "groups_dropped": sum(g[2] - g[1] for g in gathered) if cfg.drop_zero_variance else 0,
-        "responses_nan": sum(g[3] for g in gathered), "responses_overlong_masked": sum(g[4] for g in gathered),
+        "responses_nan": sum(g[3] for g in gathered),
+        "responses_overlong_masked": sum(g[4] for g in gathered),
         "grader_errors": sum(s["grader_error"] for _, s, _, _ in all_seq),
         "empty_responses": sum(s["empty"] for _, s, _, _ in all_seq),
         "trained_tokens": int(ts["tokens"]), "loss": _mean(losses) if losses else None,
@@ -1001,8 +1040,9 @@ def log_phase(run: Run, step: int, lr: float, outs: list, scores: list, batch: d
     run.metrics.write(record)
     kl = f"{record['kl']:.4f}" if record["kl"] is not None else "-"
     run.log(f"[train_rl] step {step}/{cfg.steps} reward {record['reward']:.3f} (correct "
-            f"{record['reward/correct']:.2f} format {record['reward/format']:.2f} stop {record['reward/stop']:.2f} "
-            f"rep {record['reward/repetition']:.2f}) acc {record['accuracy']:.2f} len {record['response_len']:.1f} "
+            f"{record['reward/correct']:.2f} format {record['reward/format']:.2f} "
+            f"stop {record['reward/stop']:.2f} rep {record['reward/repetition']:.2f}) "
+            f"acc {record['accuracy']:.2f} len {record['response_len']:.1f} "
             f"kl {kl} groups {record['groups'] - record['groups_dropped']}/{record['groups']} | gen "
             f"{record['gen_s']:.1f}s {record['gen_tok_s']:.0f} tok/s | train {record['train_s']:.1f}s "
             f"{record['train_tok_s']:.0f} tok/s | mem {record['memory_gb']:.2f}GB")
@@ -1042,7 +1082,8 @@ def trim_heap(d):
 
 
 def peak_memory_gb(d) -> float:
-    """The peak memory so far, largest over ranks: max_memory_allocated on CUDA, peak RSS (ru_maxrss) on CPU."""
+    """The peak memory so far, largest over ranks: max_memory_allocated on CUDA, peak RSS (ru_maxrss) on
+    CPU."""
     import resource
     if d.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(d.device) / 1e9
@@ -1082,7 +1123,8 @@ def _finish(run: Run, summary: dict, step: int) -> dict:
     T.export_hf(run.model, out / "hf", d, run.base)
     if d.main:
         png = T.plot_metrics(out / "metrics.jsonl", out / "rl.png",
-                             ["reward", "accuracy", "response_len", "kl", "entropy", "clip_frac", "grad_norm"],
+                             ["reward", "accuracy", "response_len", "kl", "entropy", "clip_frac",
+                              "grad_norm"],
                              f"GRPO {cli.run_name(run.base)}")
         run.log(f"[train_rl] wrote {out / 'hf'}, {out / 'metrics.jsonl'}" + (f", {png}" if png else ""))
     return summary

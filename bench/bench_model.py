@@ -87,7 +87,8 @@ def step_limit(model, batch: int, limits: dict, quantize: str | None) -> float:
 
 def build_pair(name: str, folder: str, dtype, device):
     import transformers
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                           attn_implementation="sdpa").to(device)
     ours = M.load_model(folder, dtype=dtype, device=device)
     n = sum(p.numel() for p in ours.parameters())
     return hf, ours, f"{name} ({n / 1e6:.0f}M)"
@@ -96,9 +97,9 @@ def build_pair(name: str, folder: str, dtype, device):
 def random_llama_folder(tmp: str) -> str:
     """A ~100M-parameter Llama-architecture model with random weights, saved in HF layout."""
     import transformers
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                                   num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=4096,
-                                   tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                                   num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                                   max_position_embeddings=4096, tie_word_embeddings=True)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp)
     return tmp
@@ -116,8 +117,8 @@ def bench(label, hf, ours, args, device, rows, limits):
 
     if not args.gen_only:
         ours.train()
-        t_hf, t_ours = timed_pair(step(hf, lambda m, x: m(x).logits), step(ours, lambda m, x: m(x)), args.repeats,
-                                  device)
+        t_hf, t_ours = timed_pair(step(hf, lambda m, x: m(x).logits), step(ours, lambda m, x: m(x)),
+                                  args.repeats, device)
         tokens = args.batch * args.seq
         rows.append((label, f"fwd+bwd {args.batch}x{args.seq}", tokens / t_hf, tokens / t_ours, None))
         print(rows[-1], flush=True)
@@ -161,19 +162,20 @@ def bench_chat(label, hf, ours, tok, args, device, rows):
     stop, new = tok.eos_ids, args.chat_new_tokens
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[stop[0]] * (width - len(p)) + p for p in prompts], device=device)
-    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long().to(device)
+    mask = (torch.arange(width)[None, :]
+            >= torch.tensor([width - len(p) for p in prompts])[:, None]).long().to(device)
     produced = []
 
     def hf_generate():
         with torch.no_grad():
-            out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=stop,
-                              pad_token_id=stop[0])
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                              eos_token_id=stop, pad_token_id=stop[0])
         rows = out[:, width:].tolist()
         produced.append(sum(next((i + 1 for i, t in enumerate(r) if t in stop), len(r)) for r in rows))
 
     def ours_generate():
-        produced.append(sum(len(s.tokens) for s in M.generate(ours, prompts, max_new_tokens=new, stop_ids=stop,
-                                                              compile=COMPILE[args.compile])))
+        produced.append(sum(len(s.tokens) for s in M.generate(ours, prompts, max_new_tokens=new,
+                                                              stop_ids=stop, compile=COMPILE[args.compile])))
 
     t_hf, t_ours = timed_pair(hf_generate, ours_generate, args.repeats, device)
     hf_tokens, ours_tokens = produced[0], produced[1]
@@ -185,7 +187,8 @@ def bench_chat(label, hf, ours, tok, args, device, rows):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["random100m", "smollm2"], default=None, help="run one of the two models")
+    p.add_argument("--only", choices=["random100m", "smollm2"], default=None,
+                   help="run one of the two models")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     p.add_argument("--batch", type=int, default=4, help="forward+backward batch size")
@@ -194,7 +197,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per row")
     p.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8], help="generation batch sizes")
     p.add_argument("--repeats", type=int, default=4, help="timed repetitions (median reported)")
-    p.add_argument("--chat-new-tokens", type=int, default=256, help="SmolLM2 chat workload: new tokens at most")
+    p.add_argument("--chat-new-tokens", type=int, default=256,
+                   help="SmolLM2 chat workload: new tokens at most")
     p.add_argument("--compile", choices=list(COMPILE), default="auto",
                    help="model.generate's compile: auto (None), on, off")
     p.add_argument("--quantize", nargs="+", choices=["none", "bf16", "int8"], default=["none"],
@@ -216,12 +220,14 @@ def main():
             bench(label, hf, ours, args, args.device, rows, limits)
             del hf, ours
         if args.only in (None, "smollm2"):
-            hf, ours, label = build_pair("SmolLM2", str(M.resolve_model_path(M.DEFAULT_MODEL)), dtype, args.device)
+            hf, ours, label = build_pair("SmolLM2", str(M.resolve_model_path(M.DEFAULT_MODEL)), dtype,
+                                         args.device)
             bench(label, hf, ours, args, args.device, rows, limits)
             if not args.gen_only:
                 bench_chat(label, hf, ours, M.load_tokenizer(M.DEFAULT_MODEL), args, args.device, rows)
 
-    hardware = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    hardware = (torch.cuda.get_device_name() if args.device == "cuda"
+                else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"\n{hardware}, {args.dtype}, torch {torch.__version__}, {date.today()}\n")
     print(f"copy bandwidth {limits['bandwidth'] / 1e9:.1f} GB/s, matmul {limits['flops'] / 1e9:.0f} GFLOP/s, "
           f"load average {os.getloadavg()[0]:.1f}\n")
