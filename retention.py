@@ -280,10 +280,10 @@ def load_mc_task(task: str, cfg: Config, path=None) -> tuple:
                             f"({type(e).__name__}: {str(e)[:200]}); "
                             f"give a local copy with --data {task}=PATH") from None
         source = f"hub:{repo}"
-    records = [r for f in test for r in E.read_records(f)]
+    records = [r for f in test for r in cli.read_records(f)]
     if not records:
         raise DataError(f"{source}: no records")
-    pool = [r for f in dev for r in E.read_records(f)] if dev else None
+    pool = [r for f in dev for r in cli.read_records(f)] if dev else None
     return to_mc_items(task, records, shots, pool, cfg.seed), source
 
 
@@ -327,7 +327,7 @@ def download_bigbench(version: str = "1.0.0") -> Path:
     print(f"[retention] downloading {files[0]['url']} -> {target}")
     with urllib.request.urlopen(files[0]["url"], timeout=60) as r, open(tmp, "wb") as out:
         size = int(r.headers.get("Content-Length") or 0) or None  # ~350 MB: a bar, not silence
-        with cli.progress(total=size, desc="bigbench archive", unit="B") as bar:
+        with cli.progress(total=size, desc="bigbench archive", unit="B", unit_scale=True) as bar:
             while chunk := r.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
@@ -717,7 +717,7 @@ def ppl_documents(spec: str, tokenizer, max_tokens: int = 0, max_docs: int = 0) 
                 start = end + 1
         else:
             if f.name.lower().endswith((".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")):
-                recs = E.read_records(f)
+                recs = cli.read_records(f)
             else:  # any other file is one plain-text document (.txt, source code, ...)
                 try:
                     recs = [(f, 1, {"text": f.read_text(encoding="utf-8")})]
@@ -1180,9 +1180,9 @@ def run_ruler_task(task: str, run: E.Run, errors: dict) -> dict:
         for start in range(0, len(todo), per_batch):
             items = [ruler_item(task, L, i, tokenizer, seed=cfg.seed, haystack=cfg.haystack, chat=cfg.chat)
                      for i in todo[start:start + per_batch]]
-            samples = generate(run.model, [tokenizer.encode(it["prompt"]) for it in items],
-                                 max_new_tokens=items[0]["max_new_tokens"], temperature=0.0, top_p=1.0,
-                                 stop_ids=tokenizer.eos_ids, seed=cfg.seed, progress=False)
+            samples = generate(run.generation_model(), [tokenizer.encode(it["prompt"]) for it in items],
+                               max_new_tokens=items[0]["max_new_tokens"], temperature=0.0, top_p=1.0,
+                               stop_ids=tokenizer.eos_ids, seed=cfg.seed, progress=False)
             for it, s in zip(items, samples):
                 response = tokenizer.decode([t for t in s.tokens if t not in tokenizer.eos_ids])
                 run.write({"task": name, "problem_id": it["id"], "sample": 0, "kind": "ruler",
@@ -1191,6 +1191,7 @@ def run_ruler_task(task: str, run: E.Run, errors: dict) -> dict:
             run.sink.flush()
             bar.update(len(items))
         bar.close()
+    run.generation = None  # not held through the log-likelihood tasks that follow
     return wanted
 
 

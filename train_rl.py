@@ -228,7 +228,7 @@ def load_prompts(spec: str, *, log=print) -> list:
         for f in files:
             if not f.exists():
                 raise DataError(f"--prompts: {f} does not exist")
-            records = E.read_records(f)
+            records = cli.read_records(f)
             for path, row, rec in records:
                 try:
                     problems.append(to_problem(rec, f"{path}: record {row}"))

