@@ -21,9 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llama_config(**kw):
-    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, bos_token_id=256,
-                                    eos_token_id=257, pad_token_id=0, **kw)
+    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    bos_token_id=256, eos_token_id=257, pad_token_id=0, **kw)
 
 
 def synthetic(folder, tensors: dict, dtype=torch.float32):
@@ -49,7 +49,8 @@ def test_five_percent_perturbed_by_ten_percent(tmp_path):
     assert r["total"]["unchanged"] == {1e-3: 0.95, 1e-2: 0.95, 0.099: 0.95, 0.101: 1.0, 0.2: 1.0}
     hand = math.sqrt(float(((w_new.double() - w.double()) ** 2).sum()) / float((w.double() ** 2).sum()))
     assert r["total"]["rel_change"] == pytest.approx(hand, rel=1e-7)
-    assert r["tensors"]["model.layers.0.self_attn.q_proj.weight"]["rel_change"] == pytest.approx(hand, rel=1e-7)
+    assert (r["tensors"]["model.layers.0.self_attn.q_proj.weight"]["rel_change"]
+            == pytest.approx(hand, rel=1e-7))
     assert r["components"]["q"]["unchanged"][1e-2] == 0.95
     assert r["layers"][0]["q"]["numel"] == 2000
 
@@ -61,12 +62,16 @@ def test_groups_pool_sums_and_zero_rule(tmp_path):
     v_new = torch.tensor([1e-6, 0.0, 4.0, 5.0])  # w = 0 moved a tiny bit: changed at every threshold
     emb = torch.ones(3, 2)
     a = synthetic(tmp_path / "a", {"model.layers.0.self_attn.q_proj.weight": q,
-                                   "model.layers.1.self_attn.v_proj.weight": v, "model.embed_tokens.weight": emb})
+                                   "model.layers.1.self_attn.v_proj.weight": v,
+                                   "model.embed_tokens.weight": emb})
     b = synthetic(tmp_path / "b", {"model.layers.0.self_attn.q_proj.weight": q_new,
-                                   "model.layers.1.self_attn.v_proj.weight": v_new, "model.embed_tokens.weight": emb})
+                                   "model.layers.1.self_attn.v_proj.weight": v_new,
+                                   "model.embed_tokens.weight": emb})
     r = A.weight_change(a, b)
-    assert r["tensors"]["model.layers.0.self_attn.q_proj.weight"]["unchanged"] == {1e-3: 0.75, 1e-2: 0.75, 1e-1: 0.75}
-    assert r["tensors"]["model.layers.1.self_attn.v_proj.weight"]["unchanged"] == {1e-3: 0.75, 1e-2: 0.75, 1e-1: 0.75}
+    assert (r["tensors"]["model.layers.0.self_attn.q_proj.weight"]["unchanged"]
+            == {1e-3: 0.75, 1e-2: 0.75, 1e-1: 0.75})
+    assert (r["tensors"]["model.layers.1.self_attn.v_proj.weight"]["unchanged"]
+            == {1e-3: 0.75, 1e-2: 0.75, 1e-1: 0.75})
     assert r["tensors"]["model.layers.1.self_attn.v_proj.weight"]["zeros"] == 2
     assert r["total"]["unchanged"][1e-2] == pytest.approx(12 / 14)  # element-count weighted
     total = math.sqrt((0.5 ** 2 + 1e-12) / (1 + 4 + 9 + 16 + 25 + 6))
@@ -165,7 +170,8 @@ def test_merge_sharded_streamed(tmp_path, monkeypatch):
 # --- bad input --------------------------------------------------------------------------------
 
 def test_bad_input_is_named(tmp_path):
-    ok = {"model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4), "model.layers.0.self_attn.k_proj.weight": torch.ones(2, 4)}
+    ok = {"model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4),
+          "model.layers.0.self_attn.k_proj.weight": torch.ones(2, 4)}
     a = synthetic(tmp_path / "a", ok)
     b = synthetic(tmp_path / "b", {**ok, "model.layers.0.self_attn.k_proj.weight": torch.ones(3, 4)})
     with pytest.raises(A.AnalyzeError, match=r"k_proj.weight' has shape \(3, 4\)"):
@@ -173,7 +179,8 @@ def test_bad_input_is_named(tmp_path):
     c = synthetic(tmp_path / "c", {"model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4)})
     with pytest.raises(A.AnalyzeError, match="k_proj.weight' has no counterpart"):
         A.weight_change(a, c)
-    nan = synthetic(tmp_path / "nan", {**ok, "model.layers.0.self_attn.q_proj.weight": torch.full((4, 4), math.nan)})
+    nan = synthetic(tmp_path / "nan",
+                    {**ok, "model.layers.0.self_attn.q_proj.weight": torch.full((4, 4), math.nan)})
     with pytest.raises(A.AnalyzeError, match="q_proj.weight' holds NaN"):
         A.weight_change(a, nan)
     shard = tmp_path / "sharded"
@@ -186,7 +193,8 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(A.AnalyzeError, match="model-00002-of-00002.safetensors: missing"):
         A.weight_change(a, shard)
     with pytest.raises(SystemExit):  # main() reports it without a traceback
-        A.main(["weights", str(a), str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--progress", "0"])
+        A.main(["weights", str(a), str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
+                "--progress", "0"])
 
 
 # --- linear CKA ---------------------------------------------------------------------------------
@@ -235,7 +243,8 @@ def nemotron_config():
 
 
 def perturbed(src, dst, scale, seed, frac=1.0):
-    """A copy of checkpoint folder src with a fraction `frac` of elements multiplied by 1 + scale * N(0, 1)."""
+    """A copy of checkpoint folder src with a fraction `frac` of elements multiplied by
+    1 + scale * N(0, 1)."""
     shutil.copytree(src, dst)
     g = torch.Generator().manual_seed(seed)
     sd = load_file(str(dst / "model.safetensors"))
@@ -277,11 +286,13 @@ def test_every_subcommand(family, capsys):
     assert json.loads(lines[-1])["kind"] == "total"
     expected = {"q", "k", "v", "o", "embed", "final_norm"}
     expected |= ({"gate", "up", "down", "input_norm", "post_norm", "lm_head"} if kind == "llama" else
-                 {"A_log", "dt_bias", "D", "conv1d", "in_proj", "out_proj", "mamba_norm", "input_norm", "up", "down"})
+                 {"A_log", "dt_bias", "D", "conv1d", "in_proj", "out_proj", "mamba_norm", "input_norm", "up",
+                  "down"})
     assert expected <= set(r["components"]), set(r["components"])
     printed = capsys.readouterr().out
     assert "TOTAL" in printed
-    assert f"wrote {out / 'w' / 'weights.json'}, {out / 'w' / 'metrics.jsonl'}, " in printed  # where the files went
+    # where the files went
+    assert f"wrote {out / 'w' / 'weights.json'}, {out / 'w' / 'metrics.jsonl'}, " in printed
     assert str(out / "w" / "weights_changed.png") in printed
 
     s = run_main("similarity", base, mid, mid, "--out", out / "s")
@@ -295,29 +306,37 @@ def test_every_subcommand(family, capsys):
     assert (out / "t" / "trajectory.png").is_file()
 
     data = root / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"text": f"prompt number {i}: " + "abc " * i}) + "\n" for i in range(6)))
-    c = run_main("cka", mid, rl_40, "--data", data, "--bootstrap", 3, "--bootstrap-size", 4, "--out", out / "c")
+    data.write_text("".join(json.dumps({"text": f"prompt number {i}: " + "abc " * i}) + "\n"
+                            for i in range(6)))
+    c = run_main("cka", mid, rl_40, "--data", data, "--bootstrap", 3, "--bootstrap-size", 4,
+                 "--out", out / "c")
     n_layers = M.read_config(base).num_hidden_layers
     assert len(c["layers"]) == n_layers
     assert 0.5 < c["summary"]["min_cka"] <= 1.0 + 1e-9
     assert (out / "c" / "features_a.pt").is_file() and (out / "c" / "cka.png").is_file()
     stamp = (out / "c" / "features_b.pt").stat().st_mtime_ns
-    again = run_main("cka", mid, rl_40, "--data", data, "--bootstrap", 3, "--bootstrap-size", 4, "--out", out / "c")
-    assert again["layers"] == c["layers"] and (out / "c" / "features_b.pt").stat().st_mtime_ns == stamp  # cached
-    c_self = run_main("cka", mid, mid, "--data", data, "--bootstrap", 2, "--bootstrap-size", 4, "--out", out / "c2")
+    again = run_main("cka", mid, rl_40, "--data", data, "--bootstrap", 3, "--bootstrap-size", 4,
+                     "--out", out / "c")
+    assert (again["layers"] == c["layers"]
+            and (out / "c" / "features_b.pt").stat().st_mtime_ns == stamp)  # cached
+    c_self = run_main("cka", mid, mid, "--data", data, "--bootstrap", 2, "--bootstrap-size", 4,
+                      "--out", out / "c2")
     assert c_self["summary"]["min_cka"] == pytest.approx(1.0, abs=1e-9)
 
     merged = out / "merged"
     run_main("merge", base, mid, "--alpha", 0.25, "--out", merged)
     m = M.load_model(str(merged), dtype=torch.float32)
-    a_model, b_model = M.load_model(str(base), dtype=torch.float32), M.load_model(str(mid), dtype=torch.float32)
-    for (name, w), wa, wb in zip(m.state_dict().items(), a_model.state_dict().values(), b_model.state_dict().values()):
+    a_model, b_model = (M.load_model(str(base), dtype=torch.float32),
+                        M.load_model(str(mid), dtype=torch.float32))
+    for (name, w), wa, wb in zip(m.state_dict().items(), a_model.state_dict().values(),
+                                 b_model.state_dict().values()):
         torch.testing.assert_close(w, 0.25 * wa + 0.75 * wb, rtol=1e-6, atol=1e-6, msg=name)
     assert (merged / "tokenizer.json").is_file()
     assert M.load_tokenizer(str(merged)).vocab_size == 258
 
 
-@pytest.mark.parametrize("family", ["llama"], indirect=True)  # one family is enough for the (slower) generation
+# one family is enough for the (slower) generation
+@pytest.mark.parametrize("family", ["llama"], indirect=True)
 def test_landscape(family):
     pytest.importorskip("evaluate")
     kind, root, base, mid, rl_20, rl_40 = family
@@ -325,7 +344,8 @@ def test_landscape(family):
     data.write_text(json.dumps({"problem": "What is 1 + 1?", "answer": "2"}) + "\n"
                     + json.dumps({"problem": "What is 2 + 2?", "answer": "4"}) + "\n")
     out = root / "out" / "land"
-    r = run_main("landscape", base, mid, rl_40, "--data", data, "--grid", 2, "--max-new-tokens", 3, "--out", out)
+    r = run_main("landscape", base, mid, rl_40, "--data", data, "--grid", 2, "--max-new-tokens", 3,
+                 "--out", out)
     assert r["a"] == [0.0, 1.0] and len(r["pass_rate"]) == 2 and len(r["points"]) == 4
     assert all(0.0 <= p["pass_rate"] <= 1.0 for p in r["points"])
     assert (out / "landscape.png").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 4
@@ -334,8 +354,9 @@ def test_landscape(family):
 @pytest.mark.parametrize("family", ["llama"], indirect=True)
 def test_landscape_weights_and_loss_follow_the_definition(family, monkeypatch):
     """At every grid point the model holds W(a, b) = W_base + a (W_mid - W_base) + b (W_rl - W_mid) (PAPER.md;
-    dW_mid = MID - BASE, dW_RL = RL - MID): weights and logits/loss against transformers given W(a, b) built here
-    from the safetensors files. generate() is replaced by a probe that records them and answers '\\boxed{2}'."""
+    dW_mid = MID - BASE, dW_RL = RL - MID): weights and logits/loss against transformers given W(a, b) built
+    here from the safetensors files. generate() is replaced by a probe that records them and answers
+    '\\boxed{2}'."""
     pytest.importorskip("evaluate")
     from types import SimpleNamespace
     kind, root, base, mid, rl_20, rl_40 = family
@@ -372,7 +393,8 @@ def test_landscape_weights_and_loss_follow_the_definition(family, monkeypatch):
             ref = hf(ids).logits.float()
         torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4, msg=f"logits at a={a}, b={b}")
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels)
-        assert float(loss) == pytest.approx(float(torch.nn.functional.cross_entropy(ref[0, :-1], labels)), abs=1e-5)
+        assert float(loss) == pytest.approx(float(torch.nn.functional.cross_entropy(ref[0, :-1], labels)),
+                                            abs=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama"], indirect=True)
@@ -423,14 +445,16 @@ def test_cka_pooling_leaves_out_special_tokens(family, capsys, monkeypatch):
     assert bos in r["pooling"]["excluded_ids"]
     printed = capsys.readouterr().out
     assert "special tokens excluded: 6 positions" in printed and "base vs far" in printed
-    assert json.loads((out / "pool_default" / "cka.json").read_text())["summary"]["special_tokens"] == "excluded"
+    assert (json.loads((out / "pool_default" / "cka.json").read_text())["summary"]["special_tokens"]
+            == "excluded")
     r = run_main("cka", base, far, "--data", data, "--bootstrap", 0, "--cka-keep-special", "true",
                  "--out", out / "pool_default")  # same folder: the cached features must not be reused
     assert [row["cka"] for row in r["layers"]] == pytest.approx(want_in, abs=1e-5)
     assert r["summary"]["special_tokens"] == "kept" and "special tokens kept" in capsys.readouterr().out
     only_bos = root / "only_bos.jsonl"
     only_bos.write_text(json.dumps({"text": "<s>"}) + "\n" + json.dumps({"text": "a"}) + "\n")
-    with pytest.raises(A.AnalyzeError, match=r"only_bos.jsonl: record 1.*only special tokens.*--cka-keep-special"):
+    with pytest.raises(A.AnalyzeError,
+                       match=r"only_bos.jsonl: record 1.*only special tokens.*--cka-keep-special"):
         A.cka_compare(A.Config(data=str(only_bos), out=str(out / "pool_bad"), progress=False), base, mid)
 
 
@@ -445,7 +469,8 @@ def plotted(monkeypatch) -> list:
 def test_run_names():
     assert A.run_name("out/mid/hf") == "mid" and A.run_name("out/rl/hf/") == "rl"  # not both "hf"
     assert A.run_name("out/rl/hf-step20") == "rl step20"
-    assert A.run_name("out/rl/step_40") == "step_40" and A.run_name("HuggingFaceTB/SmolLM2-135M") == "SmolLM2-135M"
+    assert (A.run_name("out/rl/step_40") == "step_40"
+            and A.run_name("HuggingFaceTB/SmolLM2-135M") == "SmolLM2-135M")
     cfg = A.Config()
     assert A.checkpoint_labels(cfg, ["out/mid/hf", "out/rl/hf"]) == ["mid", "rl"]
     assert A.checkpoint_labels(cfg, ["a/step_20", "b/step_20"]) == ["a/step_20", "b/step_20"]  # told apart
@@ -456,7 +481,8 @@ def test_run_names():
 
 
 def test_weights_plots_name_the_runs(tmp_path, monkeypatch, capsys):
-    """out/mid/hf -> out/rl/hf: titles say 'mid -> rl'; axes and colourbars are labelled; files are printed."""
+    """out/mid/hf -> out/rl/hf: titles say 'mid -> rl'; axes and colourbars are labelled; files are
+    printed."""
     g = torch.Generator().manual_seed(5)
     w = {"model.layers.0.self_attn.q_proj.weight": torch.randn(4, 4, generator=g),
          "model.layers.1.mlp.up_proj.weight": torch.randn(6, 4, generator=g)}

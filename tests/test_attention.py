@@ -105,18 +105,22 @@ CASES = [  # b, hq, hkv, t, s, d, dtype, kwargs
     pytest.param(1, 2, 2, 45, 45, 64, torch.float32, dict(causal=True), id="causal-gqa1-d64-fp32"),
     pytest.param(1, 4, 2, 37, 37, 80, torch.float32, dict(causal=False), id="full-gqa2-d80-fp32"),
     pytest.param(1, 4, 1, 50, 50, 64, torch.float16, dict(causal=True, window=7), id="window-gqa4-d64-fp16"),
-    pytest.param(1, 2, 1, 41, 41, 96, torch.float32, dict(causal=False, window=9), id="window-sym-gqa2-d96-fp32"),
+    pytest.param(1, 2, 1, 41, 41, 96, torch.float32, dict(causal=False, window=9),
+                 id="window-sym-gqa2-d96-fp32"),
     pytest.param(2, 2, 1, 60, 60, 64, torch.float32,
                  dict(causal=True, docs=packed_docs(2, 60, (21, 17, 15), 7)), id="docs3-pad-gqa2-d64-fp32"),
     pytest.param(1, 4, 2, 60, 60, 80, torch.float16,
-                 dict(causal=True, window=11, docs=packed_docs(1, 60, (30, 22), 8)), id="docs2-window-d80-fp16"),
+                 dict(causal=True, window=11, docs=packed_docs(1, 60, (30, 22), 8)),
+                 id="docs2-window-d80-fp16"),
     pytest.param(1, 2, 2, 48, 48, 64, torch.float16,
                  dict(causal=False, docs=packed_docs(1, 48, (19, 25), 4)), id="docs-noncausal-d64-fp16"),
     pytest.param(1, 4, 2, 19, 53, 64, torch.float32,
                  dict(causal=True, docs=packed_docs(1, 53, (20, 26), 7)), id="prefill-t19-s53-docs-fp32"),
-    pytest.param(1, 4, 1, 23, 70, 96, torch.float16, dict(causal=True, window=30), id="prefill-window-d96-fp16"),
+    pytest.param(1, 4, 1, 23, 70, 96, torch.float16, dict(causal=True, window=30),
+                 id="prefill-window-d96-fp16"),
     pytest.param(1, 2, 1, 1, 33, 64, torch.float32, dict(causal=True), id="decode-t1-fp32"),
-    pytest.param(1, 2, 1, 33, 33, 64, torch.float16, dict(causal=True, transposed=True), id="transposed-fp16"),
+    pytest.param(1, 2, 1, 33, 33, 64, torch.float16, dict(causal=True, transposed=True),
+                 id="transposed-fp16"),
     pytest.param(1, 1, 1, 20, 20, 128, torch.float32, dict(causal=True), id="d128-fp32"),
     pytest.param(1, 1, 1, 20, 20, 256, torch.float32, dict(causal=False), id="d256-fp32"),
 ]
@@ -233,7 +237,8 @@ def test_model_forward_and_backward_through_the_kernel(monkeypatch):
     transformers = pytest.importorskip("transformers")
     import model as M
     cfg = transformers.MistralConfig(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5)
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     sliding_window=5)
     torch.manual_seed(0)
     net = M.CausalLM(M.config_from_hf(cfg.to_dict()))
     ids = torch.randint(0, 61, (2, 23))

@@ -1,6 +1,6 @@
 """tests/conftest.py under CI=true: a skip for a missing asset fails, a skip the machine cannot help stays a
-skip, reasons print; without CI every one of them is a plain skip. Runs pytest on generated files with the real
-conftest (three subprocesses, ~6 s)."""
+skip, reasons print; without CI every one of them is a plain skip. Runs pytest on generated files with the
+real conftest (three subprocesses, ~6 s)."""
 import os
 import re
 import shutil
@@ -46,7 +46,8 @@ def test_xfail():
 def test_passes():
     pass
 '''
-MODULE_SKIP = 'import pytest\npytest.importorskip("no_such_package_for_ci_check")\n\ndef test_x():\n    pass\n'
+MODULE_SKIP = ('import pytest\npytest.importorskip("no_such_package_for_ci_check")\n\n'
+               'def test_x():\n    pass\n')
 ASSET_TESTS = ["test_importorskip", "test_not_installed", "test_bigbench", "test_require_asset_missing"]
 ALLOWED_TESTS = ["test_no_cuda", "test_unshare", "test_unrelated_reason"]
 

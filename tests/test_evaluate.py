@@ -22,7 +22,8 @@ def test_pass_at_k_and_summary():
     recs = []
     for task in ("aime24", "aime25", "math500", "lcb", "codeforces", "gpqa"):
         for pid, hits in (("p0", [1, 0, 0, 0]), ("p1", [1, 1, 1, 1])):
-            recs += [{"task": task, "problem_id": pid, "sample": i, "correct": bool(h)} for i, h in enumerate(hits)]
+            recs += [{"task": task, "problem_id": pid, "sample": i, "correct": bool(h)}
+                     for i, h in enumerate(hits)]
     res = E.summarize(recs, ks=(1, 2))
     assert res["aime24"]["score"] == pytest.approx(62.5) and res["aime24"]["n"] == 2
     assert res["aime24"]["pass@1"] == pytest.approx(62.5)
@@ -114,7 +115,8 @@ def test_folder_and_bad_schema(tmp_path):
         E.load_task("gsm8k", E.Config(), DATA / "gsm8k_bad_schema.jsonl")
     with pytest.raises(E.DataError, match=r"gsm8k_bad_gold.jsonl: record 1: field 'answer'"):
         E.load_task("gsm8k", E.Config(), DATA / "gsm8k_bad_gold.jsonl")
-    with pytest.raises(E.DataError, match=r"gpqa_bad_schema.csv: record 1: missing field 'Incorrect Answer 2'"):
+    with pytest.raises(E.DataError,
+                       match=r"gpqa_bad_schema.csv: record 1: missing field 'Incorrect Answer 2'"):
         E.load_task("gpqa", E.Config(), DATA / "gpqa_bad_schema.csv")
     with pytest.raises(E.DataError, match="lcb_test.jsonl: record 1: missing field 'problem'"):
         E.load_task("math500", E.Config(), DATA / "lcb_test.jsonl")
@@ -180,7 +182,8 @@ def test_help():
     r = subprocess.run([sys.executable, "evaluate.py", "--help"], capture_output=True, text=True,
                        cwd=Path(E.__file__).parent, timeout=60)
     assert r.returncode == 0
-    for flag in ("--model", "--tasks", "--limit", "--samples", "--temperature", "--top-p", "--max-new-tokens", "--out"):
+    for flag in ("--model", "--tasks", "--limit", "--samples", "--temperature", "--top-p", "--max-new-tokens",
+                 "--out"):
         assert flag in r.stdout
 
 

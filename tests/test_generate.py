@@ -1,7 +1,8 @@
 """model.generate's static decode path on every dense and hybrid family (tiny random configs of
 test_model / test_hybrid, fp32): greedy tokens and log-probs against a full forward per new token (ours and
 transformers'), ragged prompts with rows stopping at different steps, seeded sampling independent of which
-rows are still live, the compiled step without recompiles, and the generation-only copy (fusion, bf16, int8)."""
+rows are still live, the compiled step without recompiles, and the generation-only copy (fusion, bf16,
+int8)."""
 import pytest
 import torch
 
@@ -14,14 +15,16 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAMILIES = [("dense", f) for f in dense.FAMILIES] + [("hybrid", v) for v in hybrid.VARIANTS]
-PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [21, 22, 23, 24, 25, 26, 27, 28], [29, 30, 31]]
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [21, 22, 23, 24, 25, 26, 27, 28],
+           [29, 30, 31]]
 NEW = 12
 
 
 def build(kind, name, tmp_path_factory):
     torch.manual_seed(0)
     if kind == "dense":
-        hf = transformers.AutoModelForCausalLM.from_config(dense.tiny_config(name), dtype=torch.float32).eval()
+        hf = transformers.AutoModelForCausalLM.from_config(dense.tiny_config(name),
+                                                           dtype=torch.float32).eval()
         with torch.no_grad():
             for pname, p in hf.named_parameters():
                 if pname.endswith("norm.weight") or pname.endswith(".bias"):
@@ -82,8 +85,8 @@ def test_greedy_equals_full_forward_with_rows_stopping(pair):
 
 
 def test_rows_done_reported_as_they_finish(pair):
-    """on_rows_done counts each row once, when its stop token comes (on CPU: the step it finishes), the rest at
-    the end: a progress bar over samples moves per sample and ends at the batch size."""
+    """on_rows_done counts each row once, when its stop token comes (on CPU: the step it finishes), the rest
+    at the end: a progress bar over samples moves per sample and ends at the batch size."""
     _, ours = pair
     free = GEN.generate(ours, PROMPTS, max_new_tokens=NEW)
     stop = stop_at_different_steps(free)
@@ -101,7 +104,8 @@ def test_sampling_seeded_and_independent_of_live_rows(pair):
     _, ours = pair
     kw = dict(max_new_tokens=NEW, temperature=0.9, top_p=0.95, seed=5)
     a, b = GEN.generate(ours, PROMPTS, **kw), GEN.generate(ours, PROMPTS, **kw)
-    assert [s.tokens for s in a] == [s.tokens for s in b] and [s.logprobs for s in a] == [s.logprobs for s in b]
+    assert ([s.tokens for s in a] == [s.tokens for s in b]
+            and [s.logprobs for s in a] == [s.logprobs for s in b])
     stop = stop_at_different_steps(a)
     stopped = GEN.generate(ours, PROMPTS, stop_ids=[stop], **kw)
     for f, s in zip(a, stopped):
@@ -130,7 +134,8 @@ def test_generation_copy_shares_weights_and_keeps_names(pair):
                for m in ours.modules())
 
 
-@pytest.mark.parametrize("family", [("dense", "llama"), ("hybrid", "mamba2"), ("hybrid", "granite_dense_rope")],
+@pytest.mark.parametrize("family",
+                         [("dense", "llama"), ("hybrid", "mamba2"), ("hybrid", "granite_dense_rope")],
                          ids=["llama", "mamba2", "granite_dense_rope"])
 def test_compiled_step_matches_eager_without_recompiles(family, tmp_path_factory):
     """compile=True: the same tokens and log-probs as the eager step, and no new graph while rows finish

@@ -1,5 +1,6 @@
 """graders.py: the math and multiple-choice graders on a table of cases (and against Math-Verify, a
-test-only reference), every symbolic comparison bounded in time, and the code sandbox under hostile programs."""
+test-only reference), every symbolic comparison bounded in time, and the code sandbox under hostile
+programs."""
 import json
 import os
 import shutil
@@ -309,8 +310,10 @@ def _run(program, tests="pass", timeout=TIMEOUT, memory_mb=512):
 def test_sandbox_passes_and_fails():
     assert GR.run_tests("def f(x):\n    return x + 1\n", "assert f(1) == 2")
     assert not GR.run_tests("def f(x):\n    return x\n", "assert f(1) == 2")
-    assert GR.run_tests("print(int(input()) * 2)", [{"input": "3\n", "output": "6\n"}, {"input": "-1", "output": "-2"}])
-    ok, reason, _ = _run("print(int(input()) * 2)", [{"input": "3\n", "output": "6"}, {"input": "4", "output": "9"}])
+    assert GR.run_tests("print(int(input()) * 2)",
+                        [{"input": "3\n", "output": "6\n"}, {"input": "-1", "output": "-2"}])
+    ok, reason, _ = _run("print(int(input()) * 2)",
+                         [{"input": "3\n", "output": "6"}, {"input": "4", "output": "9"}])
     assert not ok and "test 2/2" in reason and "wrong output" in reason
     assert GR.run_tests("print(0.30000000000000004)", [{"input": "", "output": "0.3"}])
     assert not GR.run_tests("print(0.31)", [{"input": "", "output": "0.3"}])
@@ -325,8 +328,10 @@ def test_sandbox_passes_and_fails():
     ("sleep", "import time\ntime.sleep(60)\n", "time limit"),
     ("50 GB", "x = bytearray(50 * 10**9)\n", "memory limit"),
     ("print 1 GB", "import sys\nwhile True:\n    sys.stdout.write('x' * 10**6)\n", "output limit"),
-    ("write 1 GB file", "with open('big', 'w') as f:\n    while True:\n        f.write('x' * 10**6)\n", "exit"),
-    ("fork bomb", "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n", "limit"),
+    ("write 1 GB file", "with open('big', 'w') as f:\n    while True:\n"
+                        "        f.write('x' * 10**6)\n", "exit"),
+    ("fork bomb", "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
+                  "        pass\n", "limit"),
     ("detached child", "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nelse:\n"
                        "    time.sleep(60)\n", "time limit"),
 ])
@@ -339,15 +344,18 @@ def test_sandbox_hostile_programs(name, program, expect):
 def test_sandbox_leaves_the_outside_alone(tmp_path):
     keep = tmp_path / "keep.txt"
     keep.write_text("precious")
-    for program in (f"import os\nos.remove({str(keep)!r})\n", f"import shutil\nshutil.rmtree({str(tmp_path)!r})\n",
+    for program in (f"import os\nos.remove({str(keep)!r})\n",
+                    f"import shutil\nshutil.rmtree({str(tmp_path)!r})\n",
                     f"open({str(keep)!r}, 'w').write('gone')\n",
-                    "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.killpg(0, signal.SIGKILL)\n"):
+                    "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
+                    "os.killpg(0, signal.SIGKILL)\n"):
         ok, reason, _ = _run(program, "assert False")
         assert not ok
     assert keep.read_text() == "precious"
     before = set(os.listdir(GR.tempfile.gettempdir()))
     _run("open('scratch', 'w').write('x')\n")
-    assert not {f for f in set(os.listdir(GR.tempfile.gettempdir())) - before if f.startswith("eval_sandbox_")}
+    assert not {f for f in set(os.listdir(GR.tempfile.gettempdir())) - before
+                if f.startswith("eval_sandbox_")}
 
 
 def test_sandbox_keeps_its_files_to_itself(tmp_path):
@@ -359,11 +367,14 @@ def test_sandbox_keeps_its_files_to_itself(tmp_path):
     mark = f"leak_{os.getpid()}_{time.time_ns()}"
     host_home = Path(os.path.expanduser("~"))
     places = ["/tmp", "/var/tmp", "/dev/shm", str(host_home), str(out_dir)]
-    program = (f"import os\nplaces = {places!r} + [os.environ.get('HOME', '.'), os.path.dirname(os.getcwd())]\n"
+    program = (f"import os\nplaces = {places!r} + [os.environ.get('HOME', '.'), "
+               "os.path.dirname(os.getcwd())]\n"
                f"for d in places:\n    try:\n        open(os.path.join(d, {mark!r}), 'w').write('x')\n"
                "    except OSError:\n        pass\n"
-               "open('scratch', 'w').write('ok')\nassert open('scratch').read() == 'ok'\n"  # its own work dir works
-               "import tempfile\nwith tempfile.TemporaryFile() as f:\n    f.write(b'ok')\n")  # and a private /tmp
+               # its own work dir works
+               "open('scratch', 'w').write('ok')\nassert open('scratch').read() == 'ok'\n"
+               # and a private /tmp
+               "import tempfile\nwith tempfile.TemporaryFile() as f:\n    f.write(b'ok')\n")
     ok, reason, _ = _run(program, "pass")
     assert ok, reason
     parent = Path(GR.tempfile.gettempdir())  # the work dir's parent on the host
@@ -453,12 +464,14 @@ def test_check_math_agrees_with_math_verify():
             pytest.fail("math-verify is missing under CI (pip install -r requirements-test.txt)")
         pytest.skip("math-verify is not installed")
     rows = [json.loads(line) for line in (DATA / "math_verify_cases.jsonl").read_text().splitlines() if line]
-    assert len(rows) >= 150 and {True, False} <= {bool(verify(parse("$" + r["gold"] + "$"), parse(r["response"])))
-                                                  for r in rows[:40]}
+    assert (len(rows) >= 150
+            and {True, False} <= {bool(verify(parse("$" + r["gold"] + "$"), parse(r["response"])))
+                                  for r in rows[:40]})
     differ = []
     for r in rows:
         ref = bool(verify(parse("$" + r["gold"] + "$"), parse(r["response"])))
         if GR.check_math(r["response"], r["gold"]) != ref:
-            differ.append(f"{r['id']}: math-verify {ref}, gold {r['gold']!r}, response ...{r['response'][-50:]!r}")
+            differ.append(f"{r['id']}: math-verify {ref}, gold {r['gold']!r}, "
+                          f"response ...{r['response'][-50:]!r}")
     print(f"{len(rows) - len(differ)}/{len(rows)} agree; differ:\n" + "\n".join(differ))
     assert len(differ) <= 0.05 * len(rows), "\n".join(differ)

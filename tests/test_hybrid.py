@@ -1,5 +1,6 @@
 """Hybrid families (Nemotron-H, GraniteMoeHybrid, Mamba2) against transformers on tiny random configs (fp32):
-logits, packed documents, decode through the cache, greedy generation, save -> transformers reload, bad configs."""
+logits, packed documents, decode through the cache, greedy generation, save -> transformers reload, bad
+configs."""
 import json
 import math
 
@@ -20,27 +21,31 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(variant: str):
-    """(transformers config, rewrite of the saved config.json or None): the rewrite gives the hub's own forms."""
+    """(transformers config, rewrite of the saved config.json or None): the rewrite gives the hub's own
+    forms."""
     common = dict(vocab_size=VOCAB, hidden_size=32, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     nemotron = dict(common, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,
                     mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=6, n_groups=2, chunk_size=8,
                     layer_norm_epsilon=1e-5, time_step_min=0.01)
     granite = dict(common, num_attention_heads=4, num_key_value_heads=2, intermediate_size=16,
-                   shared_intermediate_size=24, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=6, mamba_n_groups=2,
-                   mamba_chunk_size=8, mamba_expand=2, embedding_multiplier=2.0, residual_multiplier=0.6,
-                   logits_scaling=1.5, attention_multiplier=0.3, rms_norm_eps=1e-6)
+                   shared_intermediate_size=24, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=6,
+                   mamba_n_groups=2, mamba_chunk_size=8, mamba_expand=2, embedding_multiplier=2.0,
+                   residual_multiplier=0.6, logits_scaling=1.5, attention_multiplier=0.3, rms_norm_eps=1e-6)
     mamba2 = dict(common, num_heads=8, head_dim=8, expand=2, state_size=6, n_groups=2, chunk_size=8,
                   num_hidden_layers=3)
-    if variant == "nemotron_h_pattern":  # the hub form: hybrid_override_pattern + num_hidden_layers; biases on
+    # the hub form: hybrid_override_pattern + num_hidden_layers; biases on
+    if variant == "nemotron_h_pattern":
         def hub_form(raw):
             raw["hybrid_override_pattern"] = "".join(
                 {"linear_attention": "M", "full_attention": "*", "mlp": "-", "moe": "E"}[t]
                 for t in raw.pop("layers_block_type"))
             raw["num_hidden_layers"] = len(raw["hybrid_override_pattern"])
         return transformers.NemotronHConfig(**nemotron, layers_block_type=[
-            "linear_attention", "full_attention", "linear_attention", "mlp", "linear_attention", "full_attention"],
+            "linear_attention", "full_attention", "linear_attention", "mlp", "linear_attention",
+            "full_attention"],
             use_bias=True, mlp_bias=True, use_conv_bias=False), hub_form
-    if variant == "nemotron_h_moe_latent":  # transformers 5's layers_block_type; grouped routing, latent experts
+    # transformers 5's layers_block_type; grouped routing, latent experts
+    if variant == "nemotron_h_moe_latent":
         return transformers.NemotronHConfig(**{**nemotron, "n_groups": 4}, layers_block_type=[
             "linear_attention", "moe", "full_attention", "moe", "linear_attention", "mlp"],
             n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16,
@@ -50,7 +55,8 @@ def tiny_config(variant: str):
         return transformers.NemotronHConfig(**nemotron, layers_block_type=[
             "moe", "linear_attention", "full_attention", "moe"], n_routed_experts=6, num_experts_per_tok=2,
             moe_intermediate_size=16, moe_shared_expert_intermediate_size=20, norm_topk_prob=False), None
-    if variant == "granite_moe_nope":  # Granite-4.0-H-Tiny-like; the old layer type names 'mamba' / 'attention'
+    # Granite-4.0-H-Tiny-like; the old layer type names 'mamba' / 'attention'
+    if variant == "granite_moe_nope":
         def old_names(raw):
             raw["layer_types"] = [{"linear_attention": "mamba", "full_attention": "attention"}[t]
                                   for t in raw["layer_types"]]
@@ -60,8 +66,9 @@ def tiny_config(variant: str):
             mamba_conv_bias=False, time_step_limit=(0.05, 2.0)), old_names
     if variant == "granite_dense_rope":  # no experts, RoPE, tied embeddings, attention biases
         return transformers.GraniteMoeHybridConfig(
-            **granite, num_hidden_layers=3, layer_types=["attention", "mamba", "attention"], num_local_experts=0,
-            position_embedding_type="rope", rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            **granite, num_hidden_layers=3, layer_types=["attention", "mamba", "attention"],
+            num_local_experts=0, position_embedding_type="rope",
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
             tie_word_embeddings=True, attention_bias=True), None
     if variant == "granite_micro":  # Granite-4.0-Micro: only attention layers, a dense model
         return transformers.GraniteMoeHybridConfig(
@@ -131,15 +138,17 @@ def test_config_reads_the_layer_pattern(pair):
     for k in ours.config.layer_types:
         kinds[k] += 1
     assert len(ours.config.layer_types) == len(hf.config.layer_types)
-    expect = {"nemotron_h_pattern": (3, 2, 1, 0), "nemotron_h_moe_latent": (2, 1, 1, 2), "nemotron_h_moe": (1, 1, 0, 2),
-              "granite_moe_nope": (3, 1, 0, 0), "granite_dense_rope": (1, 2, 0, 0), "granite_micro": (0, 2, 0, 0),
+    expect = {"nemotron_h_pattern": (3, 2, 1, 0), "nemotron_h_moe_latent": (2, 1, 1, 2),
+              "nemotron_h_moe": (1, 1, 0, 2), "granite_moe_nope": (3, 1, 0, 0),
+              "granite_dense_rope": (1, 2, 0, 0), "granite_micro": (0, 2, 0, 0),
               "mamba2": (3, 0, 0, 0), "mamba2_tied_bias": (3, 0, 0, 0)}[name]
     assert tuple(kinds.values()) == expect
 
 
 def test_logits_match_transformers(pair):
     name, hf, ours, _ = pair
-    ids = torch.randint(3, VOCAB, (2, 37), generator=torch.Generator().manual_seed(1))  # 37: not a multiple of chunk 8
+    # 37: not a multiple of chunk 8
+    ids = torch.randint(3, VOCAB, (2, 37), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref, got = hf(ids).logits, ours(ids)
     d = maxdiff(got, ref)
@@ -171,7 +180,8 @@ def test_packed_documents_equal_separate_runs(pair):
 
 
 def test_decode_logits_match_full_forward(pair):
-    """Prefill + one-token steps through the cache (KV for attention, conv/SSM state for Mamba) = one forward."""
+    """Prefill + one-token steps through the cache (KV for attention, conv/SSM state for Mamba) = one
+    forward."""
     _, _, ours, _ = pair
     ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
     doc_ids = torch.zeros_like(ids)
@@ -214,7 +224,8 @@ def test_greedy_generation_matches_transformers(pair):
 
 
 def test_stop_tokens_end_rows_independently(pair):
-    """Rows leaving the batch (cache.keep over KV caches, Mamba states and MLP layers' None) change nothing else."""
+    """Rows leaving the batch (cache.keep over KV caches, Mamba states and MLP layers' None) change nothing
+    else."""
     _, _, ours, _ = pair
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]
     free = GEN.generate(ours, prompts, max_new_tokens=10)
@@ -257,7 +268,8 @@ def test_bf16_load_runs(pair):
         assert t.dtype == (torch.float32 if key.endswith(M.NEMOTRON_FP32_KEYS) else torch.bfloat16), key
 
 
-@pytest.mark.parametrize("pair", ["nemotron_h_pattern"], indirect=True)  # one family is enough for file errors
+# one family is enough for file errors
+@pytest.mark.parametrize("pair", ["nemotron_h_pattern"], indirect=True)
 def test_checkpoint_names_on_load(pair, tmp_path):
     """Errors name the checkpoint's own keys; Nemotron 3's multi-token-prediction tensors are skipped."""
     from safetensors.torch import load_file, save_file

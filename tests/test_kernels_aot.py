@@ -24,8 +24,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = {80: 166912, 90: 232448}  # compute capability -> max dynamic shared memory per block (A100, H100)
+# inference (+ the tiny delta): no spills
 FORWARD = {"_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_dt_kernel", "_chunk_state_kernel",
-           "_state_pass_kernel", "_chunk_scan_kernel", "_step_kernel"}  # inference (+ the tiny delta): no spills
+           "_state_pass_kernel", "_chunk_scan_kernel", "_step_kernel"}
 # Forward spills known and bounded (bytes of spill stores), to be timed on a GPU (python -m bench gpu, the
 # "docs + window" rows): with documents the forward inlines up to nine copies of its block step and ptxas
 # spills a few words on sm_80 (at d 80/96 also on the causal + documents training path; d 64/128 there do
@@ -91,7 +92,8 @@ def attention_cases(full=False):
     without masks; fp32 at 128. `full` compiles the whole product (~1 hour on 2 cores, minutes on 16)."""
     if not full:
         return ([dict(d=d, causal=True, window=32, docs=True, dtype="bfloat16") for d in (64, 128, 256)]
-                + [dict(d=d, causal=True, window=None, docs=True, dtype="bfloat16") for d in (64, 80, 128, 256)]
+                + [dict(d=d, causal=True, window=None, docs=True, dtype="bfloat16")
+                   for d in (64, 80, 128, 256)]
                 + [dict(d=96, causal=False, window=None, docs=False, dtype="float16")]
                 + [dict(d=128, causal=True, window=None, docs=False, dtype="float32")])
     return [dict(d=d, causal=c, window=w, docs=doc, dtype=dt) for d, c, w, doc, dt in
@@ -155,24 +157,28 @@ def record(only=None, full=False):
                 dt = getattr(torch, c["dtype"])
                 p, n = c["p"], c["n"]
                 x, dtv = fake(b, l, h, p, dtype=dt), fake(b, l, h, dtype=dt)
-                A_, B, C = fake(h, dtype=torch.float32), fake(b, l, g, n, dtype=dt), fake(b, l, g, n, dtype=dt)
-                D = {None: None, "h": fake(h, dtype=torch.float32), "hp": fake(h, p, dtype=torch.float32)}[c["D"]]
+                A_, B, C = (fake(h, dtype=torch.float32), fake(b, l, g, n, dtype=dt),
+                            fake(b, l, g, n, dtype=dt))
+                D = {None: None, "h": fake(h, dtype=torch.float32),
+                     "hp": fake(h, p, dtype=torch.float32)}[c["D"]]
                 bias = fake(h, dtype=torch.float32) if c["bias"] else None
                 h0 = fake(b, h, p, n, dtype=torch.float32) if c["init"] else None
                 docs = torch.arange(l).div(100, rounding_mode="floor").expand(b, l)  # 3 documents
                 seg = S._segments(docs).as_subclass(FakeCuda) if c["seq"] else None
                 label[0] = "ssd " + " ".join(f"{k}={v}" for k, v in c.items())
                 ctx = _Ctx()
-                y, final = S._SSDScan.forward(ctx, x, dtv, A_, B, C, D, bias, h0, seg, c["chunk"], c["bias"], 0.0,
-                                              math.inf)
+                y, final = S._SSDScan.forward(ctx, x, dtv, A_, B, C, D, bias, h0, seg, c["chunk"], c["bias"],
+                                              0.0, math.inf)
                 S._SSDScan.backward(ctx, fake(*x.shape, dtype=dt), fake(*final.shape, dtype=torch.float32))
             for c in step:
                 dt = getattr(torch, c["dtype"])
                 p, n, h, g = c["p"], c["n"], 8, 2
-                D = {None: None, "h": fake(h, dtype=torch.float32), "hp": fake(h, p, dtype=torch.float32)}[c["D"]]
+                D = {None: None, "h": fake(h, dtype=torch.float32),
+                     "hp": fake(h, p, dtype=torch.float32)}[c["D"]]
                 label[0] = "ssd_step " + " ".join(f"{k}={v}" for k, v in c.items())
-                S.ssd_step(fake(2, h, p, n, dtype=torch.float32), fake(2, h, p, dtype=dt), fake(2, h, dtype=dt),
-                           fake(h, dtype=torch.float32), fake(2, g, n, dtype=dt), fake(2, g, n, dtype=dt), D=D,
+                S.ssd_step(fake(2, h, p, n, dtype=torch.float32), fake(2, h, p, dtype=dt),
+                           fake(2, h, dtype=dt), fake(h, dtype=torch.float32), fake(2, g, n, dtype=dt),
+                           fake(2, g, n, dtype=dt), D=D,
                            dt_bias=fake(h, dtype=torch.float32) if c["bias"] else None, dt_softplus=c["bias"])
     finally:
         for mod, name, obj in patched:
@@ -207,7 +213,8 @@ def jobs(only=None, full=False):
             if key not in out:
                 out[key] = dict(module=fn.__module__, name=fn.__name__, target=target, signature=signature,
                                 constexprs=constexprs, attrs=attrs,
-                                options=dict(num_warps=options["num_warps"], num_stages=options["num_stages"]),
+                                options=dict(num_warps=options["num_warps"],
+                                             num_stages=options["num_stages"]),
                                 labels=[])
             out[key]["labels"].append(lab)
     return list(out.values())

@@ -25,7 +25,8 @@ def scan_inputs(b=2, l=37, h=6, p=3, g=2, n=5, seed=0):
 # ---------------------------------------------------------------------------------------------- SSD scan
 
 SCAN_CASES = {  # name: (l, chunk_size, g, D kind, dt options, initial state)
-    "l37_c8_g2_Dh_softplus_limit_h0": (37, 8, 2, "h", dict(dt_softplus=True, dt_bias=True, dt_limit=(0.2, 0.9)), True),
+    "l37_c8_g2_Dh_softplus_limit_h0": (37, 8, 2, "h",
+                                       dict(dt_softplus=True, dt_bias=True, dt_limit=(0.2, 0.9)), True),
     "l37_c8_g1_Dhp_softplus": (37, 8, 1, "hp", dict(dt_softplus=True, dt_bias=True), False),
     "l5_c16_g3_noD_h0": (5, 16, 3, None, dict(dt_softplus=True), True),
     "l24_c8_g2_raw_dt_clamped": (24, 8, 2, "h", dict(dt_limit=(0.0, 0.7)), True),  # raw dt < 0 clamps to 0
@@ -46,8 +47,10 @@ def test_ssd_chunked_matches_recurrence(case):
     l, Q, g, D_kind, dt_opts, use_h0 = SCAN_CASES[case]
     v = scan_inputs(l=l, g=g, seed=list(SCAN_CASES).index(case))
     kw = scan_kwargs(v, D_kind, dt_opts, use_h0)
-    y, h_last = mamba.ssd_scan(v["x"], v["dt"], v["A"], v["B"], v["C"], chunk_size=Q, return_final_states=True, **kw)
-    y_ref, h_ref = mamba.ssd_scan_naive(v["x"], v["dt"], v["A"], v["B"], v["C"], return_final_states=True, **kw)
+    y, h_last = mamba.ssd_scan(v["x"], v["dt"], v["A"], v["B"], v["C"], chunk_size=Q,
+                               return_final_states=True, **kw)
+    y_ref, h_ref = mamba.ssd_scan_naive(v["x"], v["dt"], v["A"], v["B"], v["C"],
+                                        return_final_states=True, **kw)
     assert y.shape == v["x"].shape and h_last.shape == v["h0"].shape
     assert maxdiff(y, y_ref) < TOL and maxdiff(h_last, h_ref) < TOL
     assert torch.equal(mamba.ssd_scan(v["x"], v["dt"], v["A"], v["B"], v["C"], chunk_size=Q, **kw), y)
@@ -58,8 +61,8 @@ def test_ssd_chunk_size_does_not_matter_and_dtype_kept():
     ys = [mamba.ssd_scan(v["x"], v["dt"], v["A"], v["B"], v["C"], chunk_size=Q, D=v["D_h"], dt_softplus=True)
           for Q in (1, 4, 7, 64)]
     assert max(maxdiff(y, ys[0]) for y in ys) < TOL
-    y16 = mamba.ssd_scan(v["x"].bfloat16(), v["dt"], v["A"], v["B"].bfloat16(), v["C"].bfloat16(), chunk_size=8,
-                         dt_softplus=True)
+    y16 = mamba.ssd_scan(v["x"].bfloat16(), v["dt"], v["A"], v["B"].bfloat16(), v["C"].bfloat16(),
+                         chunk_size=8, dt_softplus=True)
     assert y16.dtype == torch.bfloat16
 
 
@@ -76,8 +79,9 @@ def test_ssd_seq_idx_packed_equals_documents_run_separately():
     start = 0
     for i, n in enumerate(lengths):
         s = slice(start, start + n)
-        y_doc, h_doc = mamba.ssd_scan(v["x"][:, s], v["dt"][:, s], v["A"], v["B"][:, s], v["C"][:, s], chunk_size=8,
-                                      initial_states=v["h0"][:1] if i == 0 else None, return_final_states=True, **kw)
+        y_doc, h_doc = mamba.ssd_scan(v["x"][:, s], v["dt"][:, s], v["A"], v["B"][:, s], v["C"][:, s],
+                                      chunk_size=8, initial_states=v["h0"][:1] if i == 0 else None,
+                                      return_final_states=True, **kw)
         assert maxdiff(y[:, s], y_doc) < TOL, f"document {i}"
         start += n
     assert maxdiff(h_last, h_doc) < TOL
@@ -96,9 +100,9 @@ def test_ssd_backward_matches_recurrence():
     grads = []
     for fn in (mamba.ssd_scan, mamba.ssd_scan_naive):
         t = {k: v[k].clone().requires_grad_() for k in names}
-        y, h_last = fn(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=8, D=t["D_hp"], dt_bias=t["dt_bias"],
-                       dt_softplus=True, dt_limit=(0.05, 1.5), initial_states=t["h0"], seq_idx=seq_idx,
-                       return_final_states=True)
+        y, h_last = fn(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=8, D=t["D_hp"],
+                       dt_bias=t["dt_bias"], dt_softplus=True, dt_limit=(0.05, 1.5), initial_states=t["h0"],
+                       seq_idx=seq_idx, return_final_states=True)
         ((y * w_y).sum() + (h_last * w_h).sum()).backward()
         grads.append({k: t[k].grad for k in names})
     for k in names:
@@ -109,7 +113,8 @@ def test_ssd_backward_matches_recurrence():
 
 def test_kernels_ssd_scan_torch_path_backward(monkeypatch):
     """kernels.ssd.ssd_scan without the kernels (PRISM_SSD=torch) is mamba's chunked scan itself, and autograd
-    goes through it, initial and final states included (the old per-step fallback wrote its state in place)."""
+    goes through it, initial and final states included (the old per-step fallback wrote its state in
+    place)."""
     from kernels import ssd as K
     monkeypatch.setenv("PRISM_SSD", "torch")
     assert mamba.ssd_scan is K.ssd_scan_torch  # one implementation, re-exported
@@ -121,8 +126,9 @@ def test_kernels_ssd_scan_torch_path_backward(monkeypatch):
     grads = []
     for fn in (K.ssd_scan, mamba.ssd_scan_naive):
         t = {k: v[k].clone().requires_grad_() for k in names}
-        y, h_last = fn(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=4, D=t["D_hp"], dt_bias=t["dt_bias"],
-                       dt_softplus=True, initial_states=t["h0"], seq_idx=seq_idx, return_final_states=True)
+        y, h_last = fn(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=4, D=t["D_hp"],
+                       dt_bias=t["dt_bias"], dt_softplus=True, initial_states=t["h0"], seq_idx=seq_idx,
+                       return_final_states=True)
         ((y * w_y).sum() + (h_last * w_h).sum()).backward()
         grads.append({k: t[k].grad for k in names})
     for k in names:
@@ -176,41 +182,44 @@ def hf_mixer(family, use_bias, time_step_limit=(0.0, INF)):
     """(reference HF mixer, our Mixer kwargs) on a tiny config: 8 heads of 8, 2 groups, state 6, chunk 8."""
     if family == "mamba2":
         from transformers.models.mamba2.modeling_mamba2 import Mamba2Config, Mamba2Mixer
-        cfg = Mamba2Config(hidden_size=32, num_heads=8, head_dim=8, expand=2, state_size=6, n_groups=2, conv_kernel=4,
-                           chunk_size=8, use_bias=use_bias, use_conv_bias=True, num_hidden_layers=1,
-                           time_step_limit=time_step_limit, layer_norm_epsilon=1e-5)
+        cfg = Mamba2Config(hidden_size=32, num_heads=8, head_dim=8, expand=2, state_size=6, n_groups=2,
+                           conv_kernel=4, chunk_size=8, use_bias=use_bias, use_conv_bias=True,
+                           num_hidden_layers=1, time_step_limit=time_step_limit, layer_norm_epsilon=1e-5)
         ref = Mamba2Mixer(cfg, layer_idx=0)
-        ours = dict(hidden_size=32, num_heads=8, head_dim=8, state_size=6, n_groups=2, conv_kernel=4, chunk_size=8,
-                    intermediate_size=64, time_step_limit=cfg.time_step_limit, use_bias=use_bias,
-                    use_conv_bias=True, norm_eps=cfg.layer_norm_epsilon)
+        ours = dict(hidden_size=32, num_heads=8, head_dim=8, state_size=6, n_groups=2, conv_kernel=4,
+                    chunk_size=8, intermediate_size=64, time_step_limit=cfg.time_step_limit,
+                    use_bias=use_bias, use_conv_bias=True, norm_eps=cfg.layer_norm_epsilon)
     elif family == "nemotron_h":
         from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHConfig, NemotronHMamba2Mixer
-        cfg = NemotronHConfig(hidden_size=32, mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=6, n_groups=2,
-                              conv_kernel=4, chunk_size=8, use_bias=use_bias, use_conv_bias=True,
-                              layers_block_type=["linear_attention"], layer_norm_epsilon=1e-5, time_step_min=0.05)
+        cfg = NemotronHConfig(hidden_size=32, mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=6,
+                              n_groups=2, conv_kernel=4, chunk_size=8, use_bias=use_bias, use_conv_bias=True,
+                              layers_block_type=["linear_attention"], layer_norm_epsilon=1e-5,
+                              time_step_min=0.05)
         ref = NemotronHMamba2Mixer(cfg, layer_idx=0)
         # transformers' Nemotron-H mixer clamps Δ to (config.time_step_min, inf), not config.time_step_limit
-        ours = dict(hidden_size=32, num_heads=8, head_dim=8, state_size=6, n_groups=2, conv_kernel=4, chunk_size=8,
-                    time_step_limit=(cfg.time_step_min, INF), use_bias=use_bias, use_conv_bias=True,
-                    norm_eps=cfg.layer_norm_epsilon)
+        ours = dict(hidden_size=32, num_heads=8, head_dim=8, state_size=6, n_groups=2, conv_kernel=4,
+                    chunk_size=8, time_step_limit=(cfg.time_step_min, INF), use_bias=use_bias,
+                    use_conv_bias=True, norm_eps=cfg.layer_norm_epsilon)
     elif family == "granitemoehybrid":
         from transformers.models.granitemoehybrid.modeling_granitemoehybrid import (
             GraniteMoeHybridConfig, GraniteMoeHybridMambaLayer)
-        cfg = GraniteMoeHybridConfig(hidden_size=32, mamba_n_heads=8, mamba_d_head=8, mamba_expand=2, mamba_d_state=6,
-                                     mamba_n_groups=2, mamba_d_conv=4, mamba_chunk_size=8, mamba_proj_bias=use_bias,
-                                     mamba_conv_bias=False, num_hidden_layers=1, layer_types=["linear_attention"],
-                                     rms_norm_eps=1e-6, time_step_limit=time_step_limit, num_attention_heads=4)
+        cfg = GraniteMoeHybridConfig(hidden_size=32, mamba_n_heads=8, mamba_d_head=8, mamba_expand=2,
+                                     mamba_d_state=6, mamba_n_groups=2, mamba_d_conv=4, mamba_chunk_size=8,
+                                     mamba_proj_bias=use_bias, mamba_conv_bias=False, num_hidden_layers=1,
+                                     layer_types=["linear_attention"], rms_norm_eps=1e-6,
+                                     time_step_limit=time_step_limit, num_attention_heads=4)
         ref = GraniteMoeHybridMambaLayer(cfg, layer_idx=0)
-        ours = dict(hidden_size=32, num_heads=8, head_dim=8, state_size=6, n_groups=2, conv_kernel=4, chunk_size=8,
-                    intermediate_size=64, time_step_limit=cfg.time_step_limit, use_bias=use_bias,
-                    use_conv_bias=False, norm_eps=cfg.rms_norm_eps)
+        ours = dict(hidden_size=32, num_heads=8, head_dim=8, state_size=6, n_groups=2, conv_kernel=4,
+                    chunk_size=8, intermediate_size=64, time_step_limit=cfg.time_step_limit,
+                    use_bias=use_bias, use_conv_bias=False, norm_eps=cfg.rms_norm_eps)
     else:
         raise KeyError(family)
     return ref.eval(), ours
 
 
 HF_CASES = [("mamba2", False, (0.0, INF)), ("mamba2", True, (0.3, 1.2)), ("nemotron_h", False, None),
-            ("nemotron_h", True, None), ("granitemoehybrid", False, (0.0, INF)), ("granitemoehybrid", True, (0.2, 2.0))]
+            ("nemotron_h", True, None), ("granitemoehybrid", False, (0.0, INF)),
+            ("granitemoehybrid", True, (0.2, 2.0))]
 
 
 @pytest.mark.parametrize("family,use_bias,limit", HF_CASES)
@@ -219,7 +228,8 @@ def test_mixer_matches_transformers(family, use_bias, limit):
     randomize(ref, seed=11)
     ours = mamba.Mamba2Mixer(**kw).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)  # identical names and shapes
-    hidden = torch.randn(3, 21, 32, generator=torch.Generator().manual_seed(12))  # 21: not a multiple of chunk 8
+    # 21: not a multiple of chunk 8
+    hidden = torch.randn(3, 21, 32, generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
         d = maxdiff(ours(hidden), ref(hidden))
     print(f"{family} bias={use_bias} limit={kw['time_step_limit']}: max|diff| {d:.2e}")
@@ -257,7 +267,7 @@ def test_norm_before_gate_option():
     assert maxdiff(m.norm(y, z), expect) > 1e-2
 
 
-# ---------------------------------------------------------------------------------------------- documents, cache
+# ------------------------------------------------------------------------------------------- documents, cache
 
 def tiny_mixer(seed=21, chunk_size=4, **over):
     kw = dict(hidden_size=24, num_heads=6, head_dim=4, state_size=5, n_groups=3, conv_kernel=4,
@@ -304,7 +314,8 @@ def test_prefill_then_decode_equals_full_forward():
     # the cache after all steps equals the chunked scan's final state
     cache2 = m.allocate_cache(2)
     m(hidden, cache=cache2)
-    assert maxdiff(cache.ssm_state, cache2.ssm_state) < TOL and maxdiff(cache.conv_state, cache2.conv_state) < TOL
+    assert (maxdiff(cache.ssm_state, cache2.ssm_state) < TOL
+            and maxdiff(cache.conv_state, cache2.conv_state) < TOL)
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Dense families against transformers on tiny random configs (fp32): logits, packing, generation, round trips."""
+"""Dense families against transformers on tiny random configs (fp32): logits, packing, generation, round
+trips."""
 import json
 
 import pytest
@@ -15,24 +16,28 @@ VOCAB = 97
 def tiny_config(family: str):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0)
     if family == "llama":
         return transformers.LlamaConfig(**common, rope_parameters={
             "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
     if family == "llama_linear":
-        return transformers.LlamaConfig(**{**common, "tie_word_embeddings": True}, attention_bias=True, mlp_bias=True,
-                                        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+        return transformers.LlamaConfig(**{**common, "tie_word_embeddings": True}, attention_bias=True,
+                                        mlp_bias=True, rope_parameters={"rope_type": "linear",
+                                                                        "rope_theta": 10000.0, "factor": 2.0})
     if family == "llama_dynamic":
-        return transformers.LlamaConfig(**common, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
-                                                                   "factor": 2.0})
+        return transformers.LlamaConfig(**common, rope_parameters={"rope_type": "dynamic",
+                                                                   "rope_theta": 10000.0, "factor": 2.0})
     if family == "mistral":  # a window shorter than the test sequences, and an explicit head_dim
         return transformers.MistralConfig(**common, head_dim=24, sliding_window=5, rope_theta=1e6)
     if family == "granite":
-        return transformers.GraniteConfig(**{**common, "tie_word_embeddings": True}, embedding_multiplier=12.0,
-                                          attention_multiplier=0.1, residual_multiplier=0.22, logits_scaling=8.0)
+        return transformers.GraniteConfig(**{**common, "tie_word_embeddings": True},
+                                          embedding_multiplier=12.0, attention_multiplier=0.1,
+                                          residual_multiplier=0.22, logits_scaling=8.0)
     if family == "qwen2":
-        return transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+        return transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=4,
+                                        max_window_layers=1)
     if family == "qwen3":
         return transformers.Qwen3Config(**common, head_dim=16)
     raise KeyError(family)
@@ -124,7 +129,8 @@ def test_greedy_generation_matches_transformers(pair):
     torch.manual_seed(1)
     prompts = [torch.randint(3, VOCAB, (n,)).tolist() for n in (5, 11, 8)]
     samples = GEN.generate(ours, prompts, max_new_tokens=32)
-    for p, s in zip(prompts, samples):  # one prompt at a time: transformers' own reference, no padding involved
+    # one prompt at a time: transformers' own reference, no padding involved
+    for p, s in zip(prompts, samples):
         ref = hf.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, eos_token_id=None,
                           pad_token_id=0, min_new_tokens=32)[0, len(p):].tolist()
         assert s.tokens == ref

@@ -25,11 +25,14 @@ def run(args, tmp_path, timeout=120):
 
 @pytest.mark.parametrize("script, args, message", [
     ("generate.py", ["--max-new-tokens", "-5"], "--max-new-tokens -5: expected an integer >= 1"),
-    ("generate.py", ["--model", "out/nope"], "out/nope: no such folder, and the hub is unreachable (offline)"),
+    ("generate.py", ["--model", "out/nope"],
+     "out/nope: no such folder, and the hub is unreachable (offline)"),
     ("train_mid.py", ["--steps", "-1"], "--steps -1: expected an integer >= 1"),
     ("evaluate.py", ["--limit", "-3"], "--limit -3: expected an integer >= 0 (0 = the default)"),
-    ("evaluate.py", ["--model", "out/nope"], "out/nope: no such folder, and the hub is unreachable (offline)"),
-    ("train_rl.py", ["--model", "out/nope"], "out/nope: no such folder, and the hub is unreachable (offline)"),
+    ("evaluate.py", ["--model", "out/nope"],
+     "out/nope: no such folder, and the hub is unreachable (offline)"),
+    ("train_rl.py", ["--model", "out/nope"],
+     "out/nope: no such folder, and the hub is unreachable (offline)"),
     ("train_rl.py", ["--group-size", "1"], "--group-size 1: expected an integer >= 2"),
     ("retention.py", ["--ruler-samples", "0"], "--ruler-samples 0: expected an integer >= 1"),
     ("analyze.py", ["weights", "out/nope", "out/nope2"],
@@ -101,8 +104,9 @@ def test_evaluate_resume_refuses_changed_settings(tmp_path):
     changed = E.Config(out=str(out), max_new_tokens=32, prompt_format="plain")
     with pytest.raises(cli.DataError) as e:
         E.start_run(changed, ["gsm8k"], object(), _Tok())
-    assert str(e.value) == (f"{out}: earlier samples were made with other settings: gsm8k (prompt_format 'think' -> "
-                            "'plain', max_new_tokens 192 -> 32); pass --overwrite to drop them, or another --out")
+    assert str(e.value) == (f"{out}: earlier samples were made with other settings: gsm8k (prompt_format "
+                            "'think' -> 'plain', max_new_tokens 192 -> 32); pass --overwrite to drop them, "
+                            "or another --out")
     more = E.Config(out=str(out), max_new_tokens=192, limit=10, samples=4)  # more problems / samples: fine
     E.start_run(more, ["gsm8k"], object(), _Tok()).sink.close()
 
@@ -129,13 +133,14 @@ def test_trainer_resume_names_changed_settings(tmp_path, mod):
     _checkpoint(tmp_path, asdict(cfg) | {"lr": cfg.lr * 2, "steps": 3, "resume": False})
     with pytest.raises(cli.DataError) as e:
         T.check_resumed_config(cfg, mod.RESUME_ALTERING, print, "x")
-    assert str(e.value) == (f"{tmp_path}/checkpoints/step_00000002: --resume with changed settings that alter the "
-                            f"run (--lr {cfg.lr * 2!r} -> {cfg.lr!r}); pass the checkpoint's values or start a new "
-                            "run with another --out")
+    assert str(e.value) == (f"{tmp_path}/checkpoints/step_00000002: --resume with changed settings "
+                            f"that alter the run (--lr {cfg.lr * 2!r} -> {cfg.lr!r}); pass the checkpoint's "
+                            "values or start a new run with another --out")
     notes = []
     (tmp_path / "checkpoints" / "step_00000002" / "extra.json").unlink()
     _checkpoint(tmp_path / "b", asdict(cfg) | {"steps": 3})
-    T.check_resumed_config(mod.Config(out=str(tmp_path / "b"), resume=True), mod.RESUME_ALTERING, notes.append, "x")
+    T.check_resumed_config(mod.Config(out=str(tmp_path / "b"), resume=True), mod.RESUME_ALTERING,
+                           notes.append, "x")
     assert notes == [f"[x] note: resuming {tmp_path}/b/checkpoints/step_00000002 with changed settings "
                      f"(--steps 3 -> {cfg.steps!r})"]
 
@@ -204,7 +209,8 @@ def test_bigbench_download_shows_progress_and_checks_its_hash(tmp_path, monkeypa
     def urlopen(request, timeout):
         url = request if isinstance(request, str) else request.full_url
         if url == "https://pypi.org/simple/bigbench/":
-            files = [{"filename": "bigbench-1.0.0.tar.gz", "url": "https://files.example/bigbench-1.0.0.tar.gz",
+            files = [{"filename": "bigbench-1.0.0.tar.gz",
+                      "url": "https://files.example/bigbench-1.0.0.tar.gz",
                       "hashes": {"sha256": hashlib.sha256(payload).hexdigest()}}]
             return Response(json.dumps({"files": files}).encode())
         return Response(served["archive"])

@@ -100,7 +100,8 @@ def test_limit_counts_only_the_requested_problems(tmp_path, monkeypatch):
 
 def test_one_reader_of_data_files_names_the_file(tmp_path):
     """cli.read_records is the one reader of a user's data files (evaluate, retention, train_rl and analyze
-    go through it): rows with their file and number, and a DataError naming the file for what it cannot read."""
+    go through it): rows with their file and number, and a DataError naming the file for what it cannot
+    read."""
     import analyze as A
     good = tmp_path / "good.jsonl"
     good.write_text('{"text": "a"}\n\n{"text": "b", "n": 2}\n')
@@ -127,7 +128,8 @@ def test_one_reader_of_data_files_names_the_file(tmp_path):
 # The layers of the project, lowest first: a file imports (at module level) only files of lower layers, so a
 # user copying one file takes only what is below it. kernels/, cli.py and tokenizer.py import nothing of it.
 LAYERS = {"kernels": 0, "cli": 0, "tokenizer": 0, "graders": 1, "gguf_convert": 1, "mamba": 1, "model": 2,
-          "generate": 3, "train_mid": 4, "evaluate": 4, "retention": 5, "train_rl": 5, "analyze": 5, "study": 6}
+          "generate": 3, "train_mid": 4, "evaluate": 4, "retention": 5, "train_rl": 5, "analyze": 5,
+          "study": 6}
 # the imports made inside a function, each with its reason
 LAZY_UPWARD = {("model", "generate"): "model.generate and `python model.py` are generate.py's, loaded on use"}
 
@@ -161,8 +163,8 @@ def test_imports_go_one_way():
 
 
 def test_importing_model_leaves_tokenizer_and_gguf_unloaded():
-    """`import model` costs the model's own code: the tokenizer (tiktoken), the GGUF conversion and generate.py
-    load when first used."""
+    """`import model` costs the model's own code: the tokenizer (tiktoken), the GGUF conversion and
+    generate.py load when first used."""
     code = ("import sys, model\n"
             "print(sorted(m for m in ('tiktoken', 'gguf', 'tokenizer', 'gguf_convert', 'generate', 'graders')"
             " if m in sys.modules))\n"

@@ -43,12 +43,12 @@ def tiny(family: str, seed: int = 0):
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if family == "llama":
         return transformers.LlamaConfig(**common, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                        tie_word_embeddings=False)
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=512, tie_word_embeddings=False)
     return transformers.NemotronHConfig(  # hybrid: Mamba2 + attention + MLP layers
-        **common, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,
-        mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=6, n_groups=2, chunk_size=8, layer_norm_epsilon=1e-5,
-        time_step_min=0.01, max_position_embeddings=512,
+        **common, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=48, mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=6, n_groups=2, chunk_size=8,
+        layer_norm_epsilon=1e-5, time_step_min=0.01, max_position_embeddings=512,
         layers_block_type=["linear_attention", "full_attention", "linear_attention", "mlp"])
 
 
@@ -66,17 +66,21 @@ def pair(request, tmp_path_factory):
 
 
 def hf_logprob(hf, ctx, cont) -> float:
-    """The direct computation: one forward of context + continuation, summed log-softmax of the continuation."""
+    """The direct computation: one forward of context + continuation, summed log-softmax of the
+    continuation."""
     with torch.no_grad():
         lp = hf(torch.tensor([ctx + cont])).logits[0].double().log_softmax(-1)
     return sum(lp[len(ctx) - 1 + k, t].item() for k, t in enumerate(cont))
 
 
-ITEMS = [  # shared contexts of different lengths, multi-token choices, a Winogrande-style item, an empty context
-    R._mc_item("q1", ["Question: Which toy floats?\nAnswer:"], [" a cork", " a stone", " a very heavy iron anvil"],
+# shared contexts of different lengths, multi-token choices, a Winogrande-style item, an empty context
+ITEMS = [
+    R._mc_item("q1", ["Question: Which toy floats?\nAnswer:"],
+               [" a cork", " a stone", " a very heavy iron anvil"],
                0, ["a cork", "a stone", "a very heavy iron anvil"]),
     R._mc_item("q2", ["Short"], [" x", " yy"], 1, ["x", "yy"]),
-    R._mc_item("q3", ["The trophy does not fit because the trophy", "The trophy does not fit because the case"],
+    R._mc_item("q3", ["The trophy does not fit because the trophy",
+                      "The trophy does not fit because the case"],
                [" is too big."], 0, ["trophy", "case"]),
     R._mc_item("q4", [""], ["Red apples", "Blue apples"], 0, ["Red apples", "Blue apples"]),
     R._mc_item("q5", ["Context ending in a space: "], ["yes", "no"], 1, ["yes", "no"]),
@@ -107,8 +111,10 @@ def test_encode_pair_and_normalisation():
     out = R.mc_outcome(item, [-2.0, -8.0])  # raw: choice 0; per character: -2 vs -1 -> choice 1
     assert (out["pred"], out["pred_norm"], out["correct"], out["correct_norm"]) == (0, 1, 0.0, 1.0)
     scored = R._mc_item("s", ["Q:"], [" a", " b", " c"], 0, ["a", "b", "c"], [1.0, 0.0, 1.0])
-    assert R.mc_outcome(scored, [-5.0, -4.0, -1.0])["correct"] == 1.0  # BIG-bench: the target score of the pick
-    recs = [{"task": "arc_easy", "kind": "mc", "correct": c, "correct_norm": n} for c, n in ((1, 1), (0, 1), (0, 0), (1, 1))]
+    # BIG-bench: the target score of the pick
+    assert R.mc_outcome(scored, [-5.0, -4.0, -1.0])["correct"] == 1.0
+    recs = [{"task": "arc_easy", "kind": "mc", "correct": c, "correct_norm": n}
+            for c, n in ((1, 1), (0, 1), (0, 0), (1, 1))]
     res = R.summarize_retention(recs)["arc_easy"]
     assert res["metric"] == "acc_norm" and res["acc"] == 50 and res["acc_norm"] == 75 and res["score"] == 75
     assert res["acc_se"] == pytest.approx(100 * math.sqrt(1 / 3 / 4))
@@ -120,12 +126,14 @@ def test_loaders_in_real_schemas():
     assert len(items) == 3 and src.endswith("mmlu")
     ctx = items[0]["contexts"][0]
     assert ctx.startswith("The following are multiple choice questions (with answers) about astronomy.\n\n")
-    assert ctx.count("Toy astronomy dev question") == 5 and "dev question 5" not in ctx  # first 5 of the subject
+    # first 5 of the subject
+    assert ctx.count("Toy astronomy dev question") == 5 and "dev question 5" not in ctx
     assert "Toy astronomy dev question 0?\nA. a0\nB. b0\nC. c0\nD. d0\nAnswer: A\n\n" in ctx
-    assert ctx.endswith("Which planet in this toy question is called the red one?\nA. Venus\nB. Mars\nC. Jupiter\n"
-                        "D. Saturn\nAnswer:")
+    assert ctx.endswith("Which planet in this toy question is called the red one?\nA. Venus\nB. Mars\n"
+                        "C. Jupiter\nD. Saturn\nAnswer:")
     assert items[0]["continuations"] == [" A", " B", " C", " D"] and items[0]["gold"] == 1
-    assert "virology" in items[1]["contexts"][0] and "\nA toy virus has how many legs?\nA. none" in items[1]["contexts"][0]
+    assert ("virology" in items[1]["contexts"][0]
+            and "\nA toy virus has how many legs?\nA. none" in items[1]["contexts"][0])
     assert "dev question" not in items[2]["contexts"][0]  # no dev examples of that subject
     zero, _ = R.load_mc_task("mmlu", R.Config(num_fewshot=0), DATA / "mmlu")
     assert "dev question" not in zero[0]["contexts"][0]
@@ -138,7 +146,8 @@ def test_loaders_in_real_schemas():
 
     hs, _ = R.load_mc_task("hellaswag", cfg, DATA / "hellaswag.jsonl")
     assert hs[0]["contexts"] == ["Toy making: A person holds a small toy boat. They"]
-    assert hs[0]["continuations"][1] == " eat the boat. quickly." and hs[0]["continuations"][3] == " fold it into a plane."
+    assert (hs[0]["continuations"][1] == " eat the boat. quickly."
+            and hs[0]["continuations"][3] == " fold it into a plane.")
     assert hs[1]["gold"] == 1
 
     wg, _ = R.load_mc_task("winogrande", cfg, DATA / "winogrande.jsonl")  # partial scoring
@@ -152,14 +161,17 @@ def test_loaders_in_real_schemas():
     shot, _ = R.load_mc_task("piqa", R.Config(num_fewshot=1, seed=3), DATA / "piqa.jsonl")
     again, _ = R.load_mc_task("piqa", R.Config(num_fewshot=1, seed=3), DATA / "piqa.jsonl")
     assert shot[0]["contexts"] == again[0]["contexts"]  # fixed seed
-    assert shot[0]["contexts"][0].startswith("Question: How do you make a toy drum?\nAnswer: Stretch paper over an empty can.\n\n")
+    assert shot[0]["contexts"][0].startswith("Question: How do you make a toy drum?\n"
+                                             "Answer: Stretch paper over an empty can.\n\n")
 
 
 def test_bad_input_names_file_and_field():
     cfg = R.Config()
-    with pytest.raises(R.DataError, match=r"mmlu_bad_one_choice.jsonl: record 2: field 'choices' has 1 choice"):
+    with pytest.raises(R.DataError,
+                       match=r"mmlu_bad_one_choice.jsonl: record 2: field 'choices' has 1 choice"):
         R.load_mc_task("mmlu", cfg, DATA / "mmlu_bad_one_choice.jsonl")
-    with pytest.raises(R.DataError, match=r"winogrande_bad_schema.jsonl: record 1: field 'sentence' must hold"):
+    with pytest.raises(R.DataError,
+                       match=r"winogrande_bad_schema.jsonl: record 1: field 'sentence' must hold"):
         R.load_mc_task("winogrande", cfg, DATA / "winogrande_bad_schema.jsonl")
     with pytest.raises(R.DataError, match=r"arc_bad_schema.jsonl: record 1: missing field 'answerKey'"):
         R.load_mc_task("arc_easy", cfg, DATA / "arc_bad_schema.jsonl")
@@ -167,7 +179,8 @@ def test_bad_input_names_file_and_field():
         R.load_mc_task("winogrande", cfg, DATA / "piqa.jsonl")  # a file in another task's schema
     with pytest.raises(R.DataError, match="unknown task 'mmlux'"):
         R.expand_tasks(R.Config(tasks="mmlu,mmlux"))
-    assert R.expand_tasks(R.Config(tasks="general,gsm8k", ppl="web=x/*.bin")) == list(R.MC_TASKS) + ["gsm8k", "ppl:web=x/*.bin"]
+    assert (R.expand_tasks(R.Config(tasks="general,gsm8k", ppl="web=x/*.bin"))
+            == list(R.MC_TASKS) + ["gsm8k", "ppl:web=x/*.bin"])
     assert len(R.expand_tasks(R.Config(tasks="bbl"))) == 18 and len(R.BBL_TASKS) == 24
 
 
@@ -176,12 +189,14 @@ def test_bigbench_formatting_real_schema():
     items = R.bigbench_task_items(task, "toy")
     assert len(items) == 3  # the duplicate example is dropped, as BIG-bench does
     ctx = items[1]["contexts"][0]
-    assert ctx.startswith("Answer the toy questions.\n\nQ: Which toy is red?\n  choice: ") and ctx.endswith("\nA: ")
+    assert (ctx.startswith("Answer the toy questions.\n\nQ: Which toy is red?\n  choice: ")
+            and ctx.endswith("\nA: "))
     assert sorted(ctx[:-len("\nA: ")].split("\n  choice: ")[1:]) == ["the apple", "the cherry", "the sea"]
     assert items[1]["scores"] == [1.0, 0.0, 1.0] and items[1]["continuations"] == items[1]["choices"]
     assert R.bigbench_task_items(task, "toy")[1]["contexts"] == [ctx]  # fixed permutation (seed 42)
     two = R.bigbench_task_items(task, "toy", shots=2)
-    assert two[0]["contexts"][0].count("\nA: ") == 3 and two[0]["contexts"][0].startswith("Answer the toy questions.\n")
+    assert (two[0]["contexts"][0].count("\nA: ") == 3
+            and two[0]["contexts"][0].startswith("Answer the toy questions.\n"))
     bad = dict(task, examples=[{"input": "x", "target_scores": {"only": 1}}])
     with pytest.raises(R.DataError, match=r"toy: examples\[0\]: field 'target_scores' has 1 choice"):
         R.bigbench_task_items(bad, "toy")
@@ -204,12 +219,14 @@ def test_bigbench_from_the_real_archive(archive):
     emoji = R.bigbench_items("emoji_movie", cfg)
     assert len(emoji) == 100 and all(len(it["choices"]) == 5 for it in emoji)
     assert emoji[0]["contexts"][0].startswith("\nQ: What movie does this emoji describe?")
-    assert emoji[0]["contexts"][0].endswith("\nA: ") and emoji[0]["choices"][emoji[0]["gold"]] == "finding nemo"
+    assert (emoji[0]["contexts"][0].endswith("\nA: ")
+            and emoji[0]["choices"][emoji[0]["gold"]] == "finding nemo")
     ld = R.bigbench_items("logical_deduction", cfg)
     assert len(ld) == 1500 and {it["id"].split("/")[0] for it in ld[:3]} == {
         "five_objects", "seven_objects", "three_objects"}  # subtasks interleaved
     assert ld[0]["contexts"][0].startswith("The following paragraphs each describe a set of")
-    with pytest.raises(R.DataError, match=r"auto_debugging/task.json: examples\[0\]: no field 'target_scores'"):
+    with pytest.raises(R.DataError,
+                       match=r"auto_debugging/task.json: examples\[0\]: no field 'target_scores'"):
         R.bigbench_items("auto_debugging", cfg)
     with pytest.raises(R.DataError, match="no BIG-bench task 'no_such_task'"):
         R.read_bigbench(["no_such_task"], archive)
@@ -248,7 +265,8 @@ def test_perplexity_shards_and_windows(pair, tmp_path):
             for x, d in zip(full, docs)]
     res = R.summarize_retention(recs)["ppl:web"]
     assert res["score"] == pytest.approx(sum(full) / (math.log(2) * sum(len(t) for t in texts)))
-    assert res["loss"] == pytest.approx(sum(full) / sum(len(d["ids"]) for d in docs)) and res["lower_is_better"]
+    assert (res["loss"] == pytest.approx(sum(full) / sum(len(d["ids"]) for d in docs))
+            and res["lower_is_better"])
     (tmp_path / "bad.bin").write_bytes(b"12345")
     with pytest.raises(R.DataError, match="bad.bin: size 5 is not a multiple of 4"):
         R.ppl_documents(str(tmp_path / "bad.bin"), tok)
@@ -302,8 +320,8 @@ def test_runner_mc_ppl_ruler_errors_and_resume(pair, tmp_path, monkeypatch):
     current = {}
 
     def gold_generate(model, prompts, *, max_new_tokens, temperature, top_p, stop_ids, seed, progress):
-        return [GEN.Sample(tok.encode(" ".join(current["answers"][bytes(i - 3 for i in p).decode()]))[:max_new_tokens]
-                         + [2], []) for p in prompts]
+        return [GEN.Sample(tok.encode(" ".join(current["answers"][bytes(i - 3 for i in p).decode()]))
+                           [:max_new_tokens] + [2], []) for p in prompts]
     real_item = R.ruler_item
 
     def item(*a, **k):
@@ -314,7 +332,8 @@ def test_runner_mc_ppl_ruler_errors_and_resume(pair, tmp_path, monkeypatch):
     monkeypatch.setattr(R, "ruler_item", item)
     cfg = R.Config(tasks="mmlu,arc_easy,winogrande,piqa,hellaswag,ruler_niah_single,ruler_vt",
                    data=f"mmlu={DATA / 'mmlu'},arc_easy={DATA / 'arc_easy.jsonl'},winogrande="
-                        f"{DATA / 'winogrande_bad_schema.jsonl'},piqa={DATA / 'piqa.jsonl'},hellaswag={DATA / 'hellaswag.jsonl'}",
+                        f"{DATA / 'winogrande_bad_schema.jsonl'},piqa={DATA / 'piqa.jsonl'},"
+                        f"hellaswag={DATA / 'hellaswag.jsonl'}",
                    ppl=f"web={tmp_path / 'web.jsonl'}", max_length=480, ruler_samples=2, chat=False,
                    out=str(tmp_path / "eval"), progress=False)
     res = R.evaluate(cfg, model=ours, tokenizer=tok)
@@ -330,8 +349,9 @@ def test_runner_mc_ppl_ruler_errors_and_resume(pair, tmp_path, monkeypatch):
     md = (tmp_path / "eval" / "results.md").read_text()
     assert "| winogrande | error:" in md and "| ppl:web |" in md
     # too long for the model (512 positions): an error for that length, the rest goes on
-    long = R.evaluate(R.Config(tasks="ruler_niah_single,piqa", data=f"piqa={DATA / 'piqa.jsonl'}", max_length=8192,
-                               out=str(tmp_path / "long"), progress=False, chat=False), model=ours, tokenizer=tok)
+    long = R.evaluate(R.Config(tasks="ruler_niah_single,piqa", data=f"piqa={DATA / 'piqa.jsonl'}",
+                               max_length=8192, out=str(tmp_path / "long"), progress=False, chat=False),
+                      model=ours, tokenizer=tok)
     assert "max_position_embeddings" in long["ruler_niah_single@8192"]["error"] and long["piqa"]["n"] == 2
     # resume: nothing is scored again
     monkeypatch.setattr(R, "score_mc_items", lambda *a, **k: pytest.fail("resumed items were scored again"))
@@ -347,8 +367,8 @@ def test_retention_report(pair, tmp_path):
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    (tmp_path / "code.jsonl").write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n"
-                                                 for i in range(3)))
+    (tmp_path / "code.jsonl").write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"})
+                                                 + "\n" for i in range(3)))
     loaded = {"base": ours, "mid": other}
     cfg = R.Config(models="base=ckpt/base,mid=ckpt/mid", tasks="arc_challenge,piqa",
                    data=f"arc_challenge={DATA / 'arc_challenge.jsonl'},piqa={DATA / 'piqa.jsonl'}",
@@ -361,7 +381,8 @@ def test_retention_report(pair, tmp_path):
     assert set(rows) == {"arc_challenge", "piqa", "General", "ppl:code"}
     assert rows["ppl:code"]["group"] == "Perplexity" and rows["piqa"]["group"] == "General"
     r = rows["ppl:code"]
-    assert r["delta"][0] == 0 and r["delta"][1] == pytest.approx(r["values"][1]["score"] - r["values"][0]["score"])
+    assert (r["delta"][0] == 0
+            and r["delta"][1] == pytest.approx(r["values"][1]["score"] - r["values"][0]["score"]))
     md = (out / "retention.md").read_text()
     assert "| group | task | metric | base | mid | Δ mid |" in md and "bits/byte (lower is better)" in md
     assert rep["models"][1]["label"] == "mid"
@@ -370,7 +391,8 @@ def test_retention_report(pair, tmp_path):
         assert (out / "retention.png").stat().st_size > 1000
     except ImportError:
         pass
-    assert R.parse_models("a/b/base,a/c/base,x=y") == [("base", "a/b/base"), ("base-2", "a/c/base"), ("x", "y")]
+    assert (R.parse_models("a/b/base,a/c/base,x=y")
+            == [("base", "a/b/base"), ("base-2", "a/c/base"), ("x", "y")])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,7 +417,8 @@ def test_smollm2_bigbench_and_needle(smollm2, archive, tmp_path):
         assert res[t]["n"] == 4 and 0 <= res[t]["score"] <= 100
     assert res["BIG-bench"]["n"] == 12
     # one 4k item (about a minute on one busy CPU core); SmolLM2-135M-Instruct finds this needle
-    cfg = R.Config(tasks="ruler_niah_single", ruler_samples=1, max_length=4096, out=str(tmp_path / "r"), progress=False)
+    cfg = R.Config(tasks="ruler_niah_single", ruler_samples=1, max_length=4096, out=str(tmp_path / "r"),
+                   progress=False)
     res = R.evaluate(cfg, model=model, tokenizer=tok)
     assert res["ruler_niah_single@4096"]["n"] == 1
     [rec] = [json.loads(x) for x in (tmp_path / "r" / "samples.jsonl").read_text().splitlines()]
@@ -406,7 +429,8 @@ def test_smollm2_data_parallel_torchrun(smollm2, tmp_path):
     """torchrun with 2 ranks (gloo) shards multiple-choice items and gathers them through the files: the same
     log-probs as one process."""
     model, tok = smollm2
-    args = ["--tasks", "arc_challenge,piqa", "--data", f"arc_challenge={DATA / 'arc_challenge.jsonl'},piqa={DATA / 'piqa.jsonl'}",
+    args = ["--tasks", "arc_challenge,piqa",
+            "--data", f"arc_challenge={DATA / 'arc_challenge.jsonl'},piqa={DATA / 'piqa.jsonl'}",
             "--progress", "false", "--device", "cpu"]
     one = R.evaluate(R.parse_args(args + ["--out", str(tmp_path / "one")]), model=model, tokenizer=tok)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -417,8 +441,10 @@ def test_smollm2_data_parallel_torchrun(smollm2, tmp_path):
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["arc_challenge"]["n"] == 2 and two["piqa"]["n"] == 2
     assert two["piqa"]["acc"] == one["piqa"]["acc"]
-    a = {(x["task"], x["problem_id"]): x["logprobs"] for x in map(json.loads, (tmp_path / "one" / "samples.jsonl").read_text().splitlines())}
-    b = {(x["task"], x["problem_id"]): x["logprobs"] for x in map(json.loads, (tmp_path / "two" / "samples.jsonl").read_text().splitlines())}
+    a = {(x["task"], x["problem_id"]): x["logprobs"]
+         for x in map(json.loads, (tmp_path / "one" / "samples.jsonl").read_text().splitlines())}
+    b = {(x["task"], x["problem_id"]): x["logprobs"]
+         for x in map(json.loads, (tmp_path / "two" / "samples.jsonl").read_text().splitlines())}
     assert a.keys() == b.keys() and all(x == pytest.approx(b[k], abs=1e-3) for k, x in a.items())
     assert not list((tmp_path / "two").glob("samples.rank*.jsonl"))
 
@@ -438,7 +464,8 @@ class _Bytes:
 
 
 @pytest.mark.parametrize("context,continuation,want_ctx,want_cont", [
-    # lm-eval's _encode_pair: n_spaces = len(context) - len(context.rstrip()); that tail leads the continuation
+    # lm-eval's _encode_pair: n_spaces = len(context) - len(context.rstrip()); that tail leads the
+    # continuation
     ("Answer:\n", "yes", "Answer:", "\nyes"),
     ("Answer:\n ", "yes", "Answer:", "\n yes"),
     ("Answer: \t\n", " yes", "Answer:", " \t\n yes"),

@@ -31,15 +31,19 @@ SPECIALS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 def write_tiny_tokenizer(folder: Path):
     """Byte-level BPE, 16 ids: 0-9 digits, 10 space, 11 newline, 12-15 the special tokens; EOS <|im_end|>."""
-    vocab = {c: i for i, c in enumerate("0123456789")} | {"Ġ": 10, "Ċ": 11} | {s: 12 + i for i, s in enumerate(SPECIALS)}
+    vocab = ({c: i for i, c in enumerate("0123456789")} | {"Ġ": 10, "Ċ": 11}
+             | {s: 12 + i for i, s in enumerate(SPECIALS)})
     spec = {"version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
-            "added_tokens": [{"id": 12 + i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True} for i, s in enumerate(SPECIALS)],
-            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "added_tokens": [{"id": 12 + i, "content": s, "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": True}
+                             for i, s in enumerate(SPECIALS)],
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                              "use_regex": True},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                        "use_regex": True},
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                      "vocab": vocab, "merges": []}}
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": False, "vocab": vocab, "merges": []}}
     (folder / "tokenizer.json").write_text(json.dumps(spec))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "eos_token": "<|im_end|>", "bos_token": None,
@@ -51,13 +55,14 @@ def make_tiny(folder: Path, kind: str = "llama", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     common = dict(vocab_size=16, hidden_size=32, bos_token_id=None, eos_token_id=13, pad_token_id=0)
     if kind == "llama":
-        cfg = transformers.LlamaConfig(**common, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+        cfg = transformers.LlamaConfig(**common, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=128, tie_word_embeddings=True)
     else:  # a Nemotron-H hybrid: Mamba2, attention and MLP layers
         cfg = transformers.NemotronHConfig(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                            intermediate_size=48, mamba_num_heads=8, mamba_head_dim=8,
-                                           ssm_state_size=6, n_groups=2, chunk_size=8, layer_norm_epsilon=1e-5,
-                                           time_step_min=0.01,
+                                           ssm_state_size=6, n_groups=2, chunk_size=8,
+                                           layer_norm_epsilon=1e-5, time_step_min=0.01,
                                            layers_block_type=["linear_attention", "full_attention", "mlp"])
     hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,7 +87,8 @@ def digits(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def clean_dist_env(monkeypatch):
-    """setup_distributed writes RANK/WORLD_SIZE/MASTER_PORT for a one-process group; start every test without."""
+    """setup_distributed writes RANK/WORLD_SIZE/MASTER_PORT for a one-process group; start every test
+    without."""
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
     yield
@@ -91,8 +97,9 @@ def clean_dist_env(monkeypatch):
 
 
 def tiny_cfg(model, prompts, out, **kw):
-    base = dict(model=str(model), prompts=str(prompts), out=str(out), system_prompt="", example_user="", max_new_tokens=4,
-                steps=2, group_size=8, prompts_per_step=4, lr=1e-2, format_bonus=0.5, gen_batch=64)
+    base = dict(model=str(model), prompts=str(prompts), out=str(out), system_prompt="", example_user="",
+                max_new_tokens=4, steps=2, group_size=8, prompts_per_step=4, lr=1e-2, format_bonus=0.5,
+                gen_batch=64)
     return R.Config(**{**base, **kw})
 
 
@@ -113,8 +120,8 @@ def test_loss_by_hand():
     logp_gen = logp_old - torch.log(torch.tensor([1.0, 1.0, 1.5, 0.8, 3.0]))  # pi_old / pi_gen
     logp = (logp_old + torch.log(rho)).requires_grad_()
     logp_ref = logp.detach() + torch.tensor([0.1, -0.2, 0.0, 0.3, -0.1])
-    loss, diag = R.grpo_token_loss(logp, logp_old, logp_gen, logp_ref, adv, eps_low=eps_low, eps_high=eps_high,
-                                   beta=beta, is_cap=C)
+    loss, diag = R.grpo_token_loss(logp, logp_old, logp_gen, logp_ref, adv, eps_low=eps_low,
+                                   eps_high=eps_high, beta=beta, is_cap=C)
     w = [1.0, 1.0, 1.5, 0.8, 2.0]
     pg = [-w[0] * 1.1 * 1.0,           # rho inside [0.8, 1.28]: unclipped
           -w[1] * 1.28 * 2.0,          # A > 0, rho > 1 + eps_high: clipped at 1.28
@@ -128,7 +135,8 @@ def test_loss_by_hand():
     assert diag["clip_high"].tolist() == [False, True, False, False, False]
     assert diag["clip_low"].tolist() == [False, False, True, False, False]
     assert torch.allclose(diag["is_weight"], torch.tensor(w), atol=1e-5)
-    # gradients: d/dlogp of -w rho A is -w rho A where unclipped, 0 where clipped; of beta k3 is beta (1 - e^q)
+    # gradients: d/dlogp of -w rho A is -w rho A where unclipped, 0 where clipped; of beta k3 is
+    # beta (1 - e^q)
     loss.sum().backward()
     dpg = [-w[0] * 1.1 * 1.0, 0.0, 0.0, -w[3] * 1.5 * -1.0, -w[4] * 1.0 * 0.5]
     dkl = [beta * (1 - math.exp(x)) for x in q]
@@ -143,11 +151,13 @@ def test_token_level_normalisation_and_dr_grpo():
     # the loss of a group is (1 / sum_j |o_j|) sum over its tokens: a per-token loss of 1 gives 1 per group
     total = sum(L * x for L, x in zip(lengths, w))
     assert total == pytest.approx(1.0)
-    # batch (open-instruct, the default): 1 / (trained tokens of the minibatch on all ranks), here 11 + 9 elsewhere
+    # batch (open-instruct, the default): 1 / (trained tokens of the minibatch on all ranks), here 11 + 9
+    # elsewhere
     assert R.Config().loss_norm == "batch"
     b = R.sequence_weights(lengths, groups, norm="batch", n_groups=2, n_tokens=20)
     assert b == pytest.approx([1 / 20] * 5 + [0.0])
-    # Dr.GRPO: the constant 1 / (n_groups x G x max_new_tokens), however many responses of a group were dropped
+    # Dr.GRPO: the constant 1 / (n_groups x G x max_new_tokens), however many responses of a group were
+    # dropped
     dr = R.sequence_weights(lengths, groups, norm="dr_grpo", n_groups=2, group_size=4, max_len=8)
     assert dr == pytest.approx([1 / (2 * 4 * 8)] * 5 + [0.0])
     # grpo_loss sums weight x per-token loss; weight 0 tokens contribute nothing even if NaN
@@ -168,7 +178,8 @@ def test_k3_log_ratio_is_clamped():
     assert loss.tolist() == pytest.approx([0.1 * (math.exp(x) - x - 1) for x in q], rel=1e-5)
     assert diag["kl_clamped"].tolist() == [True, False, True]
     loss.sum().backward()
-    assert torch.isfinite(logp.grad).all() and logp.grad[1] == pytest.approx(0.1 * (1 - math.exp(-0.2)), rel=1e-5)
+    assert (torch.isfinite(logp.grad).all()
+            and logp.grad[1] == pytest.approx(0.1 * (1 - math.exp(-0.2)), rel=1e-5))
 
 
 def test_top_p_with_truncated_is_is_refused():
@@ -183,7 +194,8 @@ def test_top_p_with_truncated_is_is_refused():
 def test_advantages_and_zero_variance_groups():
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 2.0]])
     adv, varied = R.group_advantages(r, eta=1e-6)
-    std0 = math.sqrt(sum((x - 0.5) ** 2 for x in [1, 0, 0, 1]) / 4)  # population std (ddof 0), as open-instruct
+    # population std (ddof 0), as open-instruct
+    std0 = math.sqrt(sum((x - 0.5) ** 2 for x in [1, 0, 0, 1]) / 4)
     assert adv[0].tolist() == pytest.approx([0.5 / std0, -0.5 / std0, -0.5 / std0, 0.5 / std0], rel=1e-5)
     assert adv[1].tolist() == [0.0] * 4
     std2 = math.sqrt((3 * 0.5 ** 2 + 1.5 ** 2) / 4)
@@ -257,7 +269,8 @@ def test_prompt_loaders_real_schemas(tmp_path):
          "reward_model": {"ground_truth": json.dumps({"inputs": [[1, 2]], "outputs": [3], "fn_name": "add"}),
                           "style": "rule"}},
         {"data_source": "codeforces", "prompt": [{"role": "user", "content": "Sum."}], "ability": "code",
-         "reward_model": {"ground_truth": json.dumps({"inputs": ["1 2\n"], "outputs": ["3\n"]}), "style": "rule"}},
+         "reward_model": {"ground_truth": json.dumps({"inputs": ["1 2\n"], "outputs": ["3\n"]}),
+                          "style": "rule"}},
     ]) + "\n")
     logs = []
     probs = R.load_prompts(f"{ours},{deepscaler},{skywork}", log=logs.append)
@@ -281,9 +294,10 @@ def test_demo_task_and_template(tiny):
     tok = M.load_tokenizer(str(tiny))
     text = R.prompt_text({"prompt": "7", "domain": "math"}, tok, R.Config(system_prompt="", example_user=""))
     assert text == "<|im_start|>7<|im_end|><|im_start|><think>\n"
-    text = R.prompt_text({"prompt": "7", "domain": "math"}, tok, R.Config(system_prompt="", example_user="1",
-                                                                          example_answer="<think> 1 </think> 1"))
-    assert text == "<|im_start|>1<|im_end|><|im_start|><think> 1 </think> 1<|im_end|><|im_start|>7<|im_end|><|im_start|><think>\n"
+    text = R.prompt_text({"prompt": "7", "domain": "math"}, tok,
+                         R.Config(system_prompt="", example_user="1", example_answer="<think> 1 </think> 1"))
+    assert text == ("<|im_start|>1<|im_end|><|im_start|><think> 1 </think> 1<|im_end|><|im_start|>7<|im_end|>"
+                    "<|im_start|><think>\n")
     # the prompts of a step are a function of the step: resume sees the same ones
     a = R.step_problems(train, 3, 4, seed=1)
     assert a == R.step_problems(train, 3, 4, seed=1) and a != R.step_problems(train, 4, 4, seed=1)
@@ -298,7 +312,8 @@ def test_trainer_logprobs_equal_sampler(tiny):
     prompts = [[12, 3, 13, 12, 14, 11], [12, 7, 7, 13, 12, 14, 11], [12, 1, 13]]
     for temperature in (1.0, 0.7):
         samples = GEN.generate(model, prompts, max_new_tokens=6, temperature=temperature, seed=3)
-        seqs = [R.Sequence(p, s.tokens, s.logprobs, 1.0, 1.0, i) for i, (p, s) in enumerate(zip(prompts, samples))]
+        seqs = [R.Sequence(p, s.tokens, s.logprobs, 1.0, 1.0, i)
+                for i, (p, s) in enumerate(zip(prompts, samples))]
         rows = R.pack_rows(seqs, row_tokens=64)  # all three packed into one row
         assert rows["input_ids"].shape[0] == 1
         with torch.no_grad():
@@ -314,7 +329,8 @@ def test_nan_logprobs_take_responses_out_of_the_loss():
             out = torch.zeros(labels.shape)
             out[rows["seq"] == 1] = float("nan")
             return out
-    seqs = [R.Sequence([1, 2], [3, 4], [-0.1, -0.2], 1.0, 0.5, 0), R.Sequence([1], [5, 6], [-0.3, -0.4], -1.0, 0.5, 0)]
+    seqs = [R.Sequence([1, 2], [3, 4], [-0.1, -0.2], 1.0, 0.5, 0),
+            R.Sequence([1], [5, 6], [-0.3, -0.4], -1.0, 0.5, 0)]
     rows = R.pack_rows(seqs, 64)
     d = type("D", (), {"device": torch.device("cpu")})()
     n = R._old_and_ref(Stub(), Stub(), rows, d, R.Config(), old=True)
@@ -324,12 +340,14 @@ def test_nan_logprobs_take_responses_out_of_the_loss():
 
 
 def test_pack_rows_layout():
-    seqs = [R.Sequence([1, 2, 3], [4, 5], [-1.0, -2.0], 0.5, 0.1, 0), R.Sequence([6], [7], [-3.0], -0.5, 0.2, 1)]
+    seqs = [R.Sequence([1, 2, 3], [4, 5], [-1.0, -2.0], 0.5, 0.1, 0),
+            R.Sequence([6], [7], [-3.0], -0.5, 0.2, 1)]
     t = R.pack_rows(seqs, row_tokens=5)  # 5 + 2 tokens: two rows
     assert t["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]]
     assert t["doc_ids"].tolist() == [[0, 0, 0, 0, 0], [0, 0, -1, -1, -1]]
     assert t["labels"].tolist() == [[-100, -100, 4, 5, -100], [7, -100, -100, -100, -100]]
-    assert t["gen"][0, 2:4].tolist() == [-1.0, -2.0] and t["adv"][1, 0] == -0.5 and t["weight"][1, 0] == pytest.approx(0.2)
+    assert (t["gen"][0, 2:4].tolist() == [-1.0, -2.0] and t["adv"][1, 0] == -0.5
+            and t["weight"][1, 0] == pytest.approx(0.2))
     t2 = R.pack_rows(seqs, row_tokens=64)
     assert t2["doc_ids"].tolist() == [[0, 0, 0, 0, 0, 1, 1]] and t2["labels"][0, 5] == 7
 
@@ -349,11 +367,13 @@ def test_tiny_model_learns_trivial_task(tiny, digits, tmp_path):
     assert after["format"] > before["format"] + 0.2, (before, after)
     recs = read_metrics(tmp_path / "learn")
     assert [r["step"] for r in recs] == list(range(1, 13))
-    for key in ("reward", "response_len", "kl", "entropy", "clip_frac", "is_weight_mean", "grad_norm", "gen_tok_s",
-                "train_tok_s", "reward/format", "reward/stop", "accuracy/math", "groups_dropped", "memory_gb"):
+    for key in ("reward", "response_len", "kl", "entropy", "clip_frac", "is_weight_mean", "grad_norm",
+                "gen_tok_s", "train_tok_s", "reward/format", "reward/stop", "accuracy/math", "groups_dropped",
+                "memory_gb"):
         assert key in recs[0], key
     assert all(0 < r["memory_gb"] < 1e3 for r in recs)  # peak RSS on CPU, finite
-    assert (tmp_path / "learn" / "hf" / "model.safetensors").is_file() and (tmp_path / "learn" / "rl.png").is_file()
+    assert ((tmp_path / "learn" / "hf" / "model.safetensors").is_file()
+            and (tmp_path / "learn" / "rl.png").is_file())
     M.load_model(str(tmp_path / "learn" / "hf"), dtype=torch.float32)
 
 
@@ -411,8 +431,9 @@ def test_all_equal_rewards_are_not_a_silent_update(tiny, digits, tmp_path):
 
 
 def test_graded_reward_decides_the_filter(tiny, tmp_path):
-    """Unreachable answer, no format bonus, a stop penalty: total rewards differ (stopped or not) but no answer is
-    ever right, so every group is dropped (DAPO keeps a group only when its answers' grades differ)."""
+    """Unreachable answer, no format bonus, a stop penalty: total rewards differ (stopped or not) but no
+    answer is ever right, so every group is dropped (DAPO keeps a group only when its answers' grades
+    differ)."""
     bad = tmp_path / "never.jsonl"
     bad.write_text(json.dumps({"prompt": "1", "answer": "123456789", "domain": "math"}) + "\n")
     R.train(tiny_cfg(tiny, bad, tmp_path / "pen", format_bonus=0.0, stop_penalty=0.3, repetition_penalty=0.0,
@@ -425,20 +446,22 @@ def test_graded_reward_decides_the_filter(tiny, tmp_path):
 
 def test_reference_update_and_lr_follow_their_schedule(tiny, tmp_path, monkeypatch):
     """No group is ever trainable; the soft reference update still runs every step, and the lr is the linear
-    schedule of transformers' get_linear_schedule_with_warmup: step k (0-based) gets peak x (1 - k / steps)."""
+    schedule of transformers' get_linear_schedule_with_warmup: step k (0-based) gets peak x
+    (1 - k / steps)."""
     bad = tmp_path / "never.jsonl"
     bad.write_text(json.dumps({"prompt": "1", "answer": "123456789", "domain": "math"}) + "\n")
     calls, real = [], R.polyak_update
     monkeypatch.setattr(R, "polyak_update", lambda ref, pol, a: (calls.append(a), real(ref, pol, a)))
-    R.train(tiny_cfg(tiny, bad, tmp_path / "sched", format_bonus=0.0, stop_penalty=0.0, repetition_penalty=0.0,
-                     steps=3, ref_update_every=1, ref_alpha=0.6, lr=1e-2))
+    R.train(tiny_cfg(tiny, bad, tmp_path / "sched", format_bonus=0.0, stop_penalty=0.0,
+                     repetition_penalty=0.0, steps=3, ref_update_every=1, ref_alpha=0.6, lr=1e-2))
     recs = read_metrics(tmp_path / "sched")
     assert [r["trained"] for r in recs] == [False] * 3 and calls == [0.6] * 3
     assert [r["lr"] for r in recs] == pytest.approx([1e-2, 1e-2 * 2 / 3, 1e-2 / 3])  # first = peak, last > 0
 
 
 def test_resume_continues_exactly(tiny, digits, tmp_path, monkeypatch):
-    kw = dict(steps=4, save_every=2, ref_update_every=1, minibatches=2, ppo_epochs=2, pack_tokens=40, micro_rows=2)
+    kw = dict(steps=4, save_every=2, ref_update_every=1, minibatches=2, ppo_epochs=2, pack_tokens=40,
+              micro_rows=2)
     R.train(tiny_cfg(tiny, digits, tmp_path / "full", **kw))
     real, calls = R.score_responses, []
 
@@ -472,10 +495,12 @@ def test_hybrid_model_runs_the_loop(digits, tmp_path):
 
 def test_pass_rate_filter(tiny, digits, tmp_path):
     out = tmp_path / "kept.jsonl"
-    R.pass_rate_filter(tiny_cfg(tiny, digits, tmp_path / "f", filter_k=4, filter_math="0-4", filter_out=str(out)))
+    R.pass_rate_filter(tiny_cfg(tiny, digits, tmp_path / "f", filter_k=4, filter_math="0-4",
+                                filter_out=str(out)))
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 10 and all(0 <= r["pass_rate"] <= 1 for r in rows)
-    R.pass_rate_filter(tiny_cfg(tiny, digits, tmp_path / "f", filter_k=4, filter_math="4-4", filter_out=str(out)))
+    R.pass_rate_filter(tiny_cfg(tiny, digits, tmp_path / "f", filter_k=4, filter_math="4-4",
+                                filter_out=str(out)))
     assert out.read_text() == ""  # the random model never gets all four right
     with pytest.raises(R.DataError, match="filter-math"):
         R._band("3", 4, "filter-math")
@@ -493,7 +518,8 @@ def fake_rollouts(model, tok, problems, cfg, *, n, temperature, seed):
         for j in range(n):
             text = " " * (j % 3) + "</think> " + str((int(p["answer"]) + j // 2) % 10)
             toks = tok.encode(text) + [13]
-            out.append({"problem": p, "prompt": ids, "tokens": toks, "logprobs": [-2.0] * len(toks), "text": text,
+            out.append({"problem": p, "prompt": ids, "tokens": toks, "logprobs": [-2.0] * len(toks), \
+"text": text,
                         "stopped": True})
     return out
 
@@ -503,9 +529,9 @@ R.main(sys.argv[1:])
 
 
 def test_two_process_gloo_fsdp(tiny, digits, tmp_path):
-    """The same rollouts (deterministic stand-ins for sampling) through 2 gloo ranks and through 1 process: the
-    losses, gradient norms and final weights must agree (the loss normaliser counts tokens over both ranks,
-    FSDP's gradient average is undone), and step 1's loss must be the GRPO formula on the tiny model's
+    """The same rollouts (deterministic stand-ins for sampling) through 2 gloo ranks and through 1 process:
+    the losses, gradient norms and final weights must agree (the loss normaliser counts tokens over both
+    ranks, FSDP's gradient average is undone), and step 1's loss must be the GRPO formula on the tiny model's
     log-probs."""
     script = tmp_path / "fake_rl.py"
     script.write_text(FAKE_ROLLOUTS)
@@ -513,9 +539,10 @@ def test_two_process_gloo_fsdp(tiny, digits, tmp_path):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     args = ["--model", str(tiny), "--prompts", str(digits), "--system-prompt", "", "--example-user", "",
-            "--max-new-tokens", "4", "--steps", "2", "--group-size", "4", "--prompts-per-step", "4", "--lr", "1e-2",
-            "--ref-update-every", "1", "--save-every", "1", "--micro-rows", "3", "--eval-prompts", str(digits),
-            "--eval-samples", "3", "--format-bonus", "0", "--repetition-penalty", "0"]
+            "--max-new-tokens", "4", "--steps", "2", "--group-size", "4", "--prompts-per-step", "4",
+            "--lr", "1e-2", "--ref-update-every", "1", "--save-every", "1", "--micro-rows", "3",
+            "--eval-prompts", str(digits), "--eval-samples", "3", "--format-bonus", "0",
+            "--repetition-penalty", "0"]
     runs = {}
     for name, launcher in (("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                     "--nproc_per_node=2"]), ("one", [sys.executable])):
@@ -561,8 +588,8 @@ def test_two_process_gloo_fsdp(tiny, digits, tmp_path):
 
 
 def test_help_lists_flags():
-    res = subprocess.run([sys.executable, str(ROOT / "train_rl.py"), "--help"], capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run([sys.executable, str(ROOT / "train_rl.py"), "--help"], capture_output=True,
+                         text=True, timeout=120)
     assert res.returncode == 0
     for flag in ("--model", "--prompts", "--out", "--steps", "--group-size", "--prompts-per-step",
                  "--max-new-tokens", "--lr", "--beta", "--seed", "--resume"):

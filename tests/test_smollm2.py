@@ -21,7 +21,8 @@ def smollm2():
 
 def test_capital_of_france(smollm2):
     _, model, tok = smollm2
-    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]))
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user",
+                                                  "content": "What is the capital of France?"}]))
     [sample] = GEN.generate(model, [prompt], max_new_tokens=24, stop_ids=tok.eos_ids)
     answer = tok.decode(sample.tokens)
     assert "Paris" in answer, answer

@@ -3,7 +3,8 @@ against mamba.ssd_scan (chunked PyTorch) and mamba.ssd_scan_naive (the per-step 
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) with PRISM_SSD=triton; every kernel
 output is poisoned with NaN first, so an element a kernel forgets to write fails. Shapes are tiny: each
-interpreter launch is slow. bf16 is checked on the GPU by bench/bench_kernels.py (the interpreter's bf16 is wrong).
+interpreter launch is slow. bf16 is checked on the GPU by bench/bench_kernels.py (the interpreter's bf16 is
+wrong).
 """
 import pytest
 import torch
@@ -55,7 +56,8 @@ def docs(b, l, cuts):
 
 
 def run(fn, v, *, use_dt_bias, use_h0, final_grad=True, **kw):
-    """Forward and backward of fn; returns [y, final, dx, ddt, dA, dB, dC, dD, ddt_bias, dh0] (None if unused)."""
+    """Forward and backward of fn; returns [y, final, dx, ddt, dA, dB, dC, dD, ddt_bias, dh0] (None if
+    unused)."""
     leaves = dict(x=v["x"], dt=v["dt"], A=v["A"], B=v["B"], C=v["C"], D=v["D"],
                   dt_bias=v["dt_bias"] if use_dt_bias else None, h0=v["h0"] if use_h0 else None)
     leaves = {k: (t.detach().clone().requires_grad_() if t is not None else None) for k, t in leaves.items()}
@@ -104,7 +106,8 @@ def test_scan_matches_references(case):
     kernel = run(K.ssd_scan, v, chunk_size=Q, **common)
     v32 = {k: (t.float() if t is not None else None) for k, t in v.items()}
     chunked = run(mamba.ssd_scan, v32, chunk_size=Q, **common)
-    naive = run(mamba.ssd_scan_naive, {k: (t.double() if t is not None else None) for k, t in v.items()}, **common)
+    naive = run(mamba.ssd_scan_naive, {k: (t.double() if t is not None else None) for k, t in v.items()},
+                **common)
     assert kernel[0].dtype == dtype and kernel[1].dtype == torch.float32
     compare(kernel, naive, dtype, "kernel vs recurrence")
     compare(kernel, chunked, dtype, "kernel vs mamba.ssd_scan")
@@ -118,7 +121,8 @@ def test_multi_tile_paths_and_determinism(monkeypatch):
     kw = dict(chunk_size=20, dt_softplus=True, seq_idx=docs(1, 45, (13, 30)), use_dt_bias=True, use_h0=True,
               final_grad=False)
     kernel = run(K.ssd_scan, v, **kw)
-    compare(kernel, run(mamba.ssd_scan_naive, {k: (t.double() if t is not None else None) for k, t in v.items()},
+    compare(kernel, run(mamba.ssd_scan_naive,
+                        {k: (t.double() if t is not None else None) for k, t in v.items()},
                         **kw), torch.float32, "tiles of 16 vs recurrence")
     again = run(K.ssd_scan, v, **kw)
     for name, a, b in zip(NAMES, kernel, again):
@@ -135,12 +139,14 @@ def test_final_state_and_prefill_then_decode():
                                         return_final_states=True, **kw)
     _, h_mid = mamba.ssd_scan_naive(v["x"][:, :split], v["dt"][:, :split], v["A"], v["B"][:, :split],
                                     v["C"][:, :split], initial_states=v["h0"], return_final_states=True, **kw)
-    y_pre, state = K.ssd_scan(v["x"][:, :split], v["dt"][:, :split], v["A"], v["B"][:, :split], v["C"][:, :split],
-                              chunk_size=4, initial_states=v["h0"], return_final_states=True, **kw)
+    y_pre, state = K.ssd_scan(v["x"][:, :split], v["dt"][:, :split], v["A"], v["B"][:, :split],
+                              v["C"][:, :split], chunk_size=4, initial_states=v["h0"],
+                              return_final_states=True, **kw)
     assert (state - h_mid).abs().max() < TOL[torch.float32][0] * h_mid.abs().max()
     ys = [y_pre]
     for t in range(split, l):
-        ys.append(K.ssd_step(state, v["x"][:, t], v["dt"][:, t], v["A"], v["B"][:, t], v["C"][:, t], **kw)[:, None])
+        ys.append(K.ssd_step(state, v["x"][:, t], v["dt"][:, t], v["A"], v["B"][:, t], v["C"][:, t],
+                             **kw)[:, None])
     y = torch.cat(ys, dim=1)
     assert torch.isfinite(y).all()
     assert (y - y_ref).abs().max() < TOL[torch.float32][0] * y_ref.abs().max()
@@ -154,9 +160,9 @@ def test_step_matches_recurrence(dtype):
     b, h, p, g, n = 2, 6, 5, 3, 7
     v = inputs(b, 3, h, p, g, n, D="h", seed=9, dtype=dtype)
     kw = dict(D=v["D"], dt_bias=v["dt_bias"], dt_softplus=True, dt_limit=(0.05, 0.7))
-    y_ref, h_ref = mamba.ssd_scan_naive(*(v[k].float() for k in ("x", "dt", "A", "B", "C")), return_final_states=True,
-                                        initial_states=v["h0"].float(), **{k: t.float() if torch.is_tensor(t) else t
-                                                                           for k, t in kw.items()})
+    y_ref, h_ref = mamba.ssd_scan_naive(*(v[k].float() for k in ("x", "dt", "A", "B", "C")),
+                                        return_final_states=True, initial_states=v["h0"].float(),
+                                        **{k: t.float() if torch.is_tensor(t) else t for k, t in kw.items()})
     state = v["h0"].float().clone()
     ptr = state.data_ptr()
     for t in range(3):
@@ -197,7 +203,8 @@ def test_mixer_kernel_path_equals_torch_path(monkeypatch):
     for name, a, b in zip(("out", "d hidden", None, "prefill+decode", "ssm_state"), got, ref):
         if name is None:
             for k in b:
-                assert (a[k] - b[k]).abs().max() <= (3e-4 if DEV == "cpu" else 5e-3) * b[k].abs().max(), f"grad {k}"
+                assert ((a[k] - b[k]).abs().max()
+                        <= (3e-4 if DEV == "cpu" else 5e-3) * b[k].abs().max()), f"grad {k}"
             continue
         assert torch.isfinite(a).all(), name
         assert (a - b).abs().max() <= (2e-4 if DEV == "cpu" else 3e-3) * b.abs().max(), name
@@ -225,7 +232,8 @@ def test_backward_through_ssd_scan_both_paths(monkeypatch, mode):
 
 def test_torch_path_and_errors(monkeypatch):
     v = inputs(1, 6, 2, 3, 1, 4, D="h", seed=3)
-    kw = dict(D=v["D"], dt_softplus=True, seq_idx=docs(1, 6, (3,)), initial_states=v["h0"], return_final_states=True)
+    kw = dict(D=v["D"], dt_softplus=True, seq_idx=docs(1, 6, (3,)), initial_states=v["h0"],
+              return_final_states=True)
     monkeypatch.setenv("PRISM_SSD", "torch")
     y, fin = K.ssd_scan(v["x"], v["dt"], v["A"], v["B"], v["C"], chunk_size=4, **kw)
     y_ref, fin_ref = mamba.ssd_scan_naive(v["x"], v["dt"], v["A"], v["B"], v["C"], **kw)
@@ -233,7 +241,8 @@ def test_torch_path_and_errors(monkeypatch):
     with pytest.raises(ValueError, match="dt must be"):
         K.ssd_scan(v["x"], v["dt"][:, :-1], v["A"], v["B"], v["C"], chunk_size=4)
     with pytest.raises(ValueError, match="multiple of the groups"):
-        K.ssd_scan(v["x"], v["dt"], v["A"], v["B"].repeat(1, 1, 3, 1), v["C"].repeat(1, 1, 3, 1), chunk_size=4)
+        K.ssd_scan(v["x"], v["dt"], v["A"], v["B"].repeat(1, 1, 3, 1), v["C"].repeat(1, 1, 3, 1),
+                   chunk_size=4)
     with pytest.raises(ValueError, match="chunk_size"):
         K.ssd_scan(v["x"], v["dt"], v["A"], v["B"], v["C"], chunk_size=0)
     with pytest.raises(ValueError, match="initial_states must be"):

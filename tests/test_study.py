@@ -58,7 +58,8 @@ def tiny(tmp_path_factory):
 
 def test_tiny_study_outputs(tiny):
     out, first = tiny
-    assert set(stage_lines(first.stdout).values()) == {"ran"} and len(stage_lines(first.stdout)) == len(S.STAGES)
+    assert (set(stage_lines(first.stdout).values()) == {"ran"}
+            and len(stage_lines(first.stdout)) == len(S.STAGES))
     for name in S.STAGES:
         assert (out / name / "stage.json").is_file(), name
     for name in ("mid_math", "mid_mc", "rl_base", "rl_math", "rl_mc", "merge"):
@@ -78,8 +79,10 @@ def test_tiny_study_outputs(tiny):
     # the tiny base stops at random, so GRPO's stop penalty varies and RL really trains
     assert w["mid_mc->rl_mc"]["fp32"]["total"]["rel_change"] > 0
     # the last RL checkpoint, exported by study.py from DCP, is the policy train_rl exported itself
-    last = json.loads((out / "analysis" / "trajectory" / "rl_mc" / "trajectory.json").read_text())["checkpoints"][-1]
-    final = json.loads((out / "analysis" / "weights" / "mid_mc_to_rl_mc" / "weights.json").read_text())["total"]
+    last = json.loads((out / "analysis" / "trajectory" / "rl_mc"
+                       / "trajectory.json").read_text())["checkpoints"][-1]
+    final = json.loads((out / "analysis" / "weights" / "mid_mc_to_rl_mc"
+                        / "weights.json").read_text())["total"]
     assert last["rel_change"] == pytest.approx(final["rel_change"], rel=1e-6)
     verdicts = [f["verdict"] for f in res["findings"]]
     assert len(verdicts) == 7 and set(verdicts) <= {S.HOLDS, S.FAILS, S.UNMEASURABLE}

@@ -1,7 +1,7 @@
 """train_mid.py: mixture file checks, data preparation, the mixture loader, packing through the model, and
-real runs as subprocesses (one process, and 2-process gloo torchrun): FSDP equals one process, SIGKILL + resume
-equals the uninterrupted run (same and different world size), a hybrid model trains, the export loads in
-transformers, non-finite steps stop the run."""
+real runs as subprocesses (one process, and 2-process gloo torchrun): FSDP equals one process, SIGKILL +
+resume equals the uninterrupted run (same and different world size), a hybrid model trains, the export loads
+in transformers, non-finite steps stop the run."""
 import json
 import math
 import os
@@ -41,7 +41,8 @@ def write_prepared(folder: Path, docs: list, heldout: list):
     held.tofile(folder / "heldout.bin")
     (folder / "index.json").write_text(json.dumps({
         "eos_id": EOS, "dtype": "uint32", "shards": [{"file": "train_00000.bin", "tokens": len(train)}],
-        "heldout": {"file": "heldout.bin", "tokens": len(held)}, "documents": {"train": len(docs), "heldout": len(heldout)}}))
+        "heldout": {"file": "heldout.bin", "tokens": len(held)},
+        "documents": {"train": len(docs), "heldout": len(heldout)}}))
     return folder
 
 
@@ -59,9 +60,10 @@ def world(tmp_path_factory):
     """Tiny llama and nemotron_h folders and a two-source mixture of prepared token shards."""
     root = tmp_path_factory.mktemp("mid")
     torch.manual_seed(0)
-    dense = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                     tie_word_embeddings=True, bos_token_id=1, eos_token_id=EOS, pad_token_id=0)
+    dense = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1,
+                                     eos_token_id=EOS, pad_token_id=0)
     transformers.AutoModelForCausalLM.from_config(dense).save_pretrained(root / "llama")
     hybrid = transformers.NemotronHConfig(
         vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -81,8 +83,9 @@ def run(args: list, nproc: int = 1, wait=True, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
-           else [sys.executable]) + [str(ROOT / "train_mid.py"), *map(str, args), "--progress", "false"]
+    cmd = (([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+            if nproc > 1 else [sys.executable])
+           + [str(ROOT / "train_mid.py"), *map(str, args), "--progress", "false"])
     if not wait:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, **kw)
@@ -95,9 +98,9 @@ def losses(out: Path) -> dict:
 
 
 def base_args(world, out, model="llama", **over):
-    args = {"--model": world / model, "--data": world / "mix.toml", "--out": out, "--steps": 6, "--seq-len": 32,
-            "--lr": 1e-2, "--warmup": 1, "--save-every": 2, "--keep-checkpoints": 3, "--eval-every": 3,
-            "--eval-tokens": 128, "--batch-size": 2}
+    args = {"--model": world / model, "--data": world / "mix.toml", "--out": out, "--steps": 6,
+            "--seq-len": 32, "--lr": 1e-2, "--warmup": 1, "--save-every": 2, "--keep-checkpoints": 3,
+            "--eval-every": 3, "--eval-tokens": 128, "--batch-size": 2}
     args.update(over)
     return [x for kv in args.items() for x in kv]
 
@@ -150,7 +153,8 @@ def test_prepare_formats_bad_lines_and_idempotence(tmp_path, capsys):
     lines.insert(7, json.dumps({"question": "no answer"}))
     (tmp_path / "qa.jsonl").write_text("\n".join(lines) + "\n")
     src = T.Source("qa", str(tmp_path / "qa.jsonl"), 1.0, format="qa")
-    folder = T.prepare_source(src, str(tok_dir), tmp_path / "cache", heldout_frac=0.1, workers=2, progress=False)
+    folder = T.prepare_source(src, str(tok_dir), tmp_path / "cache", heldout_frac=0.1, workers=2,
+                              progress=False)
     index = json.loads((folder / "index.json").read_text())
     assert index["skipped"]["invalid_json"] == 1 and index["skipped"]["missing_field"] == 1
     assert "qa.jsonl:4" in index["skipped"]["first"]
@@ -161,7 +165,8 @@ def test_prepare_formats_bad_lines_and_idempotence(tmp_path, capsys):
     assert (train == tok.eos_id).sum() == 36 and train[-1] == tok.eos_id
     assert "skipped 1 invalid JSON lines and 1 records" in capsys.readouterr().out
     mtime = (folder / "index.json").stat().st_mtime_ns
-    again = T.prepare_source(src, str(tok_dir), tmp_path / "cache", heldout_frac=0.1, workers=1, progress=False)
+    again = T.prepare_source(src, str(tok_dir), tmp_path / "cache", heldout_frac=0.1, workers=1,
+                             progress=False)
     assert again == folder and (folder / "index.json").stat().st_mtime_ns == mtime  # a no-op
     # a half-written folder (no rename happened) is never taken for a prepared one
     (tmp_path / "cache" / "qa-0000.tmp-dead").mkdir()
@@ -185,11 +190,13 @@ def test_prepare_chat_text_files_and_all_bad(tmp_path):
                               heldout_frac=0, workers=1, progress=False)
     assert json.loads((folder / "index.json").read_text())["documents"]["train"] == 2
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\nnope\n')
-    with pytest.raises(T.DataError, match=r"sources\.bad: no usable documents.*1 invalid JSON.*1 records without 'text'"):
+    with pytest.raises(T.DataError,
+                       match=r"sources\.bad: no usable documents.*1 invalid JSON.*1 records without 'text'"):
         T.prepare_source(T.Source("bad", str(tmp_path / "bad.jsonl"), 1.0), str(tok_dir), tmp_path / "c",
                          workers=1, progress=False)
     with pytest.raises(T.DataError, match=r"sources\.none\.path: no file matches"):
-        T.prepare_source(T.Source("none", str(tmp_path / "missing*.jsonl"), 1.0), str(tok_dir), tmp_path / "c")
+        T.prepare_source(T.Source("none", str(tmp_path / "missing*.jsonl"), 1.0), str(tok_dir),
+                         tmp_path / "c")
 
 
 def test_prepare_parquet_and_text_field(tmp_path):
@@ -252,16 +259,19 @@ def test_lr_schedules():
     kw = dict(peak=1.0, warmup=10, total=100, min_ratio=0.1)
     # step k: k / warmup in the warmup, then cosine progress (k - warmup) / (total - warmup), as transformers
     assert T.lr_at(0, **kw) == 0.0 and T.lr_at(9, **kw) == pytest.approx(0.9) and T.lr_at(10, **kw) == 1.0
-    assert T.lr_at(99, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))  # last step
+    # last step
+    assert T.lr_at(99, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
     assert T.lr_at(55, **kw) == pytest.approx(0.55)  # half way
     assert T.lr_at(0, **{**kw, "warmup": 0}) == 1.0  # no warmup: the first step is the peak
     assert T.lr_at(50, schedule="wsd", decay_frac=0.2, **kw) == 1.0
-    assert T.lr_at(80, schedule="wsd", **kw) == 1.0 and T.lr_at(99, schedule="wsd", **kw) == pytest.approx(1 - 0.9 * 19 / 20)
+    assert (T.lr_at(80, schedule="wsd", **kw) == 1.0
+            and T.lr_at(99, schedule="wsd", **kw) == pytest.approx(1 - 0.9 * 19 / 20))
     assert T.lr_at(50, schedule="constant", **kw) == 1.0
     transformers = pytest.importorskip("transformers")  # the reference definition, step by step
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     ref = transformers.get_cosine_with_min_lr_schedule_with_warmup(opt, 10, 100, min_lr_rate=0.1)
-    assert [T.lr_at(k, **kw) for k in range(100)] == pytest.approx([f(k) for k in range(100) for f in ref.lr_lambdas])
+    assert ([T.lr_at(k, **kw) for k in range(100)]
+            == pytest.approx([f(k) for k in range(100) for f in ref.lr_lambdas]))
     with pytest.raises(T.DataError, match="--schedule"):
         T.lr_at(50, schedule="cosin", **kw)
 
@@ -292,7 +302,8 @@ def test_fsdp_two_processes_match_one_process_and_loss_falls(world, fsdp_run):
     out, log = fsdp_run
     single = world / "single"
     # one process, with activation checkpointing (recomputing blocks must not change the maths)
-    r = run(base_args(world, single, **{"--batch-size": 4, "--save-every": 0, "--activation-checkpointing": "block"}))
+    r = run(base_args(world, single, **{"--batch-size": 4, "--save-every": 0,
+                                        "--activation-checkpointing": "block"}))
     assert r.returncode == 0, r.stdout + r.stderr
     a, b = losses(out), losses(single)
     assert list(a) == list(range(1, 7))
@@ -312,13 +323,15 @@ def test_fsdp_two_processes_match_one_process_and_loss_falls(world, fsdp_run):
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max() < 1e-4
     # and it is the trained model: its held-out loss is the last evaluation's
-    assert not torch.equal(ours.lm_head.weight, M.load_model(str(world / "llama"), dtype=torch.float32).lm_head.weight)
+    assert not torch.equal(ours.lm_head.weight,
+                           M.load_model(str(world / "llama"), dtype=torch.float32).lm_head.weight)
 
 
 def _kill_after(proc, metrics: Path, step: int, timeout=300):
     start = time.time()
     while time.time() - start < timeout:
-        if metrics.exists() and any(json.loads(x)["step"] >= step for x in metrics.read_text().splitlines() if x.strip()):
+        if metrics.exists() and any(json.loads(x)["step"] >= step for x in metrics.read_text().splitlines()
+                                    if x.strip()):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return
@@ -331,8 +344,8 @@ def _kill_after(proc, metrics: Path, step: int, timeout=300):
 def test_sigkill_then_resume_reproduces_the_loss_curve(world, fsdp_run):
     reference = losses(fsdp_run[0])
     out = world / "killed"
-    proc = run(base_args(world, out, **{"--batch-size": 1, "--grad-accum": 2, "--async-save": "true"}), nproc=2,
-               wait=False)
+    proc = run(base_args(world, out, **{"--batch-size": 1, "--grad-accum": 2, "--async-save": "true"}),
+               nproc=2, wait=False)
     _kill_after(proc, out / "metrics.jsonl", 3)  # checkpoints at 2 (and maybe 4) are complete, step_6 is not
     assert not (out / "hf").exists() and not (out / "checkpoints" / "step_00000006").exists()
     r = run(base_args(world, out, **{"--batch-size": 1, "--grad-accum": 2}) + ["--resume", "true"], nproc=2)
@@ -359,7 +372,8 @@ def test_resume_at_a_different_world_size(world, fsdp_run):
         assert got[step] == pytest.approx(reference[step], rel=1e-4), (step, got, reference)
     # a checkpoint of another model is refused with what differs, before any work (one line)
     r = run(base_args(world, out, model="nemotron", **{"--steps": 8}) + ["--resume", "true"])
-    assert r.returncode == 2 and "changed settings that alter the run (--model" in r.stderr and "nemotron" in r.stderr
+    assert (r.returncode == 2 and "changed settings that alter the run (--model" in r.stderr
+            and "nemotron" in r.stderr)
 
 
 def test_hybrid_two_processes_train(world):
@@ -374,7 +388,8 @@ def test_hybrid_two_processes_train(world):
 
 def test_bad_runs_stop_with_a_clear_message(world):
     r = run(base_args(world, world / "pos", **{"--seq-len": 256}))  # the tiny llama has 128 positions
-    assert r.returncode == 2 and "beyond the model's positions" in r.stderr and "max_position_embeddings" in r.stderr
+    assert (r.returncode == 2 and "beyond the model's positions" in r.stderr
+            and "max_position_embeddings" in r.stderr)
     r = run(base_args(world, world / "nan", **{"--lr": 1e30, "--max-bad-steps": 2, "--save-every": 0}))
     assert r.returncode != 0
     assert "step skipped" in r.stdout and "2 non-finite steps in a row" in r.stderr
