@@ -130,7 +130,9 @@ def package_dir(name: str) -> Path | None:
         spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):  # a parent package that fails to import; a half-imported module
         return None
-    return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def run_name(path) -> str:

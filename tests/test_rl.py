@@ -518,9 +518,8 @@ def fake_rollouts(model, tok, problems, cfg, *, n, temperature, seed):
         for j in range(n):
             text = " " * (j % 3) + "</think> " + str((int(p["answer"]) + j // 2) % 10)
             toks = tok.encode(text) + [13]
-            out.append({"problem": p, "prompt": ids, "tokens": toks, "logprobs": [-2.0] * len(toks), \
-"text": text,
-                        "stopped": True})
+            out.append({"problem": p, "prompt": ids, "tokens": toks, "logprobs": [-2.0] * len(toks),
+                        "text": text, "stopped": True})
     return out
 
 R.rollouts = fake_rollouts
