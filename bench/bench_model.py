@@ -129,9 +129,12 @@ def bench(label, hf, ours, args, device, rows, limits, tok=None):
         print(rows[-1], flush=True)
         ours.eval()
 
+    new = args.new_tokens
+    # a real model's agreement is measured on real text: on random-token prompts its near-ties make it noise
+    chat_reference = (hf_generate_batch(hf, chat_prompts(tok), new, tok.eos_ids, device) if tok is not None
+                      else None)
     for batch in args.gen_batches:
         prompts = torch.randint(0, vocab, (batch, args.prompt_len), device=device)
-        new = args.new_tokens
 
         generated = {}  # side -> each row's new tokens, from its last timed run
 
@@ -152,8 +155,7 @@ def bench(label, hf, ours, args, device, rows, limits, tok=None):
 
             t_hf, t_ours = timed_pair(hf_generate, ours_generate, args.repeats, device)
             rate = batch * new / t_ours
-            # a real model's agreement on real text: on random-token prompts its near-ties make it noise
-            agree = (chat_agreement(hf, gm, tok, new, device) if tok is not None
+            agree = (chat_agreement(chat_reference, gm, tok, new) if tok is not None
                      else greedy_agreement(generated["hf"], generated["ours"]))
             rows.append((label, f"greedy generate b={batch}, {args.prompt_len}+{new}, weights {quantize}, "
                                 f"compile {args.compile}", batch * new / t_hf, rate,
@@ -180,13 +182,11 @@ def chat_prompts(tok) -> list:
     return [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in CHAT_QUESTIONS]
 
 
-def chat_agreement(hf, gm, tok, new: int, device) -> float:
-    """greedy_agreement of model.py's generation copy `gm` with transformers on the chat questions (each row
-    stops at EOS)."""
-    prompts = chat_prompts(tok)
-    reference = hf_generate_batch(hf, prompts, new, tok.eos_ids, device)
-    return greedy_agreement(reference, [s.tokens for s in M.generate(gm, prompts, max_new_tokens=new,
-                                                                       stop_ids=tok.eos_ids)])
+def chat_agreement(reference: list, gm, tok, new: int) -> float:
+    """greedy_agreement of model.py's generation copy `gm` on the chat questions (each row stops at EOS) with
+    transformers' tokens there, `reference` (hf_generate_batch)."""
+    samples = M.generate(gm, chat_prompts(tok), max_new_tokens=new, stop_ids=tok.eos_ids)
+    return greedy_agreement(reference, [s.tokens for s in samples])
 
 
 def bench_chat(label, hf, ours, tok, args, device, rows):
@@ -194,18 +194,10 @@ def bench_chat(label, hf, ours, tok, args, device, rows):
     Tokens/s counts the tokens each row really produced (up to and including its stop token)."""
     prompts = chat_prompts(tok)
     stop, new = tok.eos_ids, args.chat_new_tokens
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[stop[0]] * (width - len(p)) + p for p in prompts], device=device)
-    mask = (torch.arange(width)[None, :]
-            >= torch.tensor([width - len(p) for p in prompts])[:, None]).long().to(device)
     produced = []
 
-    def hf_generate():
-        with torch.no_grad():
-            out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                              eos_token_id=stop, pad_token_id=stop[0])
-        rows = out[:, width:].tolist()
-        produced.append(sum(next((i + 1 for i, t in enumerate(r) if t in stop), len(r)) for r in rows))
+    def hf_generate():  # each row's tokens up to and including its stop
+        produced.append(sum(len(r) for r in hf_generate_batch(hf, prompts, new, stop, device)))
 
     def ours_generate():
         produced.append(sum(len(s.tokens) for s in M.generate(ours, prompts, max_new_tokens=new,
