@@ -1398,8 +1398,12 @@ def retention_report(cfg: Config, load=None) -> dict:
 
 
 def parse_args(argv=None) -> Config:
+    presets = "; ".join(f"{name} = {', '.join(t.removeprefix('bigbench:') for t in tasks)}"
+                        for name, tasks in PRESETS.items())
     p = argparse.ArgumentParser(description="Retention: log-likelihood multiple choice, BIG-bench, held-out "
-                                            "perplexity, long context, and a report of several checkpoints.")
+                                            "perplexity, long context, and a report of several checkpoints.",
+                                epilog=f"--tasks presets: {presets} (BIG-bench tasks run as bigbench:NAME). "
+                                       f"evaluate.py tasks: {', '.join(E.TASKS)}.")
     return cli.parse_config(Config, argv, parser=p)[0]
 
 

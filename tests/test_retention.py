@@ -184,6 +184,15 @@ def test_bad_input_names_file_and_field():
     assert len(R.expand_tasks(R.Config(tasks="bbl"))) == 18 and len(R.BBL_TASKS) == 24
 
 
+def test_help_says_what_each_preset_runs(capsys):
+    with pytest.raises(SystemExit):
+        R.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the epilog at any space
+    assert "general = mmlu, arc_challenge, arc_easy, hellaswag, winogrande, piqa;" in text
+    assert "ruler = ruler_niah_single," in text and "winowhy; ruler" in text  # bbl's last task, then ruler
+    assert "evaluate.py tasks: aime24, aime25, math500, gpqa, lcb, codeforces, gsm8k, humaneval." in text
+
+
 def test_bigbench_formatting_real_schema():
     task = json.loads((DATA / "bigbench_toy_task.json").read_text())
     items = R.bigbench_task_items(task, "toy")
