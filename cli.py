@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -211,6 +212,23 @@ def setup_distributed(device: str = "auto", *, group_of_one: bool = True) -> Dis
                           LOCAL_RANK="0")
     dist.init_process_group("nccl" if use_cuda else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev, own_group=True)
+
+
+@contextmanager
+def process_group(device: str = "auto"):
+    """`with process_group(device) as d:` setup_distributed(device), and the group destroyed at the end.
+    After a finished run a barrier comes first: a rank that tears gloo down while another is still in its
+    last collective can abort the other at exit ("terminate called without an active exception"). After an
+    error, no barrier: it would wait forever for a rank that died."""
+    import torch.distributed as dist
+    d = setup_distributed(device)
+    try:
+        yield d
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 # Flags: every script keeps its settings in one @dataclass whose fields become flags.

@@ -1043,11 +1043,8 @@ def _config_stamp(cfg: Config, model_cfg) -> dict:
 
 def train(cfg: Config) -> dict:
     """Run mid-training as configured; returns a summary (losses, held-out loss before/after, export path)."""
-    d = setup_distributed(cfg.device)
-    try:
+    with cli.process_group(cfg.device) as d:
         return _train(cfg, d)
-    finally:
-        dist.destroy_process_group()
 
 
 @dataclass

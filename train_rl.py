@@ -594,11 +594,8 @@ def pass_rate_filter(cfg: Config) -> Path:
     """Sample filter_k answers per prompt with the model and keep the prompts whose number of correct samples
     is in the domain's band (paper: math exactly 1/16, code and science >= 1/16); writes them with their pass
     rate."""
-    d = T.setup_distributed(cfg.device)
-    try:
+    with cli.process_group(cfg.device) as d:
         return _filter(cfg, d)
-    finally:
-        dist.destroy_process_group()
 
 
 def _filter(cfg: Config, d) -> Path:
@@ -738,11 +735,8 @@ def _allreduce(values: list, d, op=dist.ReduceOp.SUM) -> list:
 
 def train(cfg: Config) -> dict:
     """Run GRPO as configured; returns a summary (rewards per step, held-out before/after, export path)."""
-    d = T.setup_distributed(cfg.device)
-    try:
+    with cli.process_group(cfg.device) as d:
         return _train(cfg, d)
-    finally:
-        dist.destroy_process_group()
 
 
 @dataclass

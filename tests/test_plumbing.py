@@ -125,6 +125,23 @@ def test_one_reader_of_data_files_names_the_file(tmp_path):
     assert [r["text"] for r in A.read_jsonl(good, ("text",))] == ["a", "b"]
 
 
+def test_process_group_is_left_after_a_finished_run_and_after_an_error(monkeypatch):
+    """cli.process_group (train_mid.train, train_rl.train and its filter): the group is gone when the block
+    ends, also when it raised, and the error reaches the caller."""
+    import torch.distributed as dist
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)  # setup_distributed sets them: undone after the test
+    with cli.process_group("cpu") as d:
+        assert dist.is_initialized() and (d.rank, d.world, d.own_group) == (0, 1, True)
+    assert not dist.is_initialized()
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(cli.DataError, match="bad data"):
+        with cli.process_group("cpu"):
+            raise cli.DataError("bad data")
+    assert not dist.is_initialized()
+
+
 # The layers of the project, lowest first: a file imports (at module level) only files of lower layers, so a
 # user copying one file takes only what is below it. kernels/, cli.py and tokenizer.py import nothing of it.
 LAYERS = {"kernels": 0, "cli": 0, "tokenizer": 0, "graders": 1, "gguf_convert": 1, "mamba": 1, "model": 2,
