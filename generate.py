@@ -242,7 +242,10 @@ def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature
 
     compile: torch.compile the decode step (inductor; CUDA graphs on CUDA). None = auto: on CUDA unless the
         model has MoE layers or is FSDP-wrapped; off on CPU (see _use_compile). A compiled step never
-        recompiles within a call: finished rows stay in the batch, masked.
+        recompiles within a call (finished rows stay in the batch, masked), nor across calls whose shapes
+        fall in the same buckets: the batch is padded to a power of two (copies of the first prompt, finished
+        from the start) and the cache length rounded up by _bucket; a generation copy keeps that cache for
+        its next call of the same shape (_decode_cache).
         Eager steps instead drop finished rows as they finish and attend over the filled cache slots only.
     fuse: q/k/v and gate/up in one matmul each (prepare_generation); None = on unless FSDP-wrapped.
     quantize: None, "bf16" or "int8" weights for this generation only (prepare_generation).
@@ -258,6 +261,10 @@ def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature
     if fuse or quantize is not None or (fuse is None and not _is_fsdp(model)):
         model = prepare_generation(model, fuse=fuse is not False, quantize=quantize)
     device = model.model.embed_tokens.weight.device
+    compiled = _use_compile(compile, model, device)
+    n_prompts = len(prompts)
+    if compiled:  # a graph is compiled per shape: a few batch sizes for all calls
+        prompts = list(prompts) + [prompts[0]] * ((1 << (n_prompts - 1).bit_length()) - n_prompts)
     B, T0 = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.zeros(B, T0, dtype=torch.long)
     doc_ids = torch.full((B, T0), -1, dtype=torch.long)  # left padding: id -1
@@ -268,12 +275,9 @@ def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature
     generator = torch.Generator(device=device).manual_seed(seed)
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
 
-    compiled = _use_compile(compile, model, device)
     step = _compiled_step(device) if compiled else _static_step
-    cache = model.allocate_cache(B, T0 + max_new_tokens)
-    if compiled and torch.device(device).type == "cuda":  # CUDA graphs replay on fixed addresses
-        for t in _cache_tensors(cache):
-            torch._dynamo.mark_static_address(t)
+    cache = (_decode_cache(model, B, _bucket(T0 + max_new_tokens)) if compiled
+             else model.allocate_cache(B, T0 + max_new_tokens))
     logits = model.logits(model.hidden_states(input_ids, doc_ids, cache)[:, -1])  # (B, V): last slot is real
     slot = torch.tensor([T0], device=device)  # the cache slot of the next token
     dynamic_rope = (model.config.rope_scaling or {}).get("rope_type") == "dynamic"
@@ -281,13 +285,14 @@ def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature
     out_logprobs = torch.zeros(B, max_new_tokens, device=device)
     n_new = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # per original row
     rows = torch.arange(B, device=device)  # original index of each cache row
-    done = torch.zeros(B, dtype=torch.bool, device=device)  # per cache row: a stop token came
+    done = torch.arange(B, device=device) >= n_prompts  # per cache row: a stop token came (padding: done)
+    noise_rows = rows.clamp(max=n_prompts - 1)  # padding rows draw no noise of their own
     one_doc = torch.zeros(B, 1, dtype=torch.long, device=device)
     sync_every = 1 if torch.device(device).type == "cpu" else 8  # host syncs to stop early / compact
     bar = _progress(max_new_tokens, progress)
     reported = 0  # rows passed to on_rows_done so far
     for t in range(max_new_tokens):
-        token, logprob = sample_next(logits, temperature, top_p, generator, rows, B)
+        token, logprob = sample_next(logits, temperature, top_p, generator, noise_rows, n_prompts)
         out_tokens[rows, t], out_logprobs[rows, t] = token, logprob
         bar.update(1)
         if t == max_new_tokens - 1:
@@ -296,16 +301,17 @@ def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature
         n_new[rows] = torch.where(hit, t + 1, n_new[rows])
         done = done | hit
         if t % sync_every == sync_every - 1:
-            live = int((~done).sum())  # live rows are always in the cache: B - live have finished
-            if on_rows_done is not None and B - live > reported:
-                on_rows_done(B - live - reported)
-                reported = B - live
+            live = int((~done).sum())  # live rows are always in the cache: n_prompts - live have finished
+            if on_rows_done is not None and n_prompts - live > reported:
+                on_rows_done(n_prompts - live - reported)
+                reported = n_prompts - live
             if live == 0:
                 break
             if not compiled and live < len(rows):  # drop finished rows: one copy of the cache (~1/4 of a
                 # b=8 step of SmolLM2 at 400 slots) against every later step's work on them
                 keep = (~done).nonzero()[:, 0]
                 rows, token, done, one_doc = rows[keep], token[keep], done[keep], one_doc[:live]
+                noise_rows = rows
                 cache.keep(keep)
         inv_freq = model.inv_freq
         if dynamic_rope:  # NTK base grows with the longest sequence (one host sync per step)
@@ -316,10 +322,42 @@ def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature
             logits = step(model, token[:, None], one_doc, cache, slot, inv_freq, T0 + t + 1)
         slot += 1
     bar.close()
-    if on_rows_done is not None and B > reported:
-        on_rows_done(B - reported)
+    if on_rows_done is not None and n_prompts > reported:
+        on_rows_done(n_prompts - reported)
     tokens, logprobs, n_new = out_tokens.cpu(), out_logprobs.cpu(), n_new.cpu()
-    return [Sample(tokens[i, :n_new[i]].tolist(), logprobs[i, :n_new[i]].tolist()) for i in range(B)]
+    return [Sample(tokens[i, :n_new[i]].tolist(), logprobs[i, :n_new[i]].tolist()) for i in range(n_prompts)]
+
+
+def _bucket(length: int, steps_per_octave: int = 8, smallest: int = 64) -> int:
+    """`length` rounded up to one of `steps_per_octave` sizes per power of two (at most 1/8 more slots for
+    the compiled step to read), so calls whose prompts differ in length share one compiled graph."""
+    if length <= smallest:
+        return smallest
+    step = max(1, (1 << (length.bit_length() - 1)) // steps_per_octave)
+    return -(-length // step) * step
+
+
+def _decode_cache(model: CausalLM, batch: int, max_len: int) -> DecodeCache:
+    """The compiled step's cache. A generation copy keeps its last one and hands it, emptied, to its next
+    call of the same shape: the compiled step (a CUDA graph on CUDA, which replays on fixed addresses) then
+    sees the same tensors call after call. It lives as long as the copy (evaluate.py keeps one per task)."""
+    kept = getattr(model, "kept_decode_cache", None) if getattr(model, "generation_copy", False) else None
+    if kept is not None and kept[0] == (batch, max_len):
+        cache = kept[1]
+        for t in _cache_tensors(cache):
+            t.zero_()
+        cache.doc_ids.fill_(-1)
+        cache.length = 0
+    else:
+        if kept is not None:
+            model.kept_decode_cache = None  # freed before the new one is allocated
+        cache = model.allocate_cache(batch, max_len)
+        if getattr(model, "generation_copy", False):
+            model.kept_decode_cache = ((batch, max_len), cache)
+    if model.model.embed_tokens.weight.device.type == "cuda":  # CUDA graphs replay on fixed addresses
+        for t in _cache_tensors(cache):
+            torch._dynamo.mark_static_address(t)
+    return cache
 
 
 def _cache_tensors(cache: DecodeCache) -> list:

@@ -15,6 +15,24 @@ import torch  # noqa: E402  (does not import triton)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _interpreter_problem() -> str | None:
+    """Triton 3.6's interpreter (torch 2.11 / 2.12 pin it) reads a one-element array as a Python int, which
+    NumPy >= 2.4 refuses: every interpreted kernel then dies with "only 0-dimensional arrays can be
+    converted to Python scalars". Compiled kernels on a GPU are not affected."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
+        return None
+    import numpy
+    import triton
+
+    def major_minor(version: str) -> tuple:
+        return tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1, the CPU kernel tests) fails "
+                f"with numpy {numpy.__version__}: install triton>=3.7 (torch 2.13 brings 3.7.1) or numpy<2.4")
+    return None
+
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 
@@ -112,6 +130,9 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
+    problem = _interpreter_problem()
+    if problem:
+        raise pytest.UsageError(problem)
     chars = config.option.reportchars or ""
     if under_ci() and not any(c in chars for c in "saA"):
         config.option.reportchars = chars + "s"  # CI prints every skip's reason (as -rs does)

@@ -156,3 +156,31 @@ def test_compiled_step_matches_eager_without_recompiles(family, tmp_path_factory
     other = stop_at_different_steps(list(reversed(free)))
     GEN.generate(ours, PROMPTS, max_new_tokens=NEW, stop_ids=[stop, other], compile=True, seed=1)
     assert counters["stats"]["unique_graphs"] == graphs and not counters["recompiles"]
+
+
+@pytest.mark.parametrize("family", [("dense", "llama"), ("hybrid", "mamba2")], ids=["llama", "mamba2"])
+def test_compiled_step_shared_by_calls_of_other_batches_and_lengths(family, tmp_path_factory):
+    """Calls whose batch (padded to a power of two) and cache length (rounded up by _bucket) fall in the same
+    buckets run the graph the first call compiled, on the same cache tensors, emptied in between; each gives
+    the eager path's tokens and log-probs, greedy and sampled (padding rows take no noise of their own)."""
+    from torch._dynamo.utils import counters
+    _, ours = build(*family, tmp_path_factory)
+    copy = GEN.prepare_generation(ours)
+    torch._dynamo.reset()
+    counters.clear()
+    calls = [PROMPTS, PROMPTS[:3], [p + [40, 41, 42] for p in reversed(PROMPTS)]]  # 4 rows, 3, 4 longer
+    for i, prompts in enumerate(calls):
+        for kwargs in ({}, {"temperature": 1.0, "top_p": 0.9, "seed": 5}):
+            done = []  # no stop token: every row finishes with the last step, and padding rows never count
+            compiled = GEN.generate(copy, prompts, max_new_tokens=NEW, compile=True, on_rows_done=done.append,
+                                    **kwargs)
+            eager = GEN.generate(copy, prompts, max_new_tokens=NEW, compile=False, **kwargs)
+            assert len(compiled) == len(prompts) and done == [len(prompts)]
+            for c, e in zip(compiled, eager):
+                assert c.tokens == e.tokens
+                assert c.logprobs == pytest.approx(e.logprobs, abs=1e-5)
+        if i == 0:
+            graphs, cache = counters["stats"]["unique_graphs"], copy.kept_decode_cache[1]
+    assert counters["stats"]["unique_graphs"] == graphs == 1 and not counters["recompiles"]
+    assert copy.kept_decode_cache[1] is cache
+    assert [GEN._bucket(n) for n in (1, 64, 65, 300, 33000)] == [64, 64, 72, 320, 36864]
