@@ -1,6 +1,6 @@
 """Everything a GPU session owes, in one run on one H100/H200 (under 8 minutes): one markdown table.
 
-    python -m bench gpu                          # writes bench_gpu.md and prints it
+    python -m bench gpu                          # writes bench_gpu.md (after each part) and prints it
     python -m bench gpu --parts train,decode     # some of the parts
     python -m bench gpu --dry-run                # every part end to end on CPU, tiny shapes (a test runs it)
 
@@ -376,6 +376,16 @@ def main(argv=None):
         f"{platform.machine()} CPU (dry run: tiny shapes, fp32, interpreted kernels; no timing claims)"
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rows, failed = [], []
+
+    def table() -> str:
+        lines = [f"# python -m bench gpu: {card}, {now}, torch {torch.__version__}, "
+                 f"triton {triton.__version__}", "",
+                 "| part | case | result | baseline / limit | ok |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+        if failed:
+            lines += ["", "**FAILED:** " + "; ".join(failed)]
+        return "\n".join(lines) + "\n"
+
     for part in cfg.parts.split(","):
         t = time.perf_counter()
         try:
@@ -389,16 +399,9 @@ def main(argv=None):
             if ok is False and (part == "correctness" or cfg.dry_run):
                 failed.append(f"{part}: {case}")
         print(f"[bench gpu] {part}: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
-    lines = [f"# python -m bench gpu: {card}, {now}, torch {torch.__version__}, "
-             f"triton {triton.__version__}", "",
-             "| part | case | result | baseline / limit | ok |", "|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    if failed:
-        lines += ["", "**FAILED:** " + "; ".join(failed)]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(cfg.out, "w") as f:
-        f.write(text)
+        with open(cfg.out, "w") as f:  # after every part: a run stopped early keeps what it measured
+            f.write(table())
+    print(table())
     sys.exit(1 if failed else 0)
 
 
