@@ -70,11 +70,18 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         w = linear.weight.detach()
-        scales = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
-        w_int8 = torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
+        stored = torch.bfloat16 if w.device.type == "cpu" else w.dtype  # the CPU kernel takes bf16 scales
+        exact = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+        # quantised with the scale as stored, rounded up where storing rounded it down (|w| / scale <= 127):
+        # quantising with the exact scale and storing it in bf16 afterwards adds a per-channel error of up to
+        # 2^-9 to every weight (greedy agreement with fp32 on SmolLM2's chat questions: 0.43, against 0.52)
+        scales = exact.to(stored)
+        scales = torch.where(scales.float() < exact, torch.nextafter(scales, torch.full_like(scales, math.inf)),
+                             scales)
+        w_int8 = torch.round(w.float() / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
         self.register_buffer("weight", w_int8)
         self.compute_dtype = w.dtype
-        self.register_buffer("scales", scales.to(torch.bfloat16 if w.device.type == "cpu" else w.dtype))
+        self.register_buffer("scales", scales)  # (out,)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -114,19 +114,35 @@ def test_sampling_seeded_and_independent_of_live_rows(pair):
         assert s.logprobs == pytest.approx(f.logprobs[:cut], abs=1e-5)
 
 
+def test_int8_weights_within_half_a_step_of_the_stored_scale():
+    """Int8Linear: every weight within half a quantisation step of the scale as stored (bf16 on CPU), the
+    largest |w| of each row at +-127 or +-126, for odd sizes and rows spanning several orders of magnitude."""
+    g = torch.Generator().manual_seed(7)
+    lin = torch.nn.Linear(50, 37, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(37, 50, generator=g) * torch.logspace(-4, 1, 37)[:, None])
+    q = GEN.Int8Linear(lin)
+    step = q.scales.float()[:, None]  # (out, 1) what the kernel multiplies by
+    assert q.scales.dtype == torch.bfloat16 and q.weight.dtype == torch.int8
+    assert ((step * q.weight.float() - lin.weight).abs() <= step / 2 * (1 + 1e-6)).all()
+    assert (q.weight.abs().amax(dim=1) >= 126).all()
+
+
 def test_generation_copy_shares_weights_and_keeps_names(pair):
-    """prepare_generation leaves the model, its parameter names and what save_model writes unchanged;
-    bf16 and int8 copies stay close to fp32."""
+    """prepare_generation leaves the model, its parameter names and what save_model writes unchanged; the
+    fp32 copy gives the model's logits, bf16 and int8 copies stay close to them on average (random hybrids
+    blow a few logits up chaotically: over 16 prompts the largest int8 error reached 0.8-4.9, so the bound is
+    on the mean; a quantiser with a wrong scale is off by about the logits' own size)."""
     _, ours = pair
     before = {k: v.clone() for k, v in ours.state_dict().items()}
     ptrs = {k: v.data_ptr() for k, v in ours.state_dict().items()}
     ids = torch.tensor([PROMPTS[1]])
     with torch.no_grad():
         ref = ours(ids)
-        for quantize, tol in ((None, 1e-5), ("bf16", 0.1), ("int8", 0.1)):
-            gm = GEN.prepare_generation(ours, quantize=quantize)
-            got = gm(ids).float()
-            assert (got - ref).abs().max() <= tol * max(1.0, ref.abs().max().item()), quantize
+        assert (GEN.prepare_generation(ours)(ids) - ref).abs().max() <= 1e-5
+        for quantize in ("bf16", "int8"):
+            got = GEN.prepare_generation(ours, quantize=quantize)(ids).float()
+            assert (got - ref).abs().mean() <= 0.1 * ref.abs().mean(), quantize
     after = ours.state_dict()
     assert list(after) == list(before)
     assert all(after[k].data_ptr() == ptrs[k] and torch.equal(after[k], before[k]) for k in after)
