@@ -4,7 +4,8 @@
     python -m bench gpu --parts train,decode     # some of the parts
     python -m bench gpu --dry-run                # every part end to end on CPU, tiny shapes (a test runs it)
 
-Parts, each in its own try block (a failure is a row of the table; the other parts still run):
+Parts, run in the order correctness, decode, train, attention, ssd, rl (the most wanted first, for a run cut
+short by a time limit), each in its own try block (a failure is a row of the table; the others still run):
   correctness  bf16 Triton attention and SSD, forward and every gradient, on odd shapes vs fp64 / fp32
                references (bench_kernels' checks: kernel error <= 2 x torch's own bf16 error + floor)
   attention    fwd / bwd TFLOP/s vs torch SDPA flash and cuDNN: causal GQA, d 64 / 128, 2k..16k
@@ -48,7 +49,7 @@ from generate import generate, prepare_generation  # noqa: E402
 import train_mid as T  # noqa: E402
 from bench import bench_kernels as BK  # noqa: E402
 
-PARTS = ("correctness", "attention", "ssd", "train", "decode", "rl")
+PARTS = ("correctness", "decode", "train", "attention", "ssd", "rl")  # most wanted first
 # HBM bandwidth (bytes/s) by card name; the first key found in the name wins (GH200 before H200, etc.)
 HBM_BYTES_S = {"GH200": 4.0e12, "H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "B200": 8.0e12,
                "A100-SXM4-80GB": 2.04e12, "A100": 1.56e12, "L40S": 0.864e12}
