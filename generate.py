@@ -348,7 +348,8 @@ def _decode_cache(model: CausalLM, batch: int, max_len: int) -> DecodeCache:
     """The compiled step's cache. A generation copy keeps its last one and hands it, emptied, to its next
     call of the same shape: the compiled step (a CUDA graph on CUDA, which replays on fixed addresses) then
     sees the same tensors call after call. It lives as long as the copy (evaluate.py keeps one per task)."""
-    kept = getattr(model, "kept_decode_cache", None) if getattr(model, "generation_copy", False) else None
+    keeps = getattr(model, "generation_copy", False)
+    kept = getattr(model, "kept_decode_cache", None) if keeps else None
     if kept is not None and kept[0] == (batch, max_len):
         cache = kept[1]
         for t in _cache_tensors(cache):
@@ -359,7 +360,7 @@ def _decode_cache(model: CausalLM, batch: int, max_len: int) -> DecodeCache:
         if kept is not None:
             model.kept_decode_cache = None  # freed before the new one is allocated
         cache = model.allocate_cache(batch, max_len)
-        if getattr(model, "generation_copy", False):
+        if keeps:
             model.kept_decode_cache = ((batch, max_len), cache)
     if model.model.embed_tokens.weight.device.type == "cuda":  # CUDA graphs replay on fixed addresses
         for t in _cache_tensors(cache):
