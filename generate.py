@@ -12,7 +12,8 @@ so the step can be compiled once (CUDA graphs on CUDA) and never recompiles with
 finished rows as they finish and attend over the filled slots only.
 
 Log-probs are those of the distribution each token was drawn from (what GRPO's importance weights need);
-sampling is Gumbel-max with noise drawn per original row, so a row's tokens depend on the seed alone.
+sampling inverts each row's cumulative distribution at one uniform draw per original row and step, so a
+row's tokens depend on the seed alone, not on which other rows are still in the batch.
 """
 from __future__ import annotations
 
@@ -34,32 +35,68 @@ class Sample:
     logprobs: list  # log-probability of each new token under the distribution it was drawn from
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator, rows=None,
-                batch=None) -> tuple:
-    """(B, V) logits -> (B,) tokens and their (B,) log-probs, without a host sync.
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, uniform=None) -> tuple:
+    """(B, V) logits -> (B,) tokens and their (B,) log-probs, without a host sync or a generator of its own
+    (so that it compiles into the decode step): `uniform` (B,) holds one fp64 U[0, 1) draw per row (sampling only).
 
     Greedy (temperature 0) reports log-probs under the model's unscaled distribution; sampling reports
-    them under the temperature-scaled, top-p-truncated distribution the token was drawn from. With `rows`
-    (B,) and `batch`, the noise is drawn for all `batch` original rows and row i uses that of rows[i], so a
-    row's sample does not depend on which other rows are still in the batch.
+    them under the temperature-scaled, top-p-truncated distribution the token was drawn from. A token is
+    drawn by inverting the cumulative distribution at its row's draw: one random number per row, where
+    Gumbel-max needs one per vocabulary entry (drawing those cost 25 ms of a ~150 ms SmolLM2 step at 32 rows
+    on this project's CPU, against a few ms for the inverse). The cumulative sum and the draws are fp64: in
+    fp32 the sum near 1 has a spacing of 6e-8, wider than most tokens' probabilities in a 49k vocabulary,
+    which would then be drawn at the wrong rates.
     """
     logits = logits.float()
     if temperature == 0:  # max's index, not argmax: the same first maximum, ~3x faster on CPU (torch 2.13)
         token = logits.max(dim=-1).indices
         return token, torch.log_softmax(logits, dim=-1).gather(-1, token[:, None])[:, 0]
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:  # keep the smallest prefix of the sorted distribution whose mass reaches top_p
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        keep = in_nucleus(logprobs, top_p, by_sort=logprobs.device.type != "cpu")  # (B, V)
+        logprobs = torch.log_softmax(logprobs.masked_fill(~keep, -math.inf), dim=-1)
+    cdf = logprobs.exp().cumsum(dim=-1, dtype=torch.float64)  # (B, V); dropped tokens add no width
+    total = cdf[:, -1:]  # (B, 1), 1 up to rounding
+    # the first token whose cumulative mass exceeds u * total, kept below total so that rounding cannot step
+    # past the last token of nonzero probability
+    target = torch.minimum(uniform[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    token = torch.searchsorted(cdf, target, right=True)[:, 0]
+    return token, logprobs.gather(-1, token[:, None])[:, 0]
+
+
+def in_nucleus(logprobs: torch.Tensor, top_p: float, by_sort: bool) -> torch.Tensor:
+    """(B, V) log-probs -> (B, V) bool, True on top-p's nucleus: the smallest set of most likely tokens whose
+    mass reaches top_p. by_sort: the prefix of the sorted row (deterministic on a GPU, where sorting is
+    cheap); otherwise the tokens at or above a threshold found by radix select (_nucleus_threshold: on this
+    project's CPU 4.9 ms against 21 for the sort at 8 x 49k, 27 against 85 at 32 rows), which also keeps
+    every token tied with the last one (the sort keeps as many of them as reach top_p)."""
+    if by_sort:
         sorted_lp, order = logprobs.sort(dim=-1, descending=True)
         mass_before = sorted_lp.exp().cumsum(dim=-1) - sorted_lp.exp()
-        drop = torch.zeros_like(logprobs, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
-        logprobs = torch.log_softmax(logprobs.masked_fill(drop, -math.inf), dim=-1)
-    # Gumbel-max with exponential noise: argmax(p / E), E ~ Exp(1), samples from p
-    if rows is None:
-        noise = torch.empty_like(logprobs).exponential_(generator=generator)
-    else:
-        noise = logprobs.new_empty(batch, logprobs.shape[-1]).exponential_(generator=generator)[rows]
-    token = (logprobs - noise.log()).max(dim=-1).indices
-    return token, logprobs.gather(-1, token[:, None])[:, 0]
+        return torch.zeros_like(logprobs, dtype=torch.bool).scatter(-1, order, mass_before < top_p)
+    probs = logprobs.exp()
+    return probs >= _nucleus_threshold(probs, top_p)
+
+
+def _nucleus_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(B, V) probabilities -> (B, 1) the largest probability p* with mass(probs >= p*) >= top_p: radix
+    select on the fp32 bits (non-negative floats order as their int32 bits do), 9 + 11 + 11 bits in three
+    passes; each pass adds the probabilities into buckets of the next bits (among tokens whose higher bits
+    equal p*'s, found so far) and walks the buckets down from the top until the mass reaches top_p. The
+    buckets are filled by scatter_add, whose order is fixed on CPU (on a GPU it is atomic: use the sort)."""
+    bits = probs.view(torch.int32)  # (B, V)
+    above = torch.zeros_like(probs[:, :1])  # (B, 1): mass of the tokens above p*'s bucket so far
+    prefix = torch.zeros_like(bits[:, :1])  # (B, 1): p*'s bits found so far
+    for shift, width in ((22, 9), (11, 11), (0, 11)):
+        n = 1 << width
+        bucket = (bits >> shift) & (n - 1)  # (B, V)
+        mass = probs if shift == 22 else probs * ((bits >> (shift + width)) == (prefix >> (shift + width)))
+        hist = torch.zeros_like(probs[:, :1]).expand(-1, n).contiguous().scatter_add_(1, bucket.long(), mass)
+        from_top = hist.flip(-1).cumsum(dim=-1) + above  # (B, n): mass down to and including each bucket
+        k = (from_top < top_p).sum(dim=-1, keepdim=True).clamp(max=n - 1)  # buckets above p*'s (top first)
+        above = from_top.gather(1, k) - hist.gather(1, n - 1 - k)
+        prefix = prefix | ((n - 1 - k).int() << shift)
+    return prefix.view(torch.float32)
 
 
 class Int8Linear(nn.Module):
@@ -282,7 +319,7 @@ def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature
     generator = torch.Generator(device=device).manual_seed(seed)
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
 
-    step = _compiled_step(device) if compiled else _static_step
+    step = _compiled_step(device) if compiled else _decode_step
     cache = (_decode_cache(model, B, _bucket(T0 + max_new_tokens)) if compiled
              else model.allocate_cache(B, T0 + max_new_tokens))
     logits = model.logits(model.hidden_states(input_ids, doc_ids, cache)[:, -1])  # (B, V): last slot is real
@@ -293,13 +330,20 @@ def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature
     n_new = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)  # per original row
     rows = torch.arange(B, device=device)  # original index of each cache row
     done = torch.arange(B, device=device) >= n_prompts  # per cache row: a stop token came (padding: done)
-    noise_rows = rows.clamp(max=n_prompts - 1)  # padding rows draw no noise of their own
+    draw_rows = rows.clamp(max=n_prompts - 1)  # the prompt whose draw each row takes (padding: the last's)
+
+    def uniforms():  # (rows,) fp64: one draw per prompt and step, whatever rows remain; None when greedy
+        if temperature == 0:
+            return None
+        return torch.rand(n_prompts, generator=generator, device=device, dtype=torch.float64)[draw_rows]
+
+    token, logprob = sample_next(logits, temperature, top_p, uniforms())
+    del logits
     one_doc = torch.zeros(B, 1, dtype=torch.long, device=device)
     sync_every = 1 if torch.device(device).type == "cpu" else 8  # host syncs to stop early / compact
     bar = _progress(max_new_tokens, progress)
     reported = 0  # rows passed to on_rows_done so far
     for t in range(max_new_tokens):
-        token, logprob = sample_next(logits, temperature, top_p, generator, noise_rows, n_prompts)
         out_tokens[rows, t], out_logprobs[rows, t] = token, logprob
         bar.update(1)
         if t == max_new_tokens - 1:
@@ -318,15 +362,17 @@ def generate(model: CausalLM, prompts: list, *, max_new_tokens: int, temperature
                 # b=8 step of SmolLM2 at 400 slots) against every later step's work on them
                 keep = (~done).nonzero()[:, 0]
                 rows, token, done, one_doc = rows[keep], token[keep], done[keep], one_doc[:live]
-                noise_rows = rows
+                draw_rows = rows
                 cache.keep(keep)
         inv_freq = model.inv_freq
         if dynamic_rope:  # NTK base grows with the longest sequence (one host sync per step)
             inv_freq = rope_inv_freq(model.config, int(cache.next_position.max()) + 1).to(device)
-        if compiled:
-            logits = step(model, token[:, None], one_doc, cache, slot, inv_freq)
+        if compiled:  # clones: a CUDA graph's outputs are overwritten by its next replay
+            token, logprob = (x.clone() for x in step(model, token[:, None], one_doc, cache, slot, inv_freq,
+                                                      temperature, top_p, uniforms()))
         else:  # eager: attention over the filled slots only (T0 + t + 1 of them)
-            logits = step(model, token[:, None], one_doc, cache, slot, inv_freq, T0 + t + 1)
+            token, logprob = step(model, token[:, None], one_doc, cache, slot, inv_freq, temperature, top_p,
+                                  uniforms(), T0 + t + 1)
         slot += 1
     bar.close()
     if on_rows_done is not None and n_prompts > reported:
@@ -378,8 +424,12 @@ def _cache_tensors(cache: DecodeCache) -> list:
     return out
 
 
-def _static_step(model: CausalLM, token, doc_ids, cache: DecodeCache, slot, inv_freq, length=None):
-    return model.static_step(token, doc_ids, cache, slot, inv_freq, length)  # (B, V)
+def _decode_step(model: CausalLM, token, doc_ids, cache: DecodeCache, slot, inv_freq, temperature: float,
+                 top_p: float, uniform, length=None) -> tuple:
+    """One decode step and the sampling of its tokens, compiled as one graph (gpt-fast's decode_one_token):
+    on a GPU each op left outside is one more kernel launch per token. -> (B,) tokens, (B,) log-probs."""
+    logits = model.static_step(token, doc_ids, cache, slot, inv_freq, length)  # (B, V)
+    return sample_next(logits, temperature, top_p, uniform)
 
 
 _COMPILED_STEPS = {}
@@ -387,11 +437,12 @@ _COMPILED_STEPS = {}
 
 def _compiled_step(device):
     """The decode step under torch.compile, built once per device type: inductor with fixed shapes;
-    mode reduce-overhead (CUDA graphs) on CUDA."""
+    mode reduce-overhead (CUDA graphs) on CUDA. One graph per batch bucket, cache bucket and sampling
+    setting (temperature and top_p are constants of the graph)."""
     kind = torch.device(device).type
     if kind not in _COMPILED_STEPS:
         mode = "reduce-overhead" if kind == "cuda" else None
-        _COMPILED_STEPS[kind] = torch.compile(_static_step, mode=mode, dynamic=False)
+        _COMPILED_STEPS[kind] = torch.compile(_decode_step, mode=mode, dynamic=False)
     return _COMPILED_STEPS[kind]
 
 
