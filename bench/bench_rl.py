@@ -114,9 +114,9 @@ def main():
             seqs = [R.Sequence(o["prompt"], o["tokens"], o["logprobs"], 1.0 if i % 2 else -1.0, 0.0,
                                i // args.group_size)
                     for i, o in enumerate(outs) if o["tokens"]]
-            ws = R.sequence_weights([len(s.response) for s in seqs], [s.group for s in seqs],
-                                    n_groups=args.prompts_per_step, dr_grpo=False,
-                                    max_len=args.max_new_tokens)
+            ws = R.sequence_weights([len(s.response) for s in seqs], [s.group for s in seqs], norm=cfg.loss_norm,
+                                    n_groups=args.prompts_per_step, n_tokens=sum(len(s.response) for s in seqs),
+                                    group_size=args.group_size, max_len=args.max_new_tokens)
             for s, w in zip(seqs, ws):
                 s.weight = w
         for side, fn, m, r in (("train_ours", ours_grpo_step, ours, ours_ref),
