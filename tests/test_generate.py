@@ -147,13 +147,13 @@ def test_nucleus_by_radix_select_equals_the_sorted_prefix():
     the sort as many as reach top_p."""
     gen = torch.Generator().manual_seed(2)
     for spread, top_p in ((1.0, 0.95), (3.0, 0.9), (8.0, 0.5), (8.0, 0.999)):
-        lp = torch.log_softmax(torch.randn(6, 49152, generator=gen) * spread, dim=-1)
-        by_sort = GEN.in_nucleus(lp, top_p, by_sort=True)
-        assert torch.equal(GEN.in_nucleus(lp, top_p, by_sort=False), by_sort)
+        p = torch.softmax(torch.randn(6, 49152, generator=gen) * spread, dim=-1)
+        by_sort = GEN.in_nucleus(p, top_p, by_sort=True)
+        assert torch.equal(GEN.in_nucleus(p, top_p, by_sort=False), by_sort)
         assert (by_sort.sum(-1) >= 1).all() and (by_sort.sum(-1) < 49152).all()
-    lp = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.1]]))  # the edge at 0.5 falls inside the tied 0.2s
-    assert GEN.in_nucleus(lp, 0.5, by_sort=False).tolist() == [[True, True, True, False, False]]
-    assert GEN.in_nucleus(lp, 0.5, by_sort=True).sum().item() == 2
+    p = torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.1]])  # the edge at 0.5 falls inside the tied 0.2s
+    assert GEN.in_nucleus(p, 0.5, by_sort=False).tolist() == [[True, True, True, False, False]]
+    assert GEN.in_nucleus(p, 0.5, by_sort=True).sum().item() == 2
 
 
 def test_int8_weights_within_half_a_step_of_the_stored_scale():
