@@ -42,8 +42,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, uniform=
     Greedy (temperature 0) reports log-probs under the model's unscaled distribution; sampling reports
     them under the temperature-scaled, top-p-truncated distribution the token was drawn from. A token is
     drawn by inverting the cumulative distribution at its row's draw: one random number per row, where
-    Gumbel-max needs one per vocabulary entry (drawing those cost 25 ms of a ~150 ms SmolLM2 step at 32 rows
-    on this project's CPU, against a few ms for the inverse). The cumulative sum and the draws are fp64: in
+    Gumbel-max needs one per vocabulary entry (drawing those took ~25 ms of a ~170 ms SmolLM2 step at 32 rows
+    on this project's CPU, against ~5 ms for the inverse). The cumulative sum and the draws are fp64: in
     fp32 the sum near 1 has a spacing of 6e-8, wider than most tokens' probabilities in a 49k vocabulary,
     which would then be drawn at the wrong rates.
     """
@@ -68,7 +68,7 @@ def in_nucleus(probs: torch.Tensor, top_p: float, by_sort: bool) -> torch.Tensor
     """(B, V) probabilities -> (B, V) bool, True on top-p's nucleus: the smallest set of most likely tokens whose
     mass reaches top_p. by_sort: the prefix of the sorted row (deterministic on a GPU, where sorting is
     cheap); otherwise the tokens at or above a threshold found by radix select (_nucleus_threshold: on this
-    project's CPU 4.9 ms against 21 for the sort at 8 x 49k, 27 against 85 at 32 rows), which also keeps
+    project's CPU ~5 ms against ~23 for the sort at 8 x 49k, ~27 against ~104 at 32 rows), which also keeps
     every token tied with the last one (the sort keeps as many of them as reach top_p)."""
     if by_sort:
         sorted_p, order = probs.sort(dim=-1, descending=True)
@@ -90,7 +90,7 @@ def _nucleus_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:
         n = 1 << width
         bucket = (bits >> shift) & (n - 1)  # (B, V)
         mass = probs if shift == 22 else probs * ((bits >> (shift + width)) == (prefix >> (shift + width)))
-        hist = torch.zeros_like(probs[:, :1]).expand(-1, n).contiguous().scatter_add_(1, bucket.long(), mass)
+        hist = probs.new_zeros(probs.shape[0], n).scatter_add_(1, bucket.long(), mass)  # (B, n)
         from_top = hist.flip(-1).cumsum(dim=-1) + above  # (B, n): mass down to and including each bucket
         k = (from_top < top_p).sum(dim=-1, keepdim=True).clamp(max=n - 1)  # buckets above p*'s (top first)
         above = from_top.gather(1, k) - hist.gather(1, n - 1 - k)
