@@ -1,8 +1,8 @@
 """model.generate's static decode path on every dense and hybrid family (tiny random configs of
 test_model / test_hybrid, fp32): greedy tokens and log-probs against a full forward per new token (ours and
 transformers'), ragged prompts with rows stopping at different steps, seeded sampling independent of which
-rows are still live, the compiled step without recompiles, and the generation-only copy (fusion, bf16,
-int8)."""
+rows are still live, the sampler's rates against the truncated distribution, the compiled step without
+recompiles, and the generation-only copy (fusion, bf16, int8)."""
 import pytest
 import torch
 
@@ -130,10 +130,9 @@ def test_sampled_tokens_follow_the_truncated_distribution(temperature, top_p):
         expected[i], mass = p[i], mass + p[i].item()
     expected /= expected.sum()
     n, rows = 60_000, 2_000  # draws, in calls of `rows` rows
-    tokens, logprobs = torch.cat([torch.stack(GEN.sample_next(
-        logits.float().expand(rows, 40), temperature, top_p, torch.rand(rows, generator=gen, dtype=torch.float64)))
-        for _ in range(n // rows)], dim=1)
-    tokens = tokens.long()
+    draws = [GEN.sample_next(logits.float().expand(rows, 40), temperature, top_p,
+                             torch.rand(rows, generator=gen, dtype=torch.float64)) for _ in range(n // rows)]
+    tokens, logprobs = torch.cat([t for t, _ in draws]), torch.cat([lp for _, lp in draws])  # (n,), (n,)
     rate = torch.bincount(tokens, minlength=40).double() / n
     assert (rate[expected == 0] == 0).all()
     sigma = (expected * (1 - expected) / n).sqrt()
