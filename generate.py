@@ -51,6 +51,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, uniform=
     if temperature == 0:  # max's index, not argmax: the same first maximum, ~3x faster on CPU (torch 2.13)
         token = logits.max(dim=-1).indices
         return token, torch.log_softmax(logits, dim=-1).gather(-1, token[:, None])[:, 0]
+    if uniform is None:
+        raise ValueError("sample_next: sampling (temperature > 0) needs `uniform`, one U[0, 1) draw per row")
     logprobs = torch.log_softmax(logits / temperature, dim=-1)  # (B, V)
     probs = logprobs.exp()
     if top_p < 1.0:  # tokens outside the nucleus get probability 0
